@@ -1,0 +1,1 @@
+"""Benchmarks: `osp bench NAME`; each module has main(argv)."""

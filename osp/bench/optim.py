@@ -1,0 +1,153 @@
+"""`osp bench optim`: training-step time of Muon and ROOT relative to AdamW on the same Transformer.
+
+The three optimizers train three copies of one model side by side: every repetition runs one step of
+each, in a fresh random order, and the table reports medians. A step is forward + backward over all
+micro-batches (tokens per step = batch × seq_len × accumulation) plus optimizer.step(); the optimizer's
+share is timed on its own as well. Larger steps amortize the optimizer, so the overhead shrinks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import random
+import statistics
+import time
+import warnings
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from osp.model import ModelConfig, Transformer
+from osp.optim import build_optimizer
+
+OPTIMIZERS = ("adamw", "muon", "root")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="osp bench optim", description=__doc__.splitlines()[0])
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--n-layers", type=int, default=6)
+    p.add_argument("--n-heads", type=int, default=4)
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch")
+    p.add_argument(
+        "--accumulation",
+        type=int,
+        nargs="+",
+        default=[1, 8],
+        help="micro-batches per optimizer step, one table row each (default 1 and 8: 4k and 32k tokens)",
+    )
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per row (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per optimizer before timing")
+    p.add_argument("--precision", choices=("bf16-mixed", "32"), default="bf16-mixed")
+    p.add_argument("--ns-dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def machine(device: torch.device) -> str:
+    """One line naming the hardware and software the numbers come from."""
+    if device.type == "cuda":
+        hw = torch.cuda.get_device_name(device)
+    else:
+        cpu = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        hw = f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return f"{hw} | torch {torch.__version__} | python {platform.python_version()} | {platform.system()}"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_step(model, opt, batches, autocast, device) -> tuple[float, float]:
+    """(seconds for the whole step, seconds for optimizer.step alone)."""
+    _sync(device)
+    t0 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    for tokens in batches:
+        with autocast:
+            logits = model(tokens[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        (loss / len(batches)).backward()
+    _sync(device)
+    t1 = time.perf_counter()
+    opt.step()
+    _sync(device)
+    t2 = time.perf_counter()
+    return t2 - t0, t2 - t1
+
+
+def main(argv: list[str]) -> None:
+    """Print step-time medians and the Muon/AdamW and ROOT/AdamW ratios, one row per tokens-per-step."""
+    args = _parser().parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    cfg = ModelConfig(
+        vocab_size=args.vocab_size,
+        d_model=args.d_model,
+        n_layers=args.n_layers,
+        n_heads=args.n_heads,
+        max_seq_len=args.seq_len,
+    )
+    base = Transformer(cfg).to(device)
+    models = {name: copy.deepcopy(base) for name in OPTIMIZERS}
+    opts = {
+        name: build_optimizer(models[name], {"name": name, "ns_dtype": args.ns_dtype}) for name in OPTIMIZERS
+    }
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16-mixed" else nullcontext()
+    )
+    order_rng = random.Random(args.seed)
+    n_params = sum(p.numel() for p in base.parameters())
+    print(f"machine: {machine(device)}")
+    print(
+        f"model: d {cfg.d_model}, {cfg.n_layers} layers, vocab {cfg.vocab_size}, {n_params / 1e6:.2f}M params; "
+        f"seq {args.seq_len}, micro-batch {args.batch_size}, precision {args.precision}, NS {args.ns_dtype}; "
+        f"median of {args.reps}, interleaved"
+    )
+    header = (
+        f"{'tokens/step':>11} | {'step s: adamw':>13} {'muon':>7} {'root':>7} | "
+        f"{'muon/adamw':>10} {'root/adamw':>10} | {'opt.step ms: adamw':>18} {'muon':>7} {'root':>7}"
+    )
+    print(header)
+    print("-" * len(header))
+    with warnings.catch_warnings():
+        # ROOT's "no coefficients for this shape" warning is expected at these sizes.
+        warnings.simplefilter("ignore")
+        for accumulation in args.accumulation:
+            gen = torch.Generator().manual_seed(args.seed)
+            batches = [
+                torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1), generator=gen).to(device)
+                for _ in range(accumulation)
+            ]
+            step_s: dict[str, list[float]] = {name: [] for name in OPTIMIZERS}
+            opt_s: dict[str, list[float]] = {name: [] for name in OPTIMIZERS}
+            for rep in range(args.warmup + args.reps):
+                order = list(OPTIMIZERS)
+                order_rng.shuffle(order)
+                for name in order:
+                    total, opt_only = _timed_step(models[name], opts[name], batches, autocast, device)
+                    if rep >= args.warmup:
+                        step_s[name].append(total)
+                        opt_s[name].append(opt_only)
+            med = {name: statistics.median(step_s[name]) for name in OPTIMIZERS}
+            med_opt = {name: 1e3 * statistics.median(opt_s[name]) for name in OPTIMIZERS}
+            tokens = accumulation * args.batch_size * args.seq_len
+            print(
+                f"{tokens:>11,} | {med['adamw']:>13.3f} {med['muon']:>7.3f} {med['root']:>7.3f} | "
+                f"{med['muon'] / med['adamw']:>10.3f} {med['root'] / med['adamw']:>10.3f} | "
+                f"{med_opt['adamw']:>18.1f} {med_opt['muon']:>7.1f} {med_opt['root']:>7.1f}",
+                flush=True,
+            )

@@ -1,0 +1,46 @@
+"""`osp` command line: train | export | eval | report | data | bench."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+USAGE = """usage: osp <command> [args]
+
+commands:
+  train   [hydra overrides]        train a model (default: the tiny recipe on the demo corpus, CPU)
+  export  CHECKPOINT OUT_DIR       write a Hugging Face folder for quantization/serving tools
+  eval    MODEL [--quant ...]      perplexity, W4A4 perplexity and kurtosis of a checkpoint or HF folder
+  report  RUN_DIR [RUN_DIR ...]    compare runs: table + plots
+  data    prepare|info             build or inspect the corpus, tokenizer and token shards
+  bench   NAME                     benchmarks (osp bench --help lists them)
+
+`osp <command> --help` describes a command."""
+
+COMMANDS = {
+    "train": "osp.training.train",
+    "export": "osp.export.cli",
+    "eval": "osp.evaluate",
+    "report": "osp.metrics.report",
+    "data": "osp.data.cli",
+    "bench": "osp.bench.cli",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        print(f"osp: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        raise SystemExit(2)
+    if command == "train":
+        sys.argv = ["osp train", *rest]
+    module = importlib.import_module(COMMANDS[command])
+    module.main(rest)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Cache location, content hashing, atomic writes and an inter-process lock for the data pipeline.
+
+Everything the pipeline builds (extracted corpora, trained tokenizers, token shards) lives under one
+root so that `osp data info` can show it and a user can delete it in one place:
+`$OSP_CACHE_DIR`, else `$XDG_CACHE_HOME/osp`, else `~/.cache/osp`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; concurrent builders then rely on atomic renames alone
+    fcntl = None  # type: ignore[assignment]
+
+
+def cache_root(override: str | os.PathLike[str] | None = None) -> Path:
+    """The directory that holds corpora, tokenizers and shards."""
+    if override:
+        return Path(override).expanduser()
+    if os.environ.get("OSP_CACHE_DIR"):
+        return Path(os.environ["OSP_CACHE_DIR"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "osp"
+
+
+def fingerprint(*parts: Any) -> str:
+    """A stable hex digest of JSON-serializable parts (cache keys)."""
+    payload = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary path next to `target`; rename it onto `target` only if the block succeeds.
+
+    A crash or an exception leaves no half-written `target` behind, and readers never see one.
+    Works for files and directories (a directory target that already exists is kept: another
+    process built the same content first).
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    inner = tmp / target.name
+    try:
+        yield inner
+        if inner.is_dir() and target.exists():
+            return
+        os.replace(inner, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text_atomic(target: Path, text: str) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(target: Path, obj: Any) -> None:
+    write_text_atomic(target, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Exclusive lock across processes, so that DDP ranks build a cache entry once and the rest reuse it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def human_bytes(n: float) -> str:
+    units = ("B", "KB", "MB", "GB", "TB")
+    i = 0
+    while n >= 1024 and i < len(units) - 1:
+        n /= 1024
+        i += 1
+    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"

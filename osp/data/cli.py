@@ -1,0 +1,149 @@
+"""`osp data prepare | info`: build the corpus, tokenizer and token shards ahead of a run, or show the cache.
+
+    osp data prepare                                   # the demo corpus (configs/data/demo.yaml)
+    osp data prepare --source files paths='/corpus/*.jsonl' vocab_size=8192
+    osp data prepare --config my_data.yaml seq_len=1024
+    osp data info                                      # what the cache holds
+
+Settings come from `configs/data/<source>.yaml` (or --config), then `key=value` overrides, exactly as
+`osp train data=<source> data.key=value` would compose them, so a prepared cache is the one training finds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from osp.data.cache import cache_root, human_bytes
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "data"
+
+
+def load_data_config(source: str | None, config: str | None, overrides: list[str]) -> dict[str, Any]:
+    """The data config as plain values: the named preset or file, then `key=value` overrides."""
+    from omegaconf import OmegaConf
+
+    path = Path(config) if config else CONFIG_DIR / f"{source or 'demo'}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise SystemExit(f"osp data: no data config {str(path)!r} (presets: {', '.join(known)})")
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise SystemExit(f"osp data: overrides must look like key=value, got {bad}")
+    # Nested under `data` as in the composed training config, so interpolations such as
+    # ${oc.select:seed,1234} resolve the same way (to the default here: no run-level seed).
+    root = OmegaConf.create({"data": OmegaConf.load(path)})
+    root.data = OmegaConf.merge(root.data, OmegaConf.from_dotlist(overrides))
+    values = OmegaConf.to_container(root.data, resolve=True, throw_on_missing=True)
+    assert isinstance(values, dict)
+    values.pop("_target_", None)
+    return values
+
+
+def _print_rows(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def prepare(values: dict[str, Any]) -> dict[str, Any]:
+    """Build everything a run needs and print where it is; returns the summary."""
+    from osp.data.datamodule import PretrainDataModule
+    from osp.data.sources import DemoCorpus
+
+    started = time.perf_counter()
+    dm = PretrainDataModule(**values)
+    dm.prepare_data()
+    summary = dm.summary()
+    summary["seconds"] = round(time.perf_counter() - started, 2)
+    print(f"source     {summary['source']}")
+    if isinstance(dm.source, DemoCorpus):
+        for name, manifest in dm.source.manifests().items():
+            docs = manifest["documents"]
+            print(f"  {name:<10} {sum(d['split'] == 'train' for d in docs)} train / "
+                  f"{sum(d['split'] == 'val' for d in docs)} val documents, "
+                  f"{human_bytes(sum(d['bytes'] for d in docs))} from {manifest['package']}")
+    print(f"tokenizer  {summary['tokenizer']} (vocab {summary['vocab_size']})"
+          + (f"  {summary['tokenizer_path']}" if "tokenizer_path" in summary else ""))
+    rows = [("split", "tokens", "documents", f"blocks of {dm.block_len}", "size", "path")]
+    for split in ("train", "val"):
+        info = summary[split]
+        if info.get("streamed"):
+            rows.append((split, "streamed", "-", "-", "-", "-"))
+        else:
+            rows.append((split, f"{info['tokens']:,}", f"{info['documents']:,}", f"{info['blocks']:,}",
+                         human_bytes(info["bytes"]), info["path"]))
+    _print_rows(rows)
+    print(f"ready in {summary['seconds']:.1f} s (cache: {cache_root(values.get('cache_dir'))})")
+    return summary
+
+
+def info(cache_dir: str | None = None) -> None:
+    """List the cached corpora, tokenizers and token shards (builds nothing)."""
+    root = cache_root(cache_dir)
+    print(f"cache: {root}" + ("" if root.exists() else " (empty)"))
+    corpora = sorted((root / "corpus").glob("*/manifest.json"))
+    if corpora:
+        print("corpora:")
+        rows = [("name", "documents (train/val)", "text", "package")]
+        for manifest_path in corpora:
+            manifest = json.loads(manifest_path.read_text())
+            docs = manifest["documents"]
+            n_val = sum(d["split"] == "val" for d in docs)
+            rows.append((manifest_path.parent.name, f"{len(docs) - n_val}/{n_val}",
+                         human_bytes(sum(d["bytes"] for d in docs)), manifest.get("package", "")))
+        _print_rows(rows)
+    tokenizers = sorted((root / "tokenizers").glob("*/tokenizer.json"))
+    if tokenizers:
+        print("tokenizers:")
+        rows = [("folder", "vocab")]
+        for path in tokenizers:
+            vocab = json.loads(path.read_text())["model"]["vocab"]
+            rows.append((str(path.parent), f"{len(vocab):,}"))
+        _print_rows(rows)
+    shards = sorted((root / "shards").glob("*.json"))
+    if shards:
+        print("token shards:")
+        rows = [("split", "source", "tokens", "dtype", "size", "path")]
+        for path in shards:
+            meta = json.loads(path.read_text())
+            rows.append((meta.get("split", "?"), meta.get("source", "?"), f"{meta['num_tokens']:,}",
+                         meta["dtype"],
+                         human_bytes(path.with_suffix(".bin").stat().st_size), str(path.with_suffix(".bin"))))
+        _print_rows(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="osp data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    prep = commands.add_parser("prepare",
+                               help="build corpus, tokenizer and token shards; print paths and sizes")
+    prep.add_argument("--source", help="preset in configs/data (demo | files | hub); default demo")
+    prep.add_argument("--config", help="a data config file instead of a preset")
+    prep.add_argument("--json", action="store_true", help="also print the summary as JSON")
+    prep.add_argument("overrides", nargs="*",
+                      help="key=value settings, e.g. paths='/data/*.txt' vocab_size=8192")
+    show = commands.add_parser("info", help="list the cached corpora, tokenizers and shards")
+    show.add_argument("--cache-dir", help="cache root (default: $OSP_CACHE_DIR or ~/.cache/osp)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+    if args.command == "info":
+        info(args.cache_dir)
+        return
+    from osp.data.sources import DataError
+
+    try:
+        summary = prepare(load_data_config(args.source, args.config, args.overrides))
+    except DataError as err:
+        raise SystemExit(f"osp data prepare: {err}") from err
+    if args.json:
+        print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Tokenizers: a pretrained Hugging Face tokenizer by name/path, or a byte-level BPE trained on the
+training split of the corpus and cached by (corpus fingerprint, vocab size).
+
+Both come back as `transformers.PreTrainedTokenizerFast` with an EOS token, because export writes the
+tokenizer next to the model and the packer separates documents with EOS.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from osp.data.cache import atomic_path, cache_root, file_lock, fingerprint
+from osp.data.sources import DataError, TextSource
+
+EOS_TOKEN = "<|endoftext|>"
+BPE = "bpe"  # the `tokenizer` config value that selects a BPE trained on the corpus
+MIN_BPE_VOCAB = 257  # the 256 byte symbols + EOS
+
+# Just before a single space that sits between two non-space characters: byte-level pre-tokenizers
+# (GPT-2, Llama 3 style) always start a new pre-token there (the space joins the next word), so a
+# document cut at such points encodes to exactly the same ids as the whole document.
+_NEUTRAL_CUT = re.compile(r"(?<=\S)(?= \S)")
+_PIECE_CHARS = 4096  # long documents are cut into pieces of about this size for parallel encoding
+_BATCH_CHARS = 4_000_000  # characters per encode_batch call: bounded memory, enough work per call
+
+
+def _pieces(text: str, size: int = _PIECE_CHARS) -> list[str]:
+    if len(text) <= size:
+        return [text]
+    pieces, start = [], 0
+    while start < len(text):
+        match = _NEUTRAL_CUT.search(text, start + size)
+        end = match.start() if match else len(text)
+        pieces.append(text[start:end])
+        start = end
+    return pieces
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int = 4096) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (GPT-2 style, no prefix space) with `<|endoftext|>` as EOS, trained on `texts`.
+
+    On a small corpus the vocabulary can come out smaller than `vocab_size` (no pair left to merge).
+    """
+    if vocab_size < MIN_BPE_VOCAB:
+        raise ValueError(f"vocab_size must be at least {MIN_BPE_VOCAB} for a byte-level BPE, "
+                         f"got {vocab_size}")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS_TOKEN],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    pieces = (piece for text in texts for piece in _pieces(text))
+    tokenizer.train_from_iterator(pieces, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
+                                   pad_token=EOS_TOKEN)
+
+
+def load_pretrained(name_or_path: str) -> PreTrainedTokenizerFast:
+    """A pretrained (fast) tokenizer from a local folder or the hub cache."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
+    except Exception as err:  # offline, unknown name, or a folder without tokenizer files
+        raise DataError(f"cannot load tokenizer {name_or_path!r}: {type(err).__name__}: {err}") from err
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):
+        raise DataError(f"tokenizer {name_or_path!r} has no fast (Rust) version; osp needs one")
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"tokenizer {name_or_path!r} has no EOS token to separate documents")
+    return tokenizer
+
+
+def _limit_chars(texts: Iterable[str], max_chars: int | None) -> Iterator[str]:
+    total = 0
+    for text in texts:
+        if max_chars is not None and total >= max_chars:
+            return
+        yield text if max_chars is None else text[: max_chars - total]
+        total += len(text)
+
+
+def bpe_cache_dir(corpus_fingerprint: str, vocab_size: int, max_train_chars: int | None,
+                  cache_dir: str | None = None) -> Path:
+    key = fingerprint("bpe", corpus_fingerprint, vocab_size, max_train_chars)[:16]
+    return cache_root(cache_dir) / "tokenizers" / f"bpe{vocab_size}-{key}"
+
+
+def build_tokenizer(spec: str, source: TextSource, vocab_size: int = 4096, *,
+                    max_train_chars: int | None = None,
+                    cache_dir: str | None = None) -> PreTrainedTokenizerFast:
+    """`spec == "bpe"`: train (or load the cached) BPE on `source`'s training split; else a pretrained one.
+
+    The cache entry is a Hugging Face tokenizer folder; a second run loads it in milliseconds.
+    """
+    if spec != BPE:
+        return load_pretrained(spec)
+    folder = bpe_cache_dir(source.fingerprint(), vocab_size, max_train_chars, cache_dir)
+    if not (folder / "tokenizer.json").exists():
+        with file_lock(folder.parent / f".{folder.name}.lock"):
+            if not (folder / "tokenizer.json").exists():
+                tokenizer = train_bpe(_limit_chars(source.documents("train"), max_train_chars), vocab_size)
+                with atomic_path(folder) as tmp:
+                    tokenizer.save_pretrained(tmp)
+    # Always use the loaded copy, so its fingerprint is the same on the first and on later runs.
+    return PreTrainedTokenizerFast.from_pretrained(folder)
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerFast) -> str:
+    """Identity of the id mapping (vocabulary, merges, normalization, EOS): the token shard cache key."""
+    return fingerprint(tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id)
+
+
+def vocab_size_of(tokenizer: PreTrainedTokenizerFast) -> int:
+    """One more than the largest token id (what a model's embedding must cover)."""
+    return max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned dtype that holds every token id (uint16 up to 65,536 tokens)."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+class DocumentEncoder:
+    """Batch-encodes documents to id arrays without special tokens (EOS is added by the packer).
+
+    Long documents are cut at boundaries that do not change the result (checked once per tokenizer on
+    a probe text; a tokenizer that adds a prefix to every input, like SentencePiece's metaspace, is
+    encoded whole), and many pieces go to the Rust encoder at once so that it can use every core.
+    """
+
+    _PROBE = ("First line.\nSecond  line, isn't it? (Yes) 42 times\n  indented \n\n\"New\" "
+              "para\u2014caf\u00e9 \u4f60\u597d. \tTab -- x=1;y  z\u00a0w 'quoted' I'll we've 3.14 end")
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast) -> None:
+        # A private copy: a user-visible tokenizer may have truncation/padding switched on.
+        self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self.backend.no_truncation()
+        self.backend.no_padding()
+        self.dtype = token_dtype(vocab_size_of(tokenizer))
+        whole = self._encode([self._PROBE])[0]
+        cut = list(itertools.chain.from_iterable(self._encode(_pieces(self._PROBE, size=1))))
+        self.can_cut = whole == cut
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def encode(self, documents: Iterable[str]) -> Iterator[np.ndarray]:
+        """Token ids of each document, in order."""
+        batch: list[str] = []
+        counts: list[int] = []
+        size = 0
+        for doc in documents:
+            pieces = _pieces(doc) if self.can_cut else [doc]
+            batch.extend(pieces)
+            counts.append(len(pieces))
+            size += len(doc)
+            if size >= _BATCH_CHARS:
+                yield from self._flush(batch, counts)
+                batch, counts, size = [], [], 0
+        if batch:
+            yield from self._flush(batch, counts)
+
+    def _flush(self, batch: list[str], counts: list[int]) -> Iterator[np.ndarray]:
+        ids = self._encode(batch)
+        pos = 0
+        for n in counts:
+            yield np.fromiter(itertools.chain.from_iterable(ids[pos : pos + n]), dtype=self.dtype)
+            pos += n

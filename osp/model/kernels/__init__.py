@@ -1,0 +1,1 @@
+"""Triton kernels of the model blocks. Each has a torch twin that defines its numerics."""

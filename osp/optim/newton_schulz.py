@@ -1,0 +1,76 @@
+"""Quintic Newton–Schulz iteration: an approximate orthogonalization U·Vᵀ of a matrix U·S·Vᵀ."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+# Keller Jordan's coefficients: they maximize the slope at 0 rather than converge, so after 5 steps the
+# singular values land in roughly [0.5, 1.5] instead of exactly 1 — cheaper, and as good for training.
+MUON_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+
+_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """torch dtype from a dtype or its config name (bf16, fp32, fp16, bfloat16, ...)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown Newton-Schulz dtype {dtype!r}; allowed: {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _per_iteration(
+    steps: int, coefficients: Sequence[float] | Sequence[Sequence[float]]
+) -> list[tuple[float, float, float]]:
+    if len(coefficients) == 3 and all(isinstance(x, (int, float)) for x in coefficients):
+        return [tuple(float(x) for x in coefficients)] * steps  # type: ignore[list-item]
+    table = [tuple(float(x) for x in abc) for abc in coefficients]  # type: ignore[union-attr]
+    if len(table) != steps or any(len(abc) != 3 for abc in table):
+        raise ValueError(
+            f"coefficients must be one (a, b, c) triple or {steps} triples (one per step), got {coefficients!r}"
+        )
+    return table  # type: ignore[return-value]
+
+
+def newton_schulz(
+    G: Tensor,
+    steps: int = 5,
+    coefficients: Sequence[float] | Sequence[Sequence[float]] = MUON_COEFFICIENTS,
+    dtype: torch.dtype | str = torch.bfloat16,
+    eps: float = 1e-8,
+) -> Tensor:
+    """Orthogonalize the last two dims of G with `steps` quintic iterations X ← aX + (bA + cA²)X, A = XXᵀ.
+
+    G is normalized by its Frobenius norm in fp32 (so the singular values start in [0, 1]), then the
+    iterations run in `dtype` on the wide orientation (A is min(m, n)² — the cheap side). Leading dims are
+    batch dims. `coefficients` is one (a, b, c) triple for every step, or a list of `steps` triples.
+    Returns a tensor of G's shape in `dtype`.
+    """
+    if G.ndim < 2:
+        raise ValueError(f"newton_schulz needs a matrix (or a batch of them), got shape {tuple(G.shape)}")
+    table = _per_iteration(steps, coefficients)
+    shape = G.shape
+    X = G.reshape(-1, shape[-2], shape[-1]).to(torch.float32)
+    wide = X.size(-2) <= X.size(-1)
+    if not wide:
+        X = X.mT
+    X = X / (torch.linalg.matrix_norm(X, keepdim=True) + eps)
+    X = X.to(resolve_dtype(dtype))
+    for a, b, c in table:
+        A = X @ X.mT
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, B, X, beta=a)
+    if not wide:
+        X = X.mT
+    return X.reshape(shape)

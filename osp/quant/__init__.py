@@ -1,0 +1,46 @@
+"""W4A4(KV4) fake-quantized evaluation: reference quantizers, Hadamard rotations, Triton kernels, the
+quantized view of a live model, perplexity and GPTQ.
+
+    from osp.quant import QuantConfig, quantized, perplexity
+    ppl_fp = perplexity(model, blocks)
+    ppl_q = perplexity(model, blocks, quant="w4a4kv4")          # OSP's RTN 4-4-4 row
+    with quantized(model, QuantConfig.from_preset("w4a4kv4+had")):
+        logits = model(input_ids)                                # the W4A4 view; restored on exit
+"""
+
+from .config import OFF, PRESETS, QuantConfig, QuantConfigError
+from .evaluate import evaluate_quant
+from .hadamard import fwht, hadamard_matrix, hadamard_transform
+from .quantizers import (
+    QuantizedWeight,
+    fake_quant,
+    pack_int4,
+    quant_rows,
+    quantize_weight,
+    unpack_int4,
+    weight_scale,
+)
+from .w4a4 import KVQuantizer, QuantLinear, nll_stats, perplexity, quantized
+
+__all__ = [
+    "OFF",
+    "PRESETS",
+    "KVQuantizer",
+    "QuantConfig",
+    "QuantConfigError",
+    "QuantLinear",
+    "QuantizedWeight",
+    "evaluate_quant",
+    "fake_quant",
+    "fwht",
+    "hadamard_matrix",
+    "hadamard_transform",
+    "nll_stats",
+    "pack_int4",
+    "perplexity",
+    "quant_rows",
+    "quantize_weight",
+    "quantized",
+    "unpack_int4",
+    "weight_scale",
+]

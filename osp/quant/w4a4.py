@@ -1,0 +1,368 @@
+"""The W4A4 view of a live model (`quantized`) and perplexity.
+
+The view reaches into the model through its seams only (DESIGN.md): every `nn.Linear` inside
+`model.layers` is swapped for a `QuantLinear` for the duration of the context, and every attention module's
+`kv_quantizer` is set. Parameters are never written, so leaving the context restores the model bit for bit,
+also when the body raises.
+
+Coverage: *every* nn.Linear inside the blocks, including those that later blocks add (attention gates,
+GatedNorm's down/up maps): weights per output channel, inputs per token. The embedding, EmbProj maps, final
+norm and lm_head (weights and input) stay in full precision, as in OSP's harness (EmbProj counts as merged
+into the embedding and head).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .config import OFF, QuantConfig
+from .hadamard import has_hadamard, is_pow2
+from .quantizers import QuantizedWeight, quantize_weight
+
+
+@dataclass(frozen=True)
+class ActQuant:
+    """Dynamic per-token quantizer of one linear input."""
+
+    bits: int
+    sym: bool
+    group_size: int | None
+    clip: float
+
+    @property
+    def zero_inclusive(self) -> bool:
+        # OSP's per-token path widens the range to contain 0; its group path does not.
+        return self.group_size is None
+
+
+class QuantLinear(nn.Module):
+    """Stands in for one nn.Linear while the W4A4 view is open; the original is kept as `.inner`.
+
+    `weight` is the dense effective weight the torch path multiplies with: the dequantized codes (W4,
+    materialized on first use), or the fp weight (W16). With `hadamard`, input and weight are both in the
+    rotated basis (x M, W M). On CUDA (Triton backend) a 4-bit weight with a 4-bit input runs the integer
+    W4A4 GEMM on packed codes instead, and no dense copy is made.
+    """
+
+    def __init__(
+        self,
+        inner: nn.Linear,
+        weight: torch.Tensor | None,
+        act: ActQuant | None,
+        hadamard: bool,
+        backend: str | None,
+    ) -> None:
+        super().__init__()
+        self.inner = inner
+        self.in_features, self.out_features = inner.in_features, inner.out_features
+        self.qweight: QuantizedWeight | None = None
+        self.act = act
+        self.hadamard = hadamard
+        self.backend = backend
+        self.quantize_input = act is not None
+        # GPTQ calibration: called with the (rotated) input while quantize_input is off.
+        self.observer: Callable[[torch.Tensor], None] | None = None
+        self._dense = weight
+        self._packed: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        if self._dense is None:
+            assert self.qweight is not None, "QuantLinear needs a weight or quantized codes"
+            self._dense = self.qweight.dequantize(self.inner.weight.dtype)
+        return self._dense
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.inner.bias
+
+    def set_qweight(self, qweight: QuantizedWeight) -> None:
+        self.qweight = qweight
+        self._dense = None
+        self._packed = None
+
+    def _int_gemm_ok(self, x: torch.Tensor) -> bool:
+        act, qw = self.act, self.qweight
+        if act is None or qw is None or act.bits != 4 or qw.bits != 4 or self.in_features % 2:
+            return False
+        if ops.resolve_backend(x, self.backend) != "triton":
+            return False
+        group = act.group_size
+        return group is None or (group >= 64 and is_pow2(group))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.quantize_input:
+            x = ops.hadamard_transform(x, self.backend) if self.hadamard else x
+            if self.observer is not None:
+                self.observer(x)
+            return F.linear(x, self.weight.to(x.dtype), self.bias)
+        act = self.act
+        assert act is not None
+        if self._int_gemm_ok(x):
+            return self._int_gemm(x)
+        x = ops.quant_rows(
+            x, act.bits, act.sym, act.group_size, act.clip, act.zero_inclusive, self.hadamard, "fake", self.backend
+        )
+        return F.linear(x, self.weight.to(x.dtype), self.bias)
+
+    def _int_gemm(self, x: torch.Tensor) -> torch.Tensor:
+        act, qw = self.act, self.qweight
+        assert act is not None and qw is not None
+        if self._packed is None:
+            self._packed = (qw.packed(), qw.group_sums(act.group_size))
+        w_packed, wsum = self._packed
+        x2 = x.reshape(-1, self.in_features)
+        codes, scale, zero = ops.quant_rows(
+            x2, 4, act.sym, act.group_size, act.clip, act.zero_inclusive, self.hadamard, "packed", self.backend
+        )
+        y = ops.w4a4_gemm(
+            codes, scale, zero, w_packed, qw.scale, wsum, act.group_size, self.bias, x.dtype, self.backend
+        )
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        w = f"w{self.qweight.bits}" if self.qweight is not None else "w16"
+        a = f"a{self.act.bits}" + (f"g{self.act.group_size}" if self.act.group_size else "") if self.act else "a16"
+        return f"{self.in_features} -> {self.out_features}, {w}{a}" + (", hadamard" if self.hadamard else "")
+
+
+class KVQuantizer:
+    """(k, v) -> (k, v) on (B, n_kv_heads, T, head_dim), after RoPE: per token and head, asymmetric.
+
+    K: normalized Hadamard over head_dim, quantize with a 0-inclusive range, rotate back. OSP rotates Q and
+    K and attends in the rotated basis; since (qH)(kH)^T = q k^T and H = H^T = H^-1, rotating the quantized
+    K back is the same product. V: OSP's group path (range not forced to contain 0).
+    """
+
+    def __init__(self, bits: int, sym: bool, clip: float, k_hadamard: bool, backend: str | None) -> None:
+        self.bits, self.sym, self.clip, self.k_hadamard, self.backend = bits, sym, clip, k_hadamard, backend
+
+    def __call__(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kq = ops.quant_rows(k, self.bits, self.sym, None, self.clip, True, self.k_hadamard, "fake", self.backend)
+        if self.k_hadamard:
+            kq = ops.fwht(kq, self.backend)
+        vq = ops.quant_rows(v, self.bits, self.sym, None, self.clip, False, False, "fake", self.backend)
+        return kq, vq  # type: ignore[return-value]
+
+
+def _full_weight(linear: nn.Linear) -> torch.Tensor:
+    """The dense weight, gathered if FSDP2 shards it (a collective: every rank builds the view in step)."""
+    w = linear.weight.detach()
+    full_tensor = getattr(w, "full_tensor", None)  # DTensor
+    return full_tensor() if callable(full_tensor) else w
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    if not isinstance(getattr(model, "layers", None), nn.ModuleList):
+        raise TypeError(f"{type(model).__name__} has no `layers` ModuleList; the W4A4 view needs osp's Transformer")
+    return model
+
+
+@dataclass
+class _Site:
+    parent: nn.Module
+    attr: str
+    name: str  # qualified name inside the model, e.g. "layers.0.mlp.down_proj"
+    linear: nn.Linear
+    head_dim: int | None  # set for attention output projections
+
+
+def _linear_sites(model: nn.Module) -> list[_Site]:
+    sites: list[_Site] = []
+    for i, block in enumerate(model.layers):
+        for name, module in block.named_modules():
+            if isinstance(module, QuantLinear):
+                raise RuntimeError("the model is already inside a quantized() view")
+            if not isinstance(module, nn.Linear):
+                continue
+            parent_name, _, attr = name.rpartition(".")
+            parent = block.get_submodule(parent_name)
+            head_dim = getattr(parent, "head_dim", None) if attr == "o_proj" else None
+            sites.append(_Site(parent, attr, f"layers.{i}.{name}", module, head_dim))
+    return sites
+
+
+def _act_quant(cfg: QuantConfig, site: _Site) -> ActQuant | None:
+    if cfg.a_bits == OFF:
+        return None
+    group = site.head_dim if (site.head_dim and cfg.o_proj_head_groups) else cfg.a_group_size
+    if group is not None and site.linear.in_features % group:
+        raise ValueError(
+            f"{site.name}: input width {site.linear.in_features} is not a multiple of the activation group {group}"
+        )
+    return ActQuant(cfg.a_bits, cfg.a_sym, group, cfg.a_clip)
+
+
+def _effective_weight(cfg: QuantConfig, site: _Site, rotate: bool) -> torch.Tensor:
+    """fp32 weight the quantizer sees: a bf16 copy (if configured), rotated by the Hadamard if any."""
+    w = _full_weight(site.linear).float()
+    if cfg.w_round_bf16 and cfg.w_bits != OFF:
+        w = w.bfloat16().float()
+    if rotate:
+        w = ops.hadamard_transform(w.double(), "torch").float()  # fold H into the columns: x W^T = (xM)(WM)^T
+    return w
+
+
+def _check_supported(cfg: QuantConfig, model: nn.Module, sites: list[_Site]) -> None:
+    if cfg.kv_bits != OFF:
+        attns = [m for m in model.layers.modules() if hasattr(m, "kv_quantizer")]
+        if not attns:
+            raise ValueError("kv_bits < 16, but no attention module in model.layers has a `kv_quantizer` seam")
+        for m in attns:
+            if cfg.k_hadamard and not is_pow2(int(getattr(m, "head_dim", 0))):
+                raise ValueError(
+                    f"the K Hadamard needs a power-of-two head_dim, got {getattr(m, 'head_dim', None)}; "
+                    "set k_hadamard=False"
+                )
+    if cfg.down_hadamard:
+        downs = [s for s in sites if s.attr == "down_proj"]
+        if not downs:
+            raise ValueError("down_hadamard=True, but the blocks have no `down_proj` linear")
+        for s in downs:
+            if not has_hadamard(s.linear.in_features):
+                raise ValueError(f"{s.name}: no Hadamard matrix of order {s.linear.in_features} is available")
+
+
+@contextmanager
+def quantized(
+    model: nn.Module,
+    cfg: QuantConfig | str = "w4a4kv4",
+    *,
+    calib_blocks: torch.Tensor | None = None,
+    calib_batch_size: int = 8,
+    backend: str | None = None,
+) -> Iterator[nn.Module]:
+    """Context manager: the W4A4 view of `model` (yields the model itself).
+
+    On entry the weights are quantized once (RTN, or GPTQ with `calib_blocks` when cfg.w_method == "gptq"),
+    every nn.Linear inside `model.layers` is replaced by a `QuantLinear` that quantizes its input per token,
+    and every attention's `kv_quantizer` is set. On exit (also on an exception) the original modules and
+    kv_quantizers are put back; parameters are never modified. `backend` forces "torch" or "triton" kernels.
+    """
+    cfg = QuantConfig.resolve(cfg)
+    base = _base_model(model)
+    sites = _linear_sites(base)
+    _check_supported(cfg, base, sites)
+    if cfg.w_method == "gptq" and calib_blocks is None:
+        raise ValueError("GPTQ weights need calibration blocks (calib_blocks=LongTensor (N, T+1))")
+
+    installed: list[_Site] = []
+    kv_saved: list[tuple[nn.Module, object]] = []
+    try:
+        with torch.no_grad():
+            built = [_build_wrapper(cfg, site, backend) for site in sites]
+            for site, (wrapper, _) in zip(sites, built):
+                setattr(site.parent, site.attr, wrapper)
+                installed.append(site)
+            if cfg.w_method == "gptq":
+                from .gptq import gptq_quantize_model
+
+                gptq_quantize_model(base, dict(built), calib_blocks, cfg, calib_batch_size)  # type: ignore[arg-type]
+                for wrapper, _ in built:
+                    wrapper.quantize_input = wrapper.act is not None
+            del built
+            if cfg.kv_bits != OFF:
+                kvq = KVQuantizer(cfg.kv_bits, cfg.kv_sym, cfg.kv_clip, cfg.k_hadamard, backend)
+                for module in base.layers.modules():
+                    if hasattr(module, "kv_quantizer"):
+                        kv_saved.append((module, module.kv_quantizer))
+                        module.kv_quantizer = kvq
+        yield model
+    finally:
+        for module, previous in reversed(kv_saved):
+            module.kv_quantizer = previous
+        for site in reversed(installed):
+            setattr(site.parent, site.attr, site.linear)
+
+
+def _build_wrapper(cfg: QuantConfig, site: _Site, backend: str | None) -> tuple[QuantLinear, torch.Tensor | None]:
+    """The QuantLinear for one site, and (GPTQ only) the fp32 weight GPTQ starts from."""
+    rotate = cfg.down_hadamard and site.attr == "down_proj"
+    act = _act_quant(cfg, site)
+    if cfg.w_bits == OFF:
+        dense = _effective_weight(cfg, site, rotate).to(site.linear.weight.dtype) if rotate else _full_weight(site.linear)
+        return QuantLinear(site.linear, dense, act, rotate, backend), None
+    w_eff = _effective_weight(cfg, site, rotate)
+    if cfg.w_method == "gptq":
+        # Calibration runs on the fp weights with input quantization off; GPTQ then sets the codes.
+        wrapper = QuantLinear(site.linear, w_eff.to(site.linear.weight.dtype), act, rotate, backend)
+        wrapper.quantize_input = False
+        return wrapper, w_eff
+    wrapper = QuantLinear(site.linear, None, act, rotate, backend)
+    wrapper.set_qweight(
+        quantize_weight(w_eff, cfg.w_bits, cfg.w_mse, cfg.w_mse_grid, cfg.w_mse_maxshrink, cfg.w_mse_norm)
+    )
+    return wrapper, None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Perplexity
+# ---------------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """model.eval() for the body; afterwards every module gets back its own training flag."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+@torch.no_grad()
+def nll_stats(
+    model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, num_valid: int | None = None
+) -> tuple[float, int]:
+    """(sum of next-token NLL, number of predicted tokens) over blocks (N, T+1), in eval mode.
+
+    Only the first `num_valid` blocks count; the rest still run through the model, so that every rank of a
+    sharded model issues the same number of forward passes (their collectives must pair up).
+    """
+    if blocks.ndim != 2 or blocks.shape[1] < 2:
+        raise ValueError(f"blocks must be a LongTensor (N, T+1) with T >= 1, got shape {tuple(blocks.shape)}")
+    num_valid = blocks.shape[0] if num_valid is None else num_valid
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with _eval_mode(model):
+        for start in range(0, blocks.shape[0], batch_size):
+            batch = blocks[start : start + batch_size].to(device)
+            logits = model(batch[:, :-1])
+            keep = max(0, min(batch.shape[0], num_valid - start))
+            if keep == 0:
+                continue
+            targets = batch[:keep, 1:]
+            nll = F.cross_entropy(
+                logits[:keep].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+            )
+            total += float(nll)
+            count += targets.numel()
+    return total, count
+
+
+def perplexity(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    quant: QuantConfig | str | None = None,
+    batch_size: int = 8,
+    calib_blocks: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> float:
+    """exp(token-weighted mean NLL) of the model on blocks (N, T+1); under the W4A4 view when quant is given."""
+    if quant is None:
+        total, count = nll_stats(model, blocks, batch_size)
+    else:
+        with quantized(model, quant, calib_blocks=calib_blocks, calib_batch_size=batch_size, backend=backend):
+            total, count = nll_stats(model, blocks, batch_size)
+    return math.exp(total / count)

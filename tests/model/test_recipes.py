@@ -1,0 +1,35 @@
+"""Each mitigation recipe composes and its block choice reaches ModelConfig (a recipe whose
+`# @package _global_` header is not the first line would silently land under `recipe.` instead)."""
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from osp.model import Transformer
+from osp.training.train import CONFIG_DIR, build_model_config, register_resolvers
+
+EXPECTED = {
+    "ssnorm": dict(norm="ss"),
+    "embproj": dict(emb_proj=True),
+    "clipped_softmax": dict(attn_softmax="clipped", clip_alpha=12.0),
+    "gated_attention_head_slice": dict(attn_gate="head_slice", gate_init=0.25),
+    "gated_attention_headwise": dict(attn_gate="headwise"),
+    "gated_attention_elementwise": dict(attn_gate="elementwise"),
+    "gated_norm": dict(gated_norm_rank=16),
+    "pre_affine": dict(pre_affine=True),
+    "osp_gated": dict(norm="ss", emb_proj=True, attn_gate="headwise", attn_softmax="clipped",
+                      clip_alpha=12.0),
+}
+
+
+@pytest.mark.parametrize("recipe", list(EXPECTED))
+def test_mitigation_recipe_reaches_the_model(recipe):
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"recipe={recipe}"])
+    assert cfg.name == recipe and "recipe" not in cfg
+    model_cfg = build_model_config(cfg, vocab_size=512)
+    for key, value in EXPECTED[recipe].items():
+        assert getattr(model_cfg, key) == value, key
+    assert Transformer(model_cfg).llama_compatible()[0] == (recipe in ("ssnorm", "embproj"))
+    if recipe == "osp_gated":
+        assert cfg.optim.name == "muon"

@@ -1,0 +1,96 @@
+"""Routing by role, config validation, describe_groups, on the real Transformer and on a fake module."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from osp.model import ModelConfig, Transformer
+from osp.optim import ROOT, Muon, build_optimizer, describe_groups
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "optim"
+
+
+def tiny_model(**overrides) -> Transformer:
+    cfg = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, emb_proj=True, norm="ss")
+    return Transformer(ModelConfig(**{**cfg, **overrides}))
+
+
+def by_name(opt):
+    return {g["name"]: g for g in opt.param_groups}
+
+
+@pytest.mark.parametrize("name, cls", [("adamw", torch.optim.AdamW), ("muon", Muon), ("root", ROOT)])
+def test_config_files_build_and_route(name, cls):
+    model = tiny_model()
+    opt = build_optimizer(model, OmegaConf.load(CONFIGS / f"{name}.yaml"))
+    assert type(opt) is cls
+    groups = by_name(opt)
+    matrix_algorithm = "adamw" if name == "adamw" else name
+    assert groups["matrix"]["algorithm"] == matrix_algorithm
+    for role in ("embedding", "head", "gain"):
+        assert groups[role]["algorithm"] == "adamw"
+    # EmbProj maps are hidden matrices: they go with the matrix optimizer.
+    matrix_ids = {id(p) for p in groups["matrix"]["params"]}
+    assert id(model.emb_proj_in.weight) in matrix_ids and id(model.emb_proj_out.weight) in matrix_ids
+    assert id(model.embed_tokens.weight) in {id(p) for p in groups["embedding"]["params"]}
+    assert groups["gain"]["weight_decay"] == 0.0 and groups["matrix"]["weight_decay"] > 0.0
+    n_routed = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n_routed == sum(p.numel() for p in model.parameters())
+    table = describe_groups(opt)
+    assert "matrix" in table and f"{n_routed:,}" in table and matrix_algorithm in table
+
+
+def test_adamw_settings_of_hybrid_groups():
+    cfg = {"name": "muon", "lr": 0.02, "weight_decay": 0.0, "update_scale": "keller", "adamw_lr": 3e-4,
+           "adamw_betas": [0.8, 0.95], "adamw_weight_decay": 0.01, "ns_dtype": "fp32"}
+    groups = by_name(build_optimizer(tiny_model(), cfg))
+    assert groups["matrix"]["lr"] == 0.02 and groups["matrix"]["update_scale"] == "keller"
+    assert groups["matrix"]["ns_dtype"] == "float32"
+    assert groups["head"]["lr"] == 3e-4 and groups["head"]["betas"] == (0.8, 0.95)
+    assert groups["embedding"]["weight_decay"] == 0.01 and groups["gain"]["weight_decay"] == 0.0
+
+
+def test_routing_override_and_tied_embeddings():
+    # OSP's "Muon-Only" ablation: the embedding on Muon too.
+    model = tiny_model(tie_embeddings=True, emb_proj=False)
+    groups = by_name(build_optimizer(model, {"name": "muon", "routing": {"embedding": "muon"}}))
+    assert "head" not in groups  # the tied head is the embedding, listed once
+    assert [id(p) for p in groups["embedding"]["params"]] == [id(model.embed_tokens.weight)]
+    assert groups["embedding"]["algorithm"] == "muon"
+
+
+@pytest.mark.parametrize(
+    "cfg, match",
+    [
+        ({"name": "sgd"}, r"optim.name='sgd'.*adamw, muon, root"),
+        ({"name": "muon", "routing": {"matrix": "root"}}, r"optim.routing.matrix='root'.*adamw, muon"),
+        ({"name": "muon", "routing": {"norms": "adamw"}}, r"unknown role 'norms'"),
+        ({"name": "muon", "update_scale": "spectral"}, r"optim.update_scale.*moonlight, keller"),
+        ({"lr": -1.0}, r"optim.lr"),
+        ({"betas": [0.9]}, r"optim.betas"),
+        ({"learning_rate": 1e-3}, r"unknown optim key.*learning_rate"),
+    ],
+)
+def test_bad_config_names_key_and_allowed_values(cfg, match):
+    with pytest.raises(ValueError, match=match):
+        build_optimizer(tiny_model(), cfg)
+
+
+class FakeModel(nn.Module):
+    """The parameter_roles() contract without the Transformer."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4))
+        self.extra = nn.Parameter(torch.randn(4))
+
+    def parameter_roles(self):
+        return {"w": "matrix"}
+
+
+def test_parameter_without_role_is_an_error():
+    with pytest.raises(KeyError, match="'extra'"):
+        build_optimizer(FakeModel(), {"name": "muon"})

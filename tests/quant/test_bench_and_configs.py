@@ -1,0 +1,39 @@
+"""`osp bench quant` runs and prints its table; the Hydra configs instantiate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from osp.bench.quant import main as bench_main
+from osp.quant import QuantConfig
+from osp.training.callbacks.quant_eval import QuantEval
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_bench_prints_a_table(capsys):
+    bench_main(
+        ["--device", "cpu", "--d-model", "64", "--layers", "1", "--heads", "1", "--vocab", "64", "--seq-len", "16",
+         "--blocks", "2", "--batch-size", "2", "--repeats", "1", "--presets", "w4a4kv4", "w4a16"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert "mode" in out and "w4a4kv4" in out and "w4a16" in out and "tokens/s" in out
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "quant").glob("*.yaml")), ids=lambda p: p.stem)
+def test_quant_presets_instantiate(path):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        cfg = instantiate(compose(f"quant/{path.stem}").quant)
+    assert isinstance(cfg, QuantConfig)
+    assert cfg.name.replace("+", "_") == path.stem
+
+
+def test_callback_config_instantiates():
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        node = compose("callbacks/quant_eval").callbacks.quant_eval
+    callback = instantiate(node)
+    assert isinstance(callback, QuantEval) and list(callback.modes) == ["w4a4"]
