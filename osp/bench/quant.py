@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -37,7 +37,9 @@ def _timed(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = la
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    fmt = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    fmt = lambda r: "  ".join(
+        str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))
+    )
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)])
 
 
@@ -60,7 +62,9 @@ def bench_eval(args: argparse.Namespace, device: torch.device) -> str:
 
     t_fp = _timed(eval_fp, args.repeats, sync)
     nll, count = eval_fp()
-    rows = [["fp", "-", f"{t_fp:.3f}", f"{tokens / t_fp:,.0f}", "1.00", f"{torch.tensor(nll / count).exp():.2f}"]]
+    rows = [
+        ["fp", "-", f"{t_fp:.3f}", f"{tokens / t_fp:,.0f}", "1.00", f"{torch.tensor(nll / count).exp():.2f}"]
+    ]
     for preset in args.presets:
         qcfg = QuantConfig.from_preset(preset)
         start = time.perf_counter()
@@ -80,12 +84,42 @@ def bench_eval(args: argparse.Namespace, device: torch.device) -> str:
             ]
         )
     title = (
-        f"W4A4 eval cost on {device.type} ({torch.get_num_threads()} threads): random-init model d={cfg.d_model} "
+        f"W4A4 eval cost on {device.type} ({torch.get_num_threads()} thread(s)): random-init model d={cfg.d_model} "
         f"L={cfg.n_layers} heads={cfg.n_heads} ffn={cfg.ffn_hidden} vocab={cfg.vocab_size}, "
         f"{args.blocks} blocks x {args.seq_len} tokens, batch {args.batch_size}, median of {args.repeats}"
     )
     header = ["mode", "enter s", "eval s", "tokens/s", "x fp", "ppl"]
     return title + "\n" + _table(header, rows)
+
+
+def _gemm_cases(m: int, n: int, k: int, dev: torch.device) -> dict[str, Callable[[], torch.Tensor]]:
+    """The compared paths for one (M tokens, N out, K in) linear, as zero-argument callables."""
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(n, k, device=dev, dtype=torch.float32) * 0.02
+    qw = Q.quantize_weight(w, 4, mse=False)
+    w_bf16, w_deq = w.bfloat16(), qw.dequantize(torch.bfloat16)
+    w_packed, wsum = qw.packed(), qw.group_sums()
+    codes, s_a, z_a = ops.quant_rows(x, 4, backend="triton")
+
+    def fake(backend: str) -> Callable[[], torch.Tensor]:
+        return lambda: ops.quant_rows(x, 4, out="fake", backend=backend) @ w_deq.T
+
+    def w4a4() -> torch.Tensor:
+        a, s, z = ops.quant_rows(x, 4, backend="triton")
+        return ops.w4a4_gemm(a, s, z, w_packed, qw.scale, wsum, out_dtype=torch.bfloat16, backend="triton")
+
+    def gemm_only() -> torch.Tensor:
+        return ops.w4a4_gemm(
+            codes, s_a, z_a, w_packed, qw.scale, wsum, out_dtype=torch.bfloat16, backend="triton"
+        )
+
+    return {
+        "bf16 matmul": lambda: x @ w_bf16.T,
+        "fake-quant (torch)": fake("torch"),
+        "fake-quant (triton quant)": fake("triton"),
+        "W4A4 triton (quant+gemm)": w4a4,
+        "W4A4 triton gemm only": gemm_only,
+    }
 
 
 def bench_gemm(args: argparse.Namespace) -> str:
@@ -95,32 +129,9 @@ def bench_gemm(args: argparse.Namespace) -> str:
     rows = []
     for shape in args.gemm_shapes:
         m, n, k = (int(v) for v in shape.split("x"))
-        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-        w = torch.randn(n, k, device=dev, dtype=torch.float32) * 0.02
-        qw = Q.quantize_weight(w, 4, mse=False)
-        w_bf16, w_deq = w.bfloat16(), qw.dequantize(torch.bfloat16)
-        w_packed, wsum = qw.packed(), qw.group_sums()
-        codes, s_a, z_a = ops.quant_rows(x, 4, backend="triton")
-
-        def fake(backend: str) -> Callable[[], torch.Tensor]:
-            return lambda: ops.quant_rows(x, 4, out="fake", backend=backend) @ w_deq.T
-
-        def w4a4() -> torch.Tensor:
-            a, s, z = ops.quant_rows(x, 4, backend="triton")
-            return ops.w4a4_gemm(a, s, z, w_packed, qw.scale, wsum, out_dtype=torch.bfloat16, backend="triton")
-
-        def gemm_only() -> torch.Tensor:
-            return ops.w4a4_gemm(codes, s_a, z_a, w_packed, qw.scale, wsum, out_dtype=torch.bfloat16, backend="triton")
-
-        cases = {
-            "bf16 matmul": lambda: x @ w_bf16.T,
-            "fake-quant (torch)": fake("torch"),
-            "fake-quant (triton quant)": fake("triton"),
-            "W4A4 triton (quant+gemm)": w4a4,
-            "W4A4 triton gemm only": gemm_only,
-        }
-        ref = fake("torch")().float()
-        err = ((w4a4().float() - ref).abs().max() / ref.abs().max()).item()
+        cases = _gemm_cases(m, n, k, dev)
+        ref = cases["fake-quant (torch)"]().float()
+        err = ((cases["W4A4 triton (quant+gemm)"]().float() - ref).abs().max() / ref.abs().max()).item()
         for name, fn in cases.items():
             ms = triton.testing.do_bench(fn, warmup=25, rep=100)
             rows.append([f"{m}x{n}x{k}", name, f"{ms:.4f}", f"{2 * m * n * k / ms / 1e9:.1f}", f"{err:.1e}"])
@@ -139,7 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--blocks", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     parser.add_argument("--presets", nargs="+", default=["w4a4kv4", "w4a4kv4+had", "w4a16", "w16a4kv4"])
     parser.add_argument("--backend", choices=["torch", "triton"], default=None, help="force a kernel path")
     parser.add_argument(

@@ -319,6 +319,14 @@ class PretrainDataModule(L.LightningDataModule):
         self._require("val", n, what=f"the {n} held-out blocks asked for")
         return blocks.take(order[:n])
 
+    def train_blocks(self, n: int) -> torch.Tensor:
+        """`n` training blocks, LongTensor (n, seq_len + 1), evenly spaced over the training split:
+        calibration data from the training distribution (GPTQ), never the held-out text."""
+        if self.source.streaming:
+            raise DataError("train_blocks needs a pre-tokenized source (demo or files), not a streaming one")
+        blocks = self._require("train", n, what=f"the {n} calibration blocks asked for")
+        return blocks.take(np.linspace(0, len(blocks) - 1, n).round().astype(np.int64))
+
     def val_dataloader(self) -> DataLoader:
         blocks, order = self._heldout_order()
         n = len(order) if self.val_blocks is None else min(self.val_blocks, len(order))

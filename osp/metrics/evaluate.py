@@ -142,6 +142,8 @@ def _linear_input_hooks(model: nn.Module, full: bool) -> Iterator[dict[str, _Sta
 def _chunks(input_ids: Tensor, mode: str, max_tokens: int | None) -> Iterator[Tensor]:
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+    if input_ids.numel() == 0:
+        raise ValueError("input_ids is empty: nothing to measure")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "osp_exact":

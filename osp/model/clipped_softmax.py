@@ -69,7 +69,7 @@ def twin_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: float
     b, h, t, d = q.shape
     qf, kf, vf = q.reshape(b * h, t, d), k.reshape(-1, t, d), v.reshape(-1, t, d)
     future = _future(t, q.device)
-    out = torch.empty_like(qf)
+    out = qf.new_empty(qf.shape)  # contiguous whatever q's strides (the fake kernel promises it)
     lse = torch.empty(b * h, t, device=q.device, dtype=torch.float32)
     for chunk, kv in _head_chunks(q, k):
         p, lse[chunk] = _probabilities(qf[chunk].float(), kf[kv].float(), None, future)
@@ -89,7 +89,7 @@ def twin_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     qf, kf, vf = q.reshape(b * h, t, d), k.reshape(-1, t, d), v.reshape(-1, t, d)
     dof, lsef = dout.reshape(b * h, t, d), lse.reshape(b * h, t)
     future = _future(t, q.device)
-    dq = torch.empty_like(qf)
+    dq = qf.new_empty(qf.shape)
     # dK, dV as seen by each query head, summed over the GQA group at the end (as the Triton launcher does).
     dk_heads = torch.empty(b * h, t, d, device=q.device, dtype=torch.float32)
     dv_heads = torch.empty_like(dk_heads)

@@ -114,7 +114,7 @@ class ModelConfig:
             if stray:
                 raise ConfigError(
                     f"model.{', model.'.join(stray)} only apply with model.attn_softmax=clipped, "
-                    f"got model.attn_softmax={self.attn_softmax!r}"
+                    f"got model.attn_softmax={self.attn_softmax!r} (set it to clipped, or drop them)"
                 )
         if self.tie_embeddings and self.emb_proj:
             # EmbProj's merge gives E' = E R1^T and W' = W R2: two different matrices, so a tied

@@ -49,7 +49,8 @@ class SingleScaleRMSNorm(nn.Module):
         super().__init__()
         self.dim = dim
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(()))
+        # Shape (1,), not (): FSDP2 cannot shard 0-d parameters.
+        self.weight = nn.Parameter(torch.ones(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.weight * rms_normalize(x, self.eps)

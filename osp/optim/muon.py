@@ -19,6 +19,8 @@ from osp.optim.distributed import full, is_dtensor, local, shard_like, sharded_m
 from osp.optim.newton_schulz import MUON_COEFFICIENTS, newton_schulz, resolve_dtype
 
 UPDATE_SCALES = ("moonlight", "keller")
+# Most matrix elements orthogonalized in one batched Newton–Schulz call (2**28 fp32 = 1 GiB per copy).
+BATCH_ELEMENTS = 2**28
 
 
 def matrix_view_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
@@ -148,11 +150,15 @@ class Muon(torch.optim.Optimizer):
             buckets.setdefault((gi, matrix_view_shape(p.shape), p.ndim < 2), []).append(i)
         directions: list[Tensor | None] = [None] * len(work)
         for (gi, shape, vector), indices in buckets.items():
-            matrices = [full(work[i][2]).reshape(shape).float() for i in indices]
             group = groups[gi]
-            outs = sharded_map(matrices, lambda X, group=group, vector=vector: self._direction(X, group, vector))
-            for i, out in zip(indices, outs):
-                directions[i] = out
+            # Batches are capped so that the stacked fp32 copy (and the NS temporaries) stay bounded.
+            per_batch = max(1, BATCH_ELEMENTS // (shape[0] * shape[1]))
+            for start in range(0, len(indices), per_batch):
+                chunk = indices[start : start + per_batch]
+                matrices = [full(work[i][2]).reshape(shape).float() for i in chunk]
+                outs = sharded_map(matrices, lambda X, g=group, v=vector: self._direction(X, g, v))
+                for i, out in zip(chunk, outs):
+                    directions[i] = out
 
         for (gi, p, _, has_grad), d in zip(work, directions):
             if not has_grad:

@@ -76,7 +76,9 @@ class QuantConfig:
         if self.w_method == "gptq" and self.w_bits == OFF:
             raise QuantConfigError("quant.w_method='gptq' needs quantized weights (w_bits < 16)")
         if self.w_mse_grid <= 0 or not 0.0 < self.w_mse_maxshrink < 1.0 or self.w_mse_norm <= 0:
-            raise QuantConfigError("quant.w_mse_grid > 0, 0 < quant.w_mse_maxshrink < 1 and quant.w_mse_norm > 0")
+            raise QuantConfigError(
+                "quant.w_mse_grid > 0, 0 < quant.w_mse_maxshrink < 1 and quant.w_mse_norm > 0"
+            )
         for key in ("a_clip", "kv_clip"):
             if not 0.0 < getattr(self, key) <= 1.0:
                 raise QuantConfigError(f"quant.{key}={getattr(self, key)!r} must lie in (0, 1]")
@@ -99,13 +101,13 @@ class QuantConfig:
         return out + ("+had" if self.down_hadamard else "") + ("+gptq" if self.w_method == "gptq" else "")
 
     @classmethod
-    def from_preset(cls, preset: str = "w4a4kv4", **overrides: Any) -> "QuantConfig":
+    def from_preset(cls, preset: str = "w4a4kv4", **overrides: Any) -> QuantConfig:
         """Parse `w{W}a{A}[kv{KV}][+had][+gptq]` (or "fp"), then apply field overrides.
 
         "w4a4kv4" is the OSP row; "w4a16" weight-only; "w16a4" activation-only (K/V kept full precision).
         """
         if preset in ("fp", "w16a16", "w16a16kv16"):
-            fields_ = dict(w_bits=OFF, a_bits=OFF, kv_bits=OFF)
+            fields_: dict[str, Any] = {"w_bits": OFF, "a_bits": OFF, "kv_bits": OFF}
         else:
             match = _PRESET.match(preset.strip().lower())
             if match is None:
@@ -115,18 +117,18 @@ class QuantConfig:
                 )
             w, a, kv, flags = match.groups()
             tags = [t for t in flags.split("+") if t]
-            fields_ = dict(
-                w_bits=int(w),
-                a_bits=int(a),
-                kv_bits=int(kv) if kv is not None else OFF,
-                down_hadamard="had" in tags,
-                w_method="gptq" if "gptq" in tags else "rtn",
-            )
+            fields_ = {
+                "w_bits": int(w),
+                "a_bits": int(a),
+                "kv_bits": int(kv) if kv is not None else OFF,
+                "down_hadamard": "had" in tags,
+                "w_method": "gptq" if "gptq" in tags else "rtn",
+            }
         fields_.update(overrides)
         return cls.from_dict(fields_)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "QuantConfig":
+    def from_dict(cls, values: dict[str, Any]) -> QuantConfig:
         """Build from a mapping; unknown keys are an error that lists the known ones."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
@@ -135,7 +137,7 @@ class QuantConfig:
         return cls(**dict(values))
 
     @classmethod
-    def resolve(cls, cfg: "QuantConfig | str | dict[str, Any]") -> "QuantConfig":
+    def resolve(cls, cfg: QuantConfig | str | dict[str, Any]) -> QuantConfig:
         """Accept a QuantConfig, a preset string or a dict of fields (optionally with a 'preset' key)."""
         if isinstance(cfg, QuantConfig):
             return cfg
@@ -145,7 +147,7 @@ class QuantConfig:
         preset = values.pop("preset", None)
         return cls.from_preset(preset, **values) if preset is not None else cls.from_dict(values)
 
-    def with_(self, **changes: Any) -> "QuantConfig":
+    def with_(self, **changes: Any) -> QuantConfig:
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

@@ -120,10 +120,12 @@ def _run_block(block: nn.Module, inputs: Inputs) -> list[torch.Tensor]:
     return outs
 
 
-def _sequential_groups(block: nn.Module, linears: list[QuantLinear], sample: Inputs) -> list[list[QuantLinear]]:
+def _sequential_groups(
+    block: nn.Module, linears: list[QuantLinear], sample: Inputs
+) -> list[list[QuantLinear]]:
     """Linears grouped by the tensor they read, in call order. Inputs stay referenced during the pass, so
     object identity cannot be confused by a freed tensor's reused memory."""
-    seen: "OrderedDict[int, list[QuantLinear]]" = OrderedDict()
+    seen: OrderedDict[int, list[QuantLinear]] = OrderedDict()
     keep: list[torch.Tensor] = []
 
     def record(module: nn.Module, args: tuple) -> None:
@@ -175,7 +177,9 @@ def gptq_quantize_model(
                         m.observer = None
                 for m in group:
                     w = weights[m]
-                    scale = weight_scale(w, cfg.w_bits, cfg.w_mse, cfg.w_mse_grid, cfg.w_mse_maxshrink, cfg.w_mse_norm)
+                    scale = weight_scale(
+                        w, cfg.w_bits, cfg.w_mse, cfg.w_mse_grid, cfg.w_mse_maxshrink, cfg.w_mse_norm
+                    )
                     m.set_qweight(
                         gptq_quantize(
                             w, hessians[m].matrix(), scale, cfg.w_bits, cfg.gptq_blocksize, cfg.gptq_percdamp,
@@ -186,7 +190,9 @@ def gptq_quantize_model(
                 if m.qweight is None:
                     w = weights[m]
                     m.set_qweight(
-                        quantize_weight(w, cfg.w_bits, cfg.w_mse, cfg.w_mse_grid, cfg.w_mse_maxshrink, cfg.w_mse_norm)
+                        quantize_weight(
+                            w, cfg.w_bits, cfg.w_mse, cfg.w_mse_grid, cfg.w_mse_maxshrink, cfg.w_mse_norm
+                        )
                     )
             outs = _run_block(block, inputs)
             inputs = [(out, args, kwargs) for out, (_, args, kwargs) in zip(outs, inputs)]

@@ -12,7 +12,7 @@ rotation can differ slightly from OSP's for the same model.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import torch
 
@@ -71,7 +71,7 @@ def _paley(b: int) -> torch.Tensor | None:
     return None
 
 
-@lru_cache(maxsize=None)
+@cache
 def _base_factor(n: int) -> tuple[int, torch.Tensor | None]:
     """(b, H_b) with n = b * 2^m and H_b a ±1 Hadamard matrix as int8 (None when b = 1)."""
     twos = (n & -n).bit_length() - 1

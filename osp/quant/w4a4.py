@@ -14,9 +14,9 @@ into the embedding and head).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -109,7 +109,15 @@ class QuantLinear(nn.Module):
         if self._int_gemm_ok(x):
             return self._int_gemm(x)
         x = ops.quant_rows(
-            x, act.bits, act.sym, act.group_size, act.clip, act.zero_inclusive, self.hadamard, "fake", self.backend
+            x,
+            act.bits,
+            act.sym,
+            act.group_size,
+            act.clip,
+            act.zero_inclusive,
+            self.hadamard,
+            "fake",
+            self.backend,
         )
         return F.linear(x, self.weight.to(x.dtype), self.bias)
 
@@ -121,7 +129,15 @@ class QuantLinear(nn.Module):
         w_packed, wsum = self._packed
         x2 = x.reshape(-1, self.in_features)
         codes, scale, zero = ops.quant_rows(
-            x2, 4, act.sym, act.group_size, act.clip, act.zero_inclusive, self.hadamard, "packed", self.backend
+            x2,
+            4,
+            act.sym,
+            act.group_size,
+            act.clip,
+            act.zero_inclusive,
+            self.hadamard,
+            "packed",
+            self.backend,
         )
         y = ops.w4a4_gemm(
             codes, scale, zero, w_packed, qw.scale, wsum, act.group_size, self.bias, x.dtype, self.backend
@@ -130,7 +146,11 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         w = f"w{self.qweight.bits}" if self.qweight is not None else "w16"
-        a = f"a{self.act.bits}" + (f"g{self.act.group_size}" if self.act.group_size else "") if self.act else "a16"
+        a = (
+            f"a{self.act.bits}" + (f"g{self.act.group_size}" if self.act.group_size else "")
+            if self.act
+            else "a16"
+        )
         return f"{self.in_features} -> {self.out_features}, {w}{a}" + (", hadamard" if self.hadamard else "")
 
 
@@ -146,7 +166,9 @@ class KVQuantizer:
         self.bits, self.sym, self.clip, self.k_hadamard, self.backend = bits, sym, clip, k_hadamard, backend
 
     def __call__(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        kq = ops.quant_rows(k, self.bits, self.sym, None, self.clip, True, self.k_hadamard, "fake", self.backend)
+        kq = ops.quant_rows(
+            k, self.bits, self.sym, None, self.clip, True, self.k_hadamard, "fake", self.backend
+        )
         if self.k_hadamard:
             kq = ops.fwht(kq, self.backend)
         vq = ops.quant_rows(v, self.bits, self.sym, None, self.clip, False, False, "fake", self.backend)
@@ -163,7 +185,9 @@ def _full_weight(linear: nn.Linear) -> torch.Tensor:
 def _base_model(model: nn.Module) -> nn.Module:
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
     if not isinstance(getattr(model, "layers", None), nn.ModuleList):
-        raise TypeError(f"{type(model).__name__} has no `layers` ModuleList; the W4A4 view needs osp's Transformer")
+        raise TypeError(
+            f"{type(model).__name__} has no `layers` ModuleList; the W4A4 view needs osp's Transformer"
+        )
     return model
 
 
@@ -177,11 +201,11 @@ class _Site:
 
 
 def _linear_sites(model: nn.Module) -> list[_Site]:
+    if any(isinstance(m, QuantLinear) for m in model.layers.modules()):
+        raise RuntimeError("the model is already inside a quantized() view")
     sites: list[_Site] = []
     for i, block in enumerate(model.layers):
         for name, module in block.named_modules():
-            if isinstance(module, QuantLinear):
-                raise RuntimeError("the model is already inside a quantized() view")
             if not isinstance(module, nn.Linear):
                 continue
             parent_name, _, attr = name.rpartition(".")
@@ -216,7 +240,9 @@ def _check_supported(cfg: QuantConfig, model: nn.Module, sites: list[_Site]) -> 
     if cfg.kv_bits != OFF:
         attns = [m for m in model.layers.modules() if hasattr(m, "kv_quantizer")]
         if not attns:
-            raise ValueError("kv_bits < 16, but no attention module in model.layers has a `kv_quantizer` seam")
+            raise ValueError(
+                "kv_bits < 16, but no attention module in model.layers has a `kv_quantizer` seam"
+            )
         for m in attns:
             if cfg.k_hadamard and not is_pow2(int(getattr(m, "head_dim", 0))):
                 raise ValueError(
@@ -284,12 +310,18 @@ def quantized(
             setattr(site.parent, site.attr, site.linear)
 
 
-def _build_wrapper(cfg: QuantConfig, site: _Site, backend: str | None) -> tuple[QuantLinear, torch.Tensor | None]:
+def _build_wrapper(
+    cfg: QuantConfig, site: _Site, backend: str | None
+) -> tuple[QuantLinear, torch.Tensor | None]:
     """The QuantLinear for one site, and (GPTQ only) the fp32 weight GPTQ starts from."""
     rotate = cfg.down_hadamard and site.attr == "down_proj"
     act = _act_quant(cfg, site)
     if cfg.w_bits == OFF:
-        dense = _effective_weight(cfg, site, rotate).to(site.linear.weight.dtype) if rotate else _full_weight(site.linear)
+        dense = (
+            _effective_weight(cfg, site, rotate).to(site.linear.weight.dtype)
+            if rotate
+            else _full_weight(site.linear)
+        )
         return QuantLinear(site.linear, dense, act, rotate, backend), None
     w_eff = _effective_weight(cfg, site, rotate)
     if cfg.w_method == "gptq":

@@ -210,3 +210,16 @@ def test_hydra_configs_instantiate(tmp_path):
     with pytest.raises(MissingMandatoryValue):
         instantiate(files.data)
     assert instantiate(files_set.data).source.kind == "files"
+
+
+def test_train_blocks_come_from_the_training_split(tmp_path, corpus_files):
+    from osp.data.packing import PackedBlocks
+
+    dm = make_dm(corpus_files, tmp_path)
+    calib = dm.train_blocks(4)
+    assert calib.shape == (4, 16)
+    torch.testing.assert_close(calib, dm.train_blocks(4))
+    train_blocks = PackedBlocks(dm.shard("train"), 16)
+    train = {tuple(train_blocks.take(np.array([i]))[0].tolist()) for i in range(len(train_blocks))}
+    assert {tuple(b.tolist()) for b in calib} <= train
+    assert not {tuple(b.tolist()) for b in dm.heldout_blocks(8)} & {tuple(b.tolist()) for b in calib}

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -51,7 +52,9 @@ def run(tmp_path_factory):
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, default_root_dir=str(run_dir), logger=False,
                         callbacks=[export, checkpoint], enable_progress_bar=False, enable_model_summary=False)
     datamodule = TinyData()
-    trainer.fit(module, datamodule=datamodule)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="You defined a `validation_step` but have no `val_dataloader`")
+        trainer.fit(module, datamodule=datamodule)
     datamodule.tokenizer.save_pretrained(str(run_dir / "tokenizer"))  # as osp train does at fit start
     return run_dir, module.model.eval(), export
 

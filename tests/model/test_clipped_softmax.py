@@ -110,20 +110,27 @@ def test_autograd_saves_no_score_matrix():
 def test_op_registration_is_consistent():
     q, k, v = qkv(b=1, t=9)
     torch.library.opcheck(cs._clipped_attention_op, (q, k, v, -0.1, 1.0))
-    # As in the model: heads are a transposed view of (B, T, H, D); the fake outputs must still be contiguous.
-    q_t = torch.randn(1, 9, 4, 16).transpose(1, 2).requires_grad_()
+    # As in the model: heads are a transposed view of (B, T, H, D); fake and real outputs agree on strides.
+    q, k, v = qkv(b=2, t=9)
+    q_t = torch.randn(2, 9, 4, 16).transpose(1, 2).requires_grad_()
     torch.library.opcheck(cs._clipped_attention_op, (q_t, k, v, -0.1, 1.0))
 
 
 def test_compiles_with_fullgraph():
-    q, k, v = qkv(b=1, t=11)
-    dout = torch.randn(1, 4, 11, 16)
-    compiled = torch.compile(lambda a, b, c: clipped_attention(a, b, c, -0.1, 1.0), backend="aot_eager",
-                             fullgraph=True)
-    out = compiled(q, k, v)
-    ref = clipped_attention(q, k, v, -0.1, 1.0)
+    """As in Attention: heads are a transposed view of (B, T, H, D), and the output is transposed back and
+    flattened; the compiled graph must agree with eager (the fake kernels report the real output layout)."""
+    x = torch.randn(2, 11, 4, 16, requires_grad=True)
+    _, k, v = qkv(b=2, t=11)
+
+    def attend(x, k, v):
+        out = clipped_attention(x.transpose(1, 2), k, v, -0.1, 1.0)
+        return out.transpose(1, 2).reshape(2, 11, 64)
+
+    compiled = torch.compile(attend, backend="aot_eager", fullgraph=True)
+    out, ref = compiled(x, k, v), attend(x, k, v)
     assert torch.allclose(out, ref)
-    for a, b in zip(grads(out, (q, k, v), dout), grads(ref, (q, k, v), dout), strict=True):
+    dout = torch.randn_like(ref)
+    for a, b in zip(grads(out, (x, k, v), dout), grads(ref, (x, k, v), dout), strict=True):
         assert torch.allclose(a, b)
 
 

@@ -198,3 +198,20 @@ def test_state_dict_round_trip_gives_identical_next_step(cls):
         _step(twin, twin_opt, 10)
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
+
+
+def test_batch_cap_does_not_change_the_step(monkeypatch):
+    import osp.optim.muon as muon_module
+
+    grads = [torch.randn(16, 24) for _ in range(5)]
+
+    def run():
+        params = [nn.Parameter(torch.ones(16, 24)) for _ in grads]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        Muon(params, ns_dtype="fp32").step()
+        return torch.stack([p.detach() for p in params])
+
+    batched = run()
+    monkeypatch.setattr(muon_module, "BATCH_ELEMENTS", 2 * 16 * 24)  # batches of 2, 2 and 1
+    torch.testing.assert_close(run(), batched)

@@ -19,7 +19,14 @@ def _single_thread():
 
 
 def make_model(**overrides) -> Transformer:
-    values = dict(vocab_size=128, d_model=128, n_layers=2, n_heads=2, max_seq_len=32, ffn_hidden=256)
+    values = {
+        "vocab_size": 128,
+        "d_model": 128,
+        "n_layers": 2,
+        "n_heads": 2,
+        "max_seq_len": 32,
+        "ffn_hidden": 256,
+    }
     values.update(overrides)
     torch.manual_seed(0)
     return Transformer(ModelConfig(**values))

@@ -34,6 +34,6 @@ def test_quant_presets_instantiate(path):
 
 def test_callback_config_instantiates():
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
-        node = compose("callbacks/quant_eval").callbacks.quant_eval
+        node = compose("callbacks/quant_eval").callbacks
     callback = instantiate(node)
     assert isinstance(callback, QuantEval) and list(callback.modes) == ["w4a4"]

@@ -27,7 +27,7 @@ def test_gptq_beats_rtn_on_the_layer_output(act_order):
     gptq = gptq_quantize(w, x.T @ x / x.shape[0], scale, 4, blocksize=32, act_order=act_order)
     assert gptq.codes.dtype == torch.int8 and gptq.codes.min() >= -8 and gptq.codes.max() <= 7
     assert torch.equal(gptq.scale, scale)
-    err = lambda qw: (x @ (qw.dequantize() - w).T).norm()  # noqa: E731
+    err = lambda qw: (x @ (qw.dequantize() - w).T).norm()
     assert err(gptq) < 0.85 * err(rtn)
     # lazy block updates are exact: one block over all columns gives the same codes
     whole = gptq_quantize(w, x.T @ x / x.shape[0], scale, 4, blocksize=96, act_order=act_order)
@@ -50,8 +50,15 @@ def test_sequential_groups_follow_shared_inputs():
         assert len(inputs) == 1 and inputs[0][0].shape == (2, 8, 128)
         linears = [m for m in block.modules() if isinstance(m, QuantLinear)]
         names = {id(m): n for n, m in block.named_modules()}
-        groups = [[names[id(m)].split(".")[-1] for m in g] for g in _sequential_groups(block, linears, inputs)]
-    assert [sorted(g) for g in groups] == [["k_proj", "q_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+        groups = [
+            [names[id(m)].split(".")[-1] for m in g] for g in _sequential_groups(block, linears, inputs)
+        ]
+    assert [sorted(g) for g in groups] == [
+        ["k_proj", "q_proj", "v_proj"],
+        ["o_proj"],
+        ["gate_proj", "up_proj"],
+        ["down_proj"],
+    ]
 
 
 def test_model_level_gptq_runs_restores_and_differs_from_rtn(blocks):

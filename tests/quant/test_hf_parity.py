@@ -23,8 +23,8 @@ from osp.quant.hadamard import fwht
 from .conftest import make_model
 
 transformers = pytest.importorskip("transformers")
-from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM  # noqa: E402
-from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
+from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 HEAD_DIM = 64
 
@@ -34,7 +34,9 @@ def osp_style_attention(module, query, key, value, attention_mask, scaling, drop
     query = fwht(query.float()).to(query.dtype)
     key = Q.fake_quant(fwht(key.float()), 4).to(key.dtype)
     # HF builds masks for a custom attention function as for SDPA (None = causal), so attend through SDPA.
-    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+    )
 
 
 AttentionInterface.register("osp_w4a4_check", osp_style_attention)
@@ -80,16 +82,18 @@ def fake_quantize_hf(hf: LlamaForCausalLM, cfg: QuantConfig) -> list:
                 lin.weight.copy_(w)
             if cfg.a_bits < 16:
                 if name.endswith("o_proj"):
-                    quant = lambda x: Q.fake_quant(x, 4, group_size=HEAD_DIM, zero_inclusive=False)  # noqa: E731
+                    quant = lambda x: Q.fake_quant(x, 4, group_size=HEAD_DIM, zero_inclusive=False)
                 elif rotate:
-                    quant = lambda x: Q.fake_quant(fwht(x.float()), 4).to(x.dtype)  # noqa: E731
+                    quant = lambda x: Q.fake_quant(fwht(x.float()), 4).to(x.dtype)
                 else:
-                    quant = lambda x: Q.fake_quant(x, 4)  # noqa: E731
+                    quant = lambda x: Q.fake_quant(x, 4)
                 handles.append(lin.register_forward_pre_hook(lambda m, args, q=quant: (q(args[0]),)))
             elif rotate:
-                handles.append(lin.register_forward_pre_hook(lambda m, args: (fwht(args[0].float()).to(args[0].dtype),)))
+                handles.append(
+                    lin.register_forward_pre_hook(lambda m, args: (fwht(args[0].float()).to(args[0].dtype),))
+                )
         if cfg.kv_bits < 16:
-            v_quant = lambda m, args, out: Q.fake_quant(out, 4, group_size=HEAD_DIM, zero_inclusive=False)  # noqa: E731
+            v_quant = lambda m, args, out: Q.fake_quant(out, 4, group_size=HEAD_DIM, zero_inclusive=False)
             handles.append(layer.self_attn.v_proj.register_forward_hook(v_quant))
     if cfg.kv_bits < 16:
         hf.set_attn_implementation("osp_w4a4_check")

@@ -81,7 +81,9 @@ def _gemm_operands(m, n, k, group):
     return a, codes, s_a, z_a, qw
 
 
-@pytest.mark.parametrize("m,n,k,group", [(70, 50, 256, None), (33, 80, 512, 128), (16, 16, 130, None), (129, 65, 192, 64)])
+@pytest.mark.parametrize(
+    "m,n,k,group", [(70, 50, 256, None), (33, 80, 512, 128), (16, 16, 130, None), (129, 65, 192, 64)]
+)
 def test_w4a4_gemm_matches_twin(m, n, k, group):
     a, codes, s_a, z_a, qw = _gemm_operands(m, n, k, group)
     bias = torch.randn(n)
@@ -110,12 +112,14 @@ def test_w4a4_gemm_integer_accumulator_is_exact(group):
 
 
 def test_w4a4_gemm_output_dtype_and_small_group_guard():
-    a, codes, s_a, z_a, qw = _gemm_operands(8, 8, 128, 32)
+    _, codes, s_a, z_a, qw = _gemm_operands(8, 8, 128, 32)
     args = (codes, s_a, z_a, qw.packed(), qw.scale, qw.group_sums(32), 32)
     with pytest.raises(ValueError, match="groups of 32"):
         ops.w4a4_gemm(*args, backend="triton")  # one 32-code group per tile cannot compile on a GPU
-    a, codes, s_a, z_a, qw = _gemm_operands(8, 8, 128, None)
-    out = ops.w4a4_gemm(codes, s_a, z_a, qw.packed(), qw.scale, qw.group_sums(), out_dtype=torch.float16, backend="triton")
+    _, codes, s_a, z_a, qw = _gemm_operands(8, 8, 128, None)
+    out = ops.w4a4_gemm(
+        codes, s_a, z_a, qw.packed(), qw.scale, qw.group_sums(), out_dtype=torch.float16, backend="triton"
+    )
     assert out.dtype == torch.float16
 
 
@@ -128,7 +132,10 @@ def test_fwht_kernel_identical_to_twin(shape):
 def test_hadamard_transform_non_power_of_two_through_kernels():
     x = torch.randn(6, 384)
     torch.testing.assert_close(
-        ops.hadamard_transform(x, backend="triton"), ops.hadamard_transform(x, backend="torch"), rtol=0, atol=1e-6
+        ops.hadamard_transform(x, backend="triton"),
+        ops.hadamard_transform(x, backend="torch"),
+        rtol=0,
+        atol=1e-6,
     )
 
 

@@ -21,7 +21,9 @@ class TinyLM(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.model = Transformer(ModelConfig(vocab_size=64, d_model=64, n_layers=1, n_heads=1, max_seq_len=16))
+        self.model = Transformer(
+            ModelConfig(vocab_size=64, d_model=64, n_layers=1, n_heads=1, max_seq_len=16)
+        )
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         logits = self.model(batch[:, :-1])
@@ -72,10 +74,10 @@ def test_logs_every_n_steps_and_at_train_end(tmp_path):
         assert all(math.isfinite(float(r[key])) for r in rows), key
     final = callback.final_metrics()
     blocks = data.heldout_blocks(3)
-    assert final["quant/ppl_fp"] == pytest.approx(perplexity(module.model, blocks), rel=1e-6)
-    assert final["quant/ppl_w4a4"] == pytest.approx(perplexity(module.model, blocks, "w4a4kv4"), rel=1e-6)
-    assert final["quant/ratio"] == pytest.approx(final["quant/ppl_w4a4"] / final["quant/ppl_fp"])
-    assert float(rows[-1]["quant/ppl_w4a4"]) == pytest.approx(final["quant/ppl_w4a4"])
+    assert final["ppl_fp"] == pytest.approx(perplexity(module.model, blocks), rel=1e-6)
+    assert final["ppl_w4a4"] == pytest.approx(perplexity(module.model, blocks, "w4a4kv4"), rel=1e-6)
+    assert final["quant_ratio"] == pytest.approx(final["ppl_w4a4"] / final["ppl_fp"])
+    assert float(rows[-1]["quant/ppl_w4a4"]) == pytest.approx(final["ppl_w4a4"])
 
 
 def test_bad_arguments_fail_at_construction():
@@ -83,6 +85,8 @@ def test_bad_arguments_fail_at_construction():
         QuantEval(extra_presets=["int4"])
     with pytest.raises(ValueError, match="twice"):
         QuantEval(extra_presets=["w4a16", "w4a16"])
+    with pytest.raises(ValueError, match="calibration"):
+        QuantEval(extra_presets=["w4a4kv4+gptq"])
 
 
 @pytest.mark.distributed
@@ -95,4 +99,6 @@ def test_ddp_ranks_agree_with_a_single_process(tmp_path):
     blocks = TinyData().heldout_blocks(3)
     got = float(trainer.callback_metrics["quant/ppl_w4a4"])
     assert got == pytest.approx(perplexity(module.model, blocks, "w4a4kv4"), rel=1e-5)
-    assert float(trainer.callback_metrics["quant/ppl_fp"]) == pytest.approx(perplexity(module.model, blocks), rel=1e-5)
+    assert float(trainer.callback_metrics["quant/ppl_fp"]) == pytest.approx(
+        perplexity(module.model, blocks), rel=1e-5
+    )

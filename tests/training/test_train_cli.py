@@ -30,12 +30,19 @@ def run_osp(args, tmp_path, check=True):
     return proc
 
 
-def test_osp_train_end_to_end(tmp_path):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny `osp train` run with the default callbacks (metrics, W4A4 eval, export)."""
+    tmp_path = tmp_path_factory.mktemp("e2e")
     corpus = write_corpus(tmp_path / "corpus")
     proc = run_osp(["train", *TINY, f"data.paths={corpus}", f"runs_root={tmp_path}/runs", "run_name=e2e"], tmp_path)
-    run_dir = tmp_path / "runs" / "e2e"
+    return tmp_path, tmp_path / "runs" / "e2e", proc
+
+
+def test_osp_train_end_to_end(trained):
+    tmp_path, run_dir, proc = trained
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert "osp summary" in proc.stdout
+    assert "osp summary" in proc.stdout and "W4A4 ppl" in proc.stdout and "kurtosis" in proc.stdout
     assert summary["steps"] == 60
     assert summary["tokens_seen"] == 60 * 8 * 64
     # The synthetic grammar is very predictable: loss must fall far below the uniform ln(vocab).
@@ -44,6 +51,26 @@ def test_osp_train_end_to_end(tmp_path):
     assert (run_dir / "tokenizer" / "tokenizer.json").exists()
     assert (run_dir / ".hydra" / "config.yaml").exists()
     assert "train/loss" in (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert (run_dir / "export" / "config.json").exists() and summary["export_dir"]
+    assert summary["kurtosis"] >= 0 and summary["ppl_w4a4"] >= summary["ppl_fp"] * 0.9
+
+
+def test_eval_of_the_export_equals_the_last_in_training_values(trained):
+    tmp_path, run_dir, _ = trained
+    summary = json.loads((run_dir / "summary.json").read_text())
+    out = tmp_path / "eval.json"
+    run_osp(["eval", str(run_dir / "export"), "--json", str(out)], tmp_path)
+    result = json.loads(out.read_text())
+    assert result["quant"]["ppl_fp"] == pytest.approx(summary["ppl_fp"], rel=1e-5)
+    assert result["quant"]["ppl_quant"] == pytest.approx(summary["ppl_w4a4"], rel=1e-5)
+    assert result["kurtosis_context"]["mean"] == pytest.approx(summary["kurtosis"], rel=1e-5)
+    assert result["kurtosis_osp_exact"]["mean"] == pytest.approx(summary["kurtosis_exact"], rel=1e-5)
+
+
+def test_report_compares_runs(trained):
+    tmp_path, run_dir, _ = trained
+    proc = run_osp(["report", str(run_dir), str(run_dir), "--out", str(tmp_path / "report")], tmp_path)
+    assert "kurt" in proc.stdout and (tmp_path / "report" / "kurtosis_mean.png").exists()
 
 
 def test_cfg_job_prints_the_resolved_config(tmp_path):

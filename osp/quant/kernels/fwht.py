@@ -36,6 +36,7 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     budget = 1 << 16 if INTERPRET else 1 << 13
     bm = max(1, min(triton.next_power_of_2(m), budget // n))
     _fwht_kernel[(triton.cdiv(m, bm),)](
-        x2, y, m, x2.stride(0), y.stride(0), 1.0 / math.sqrt(n), BM=bm, N=n, LOG_N=n.bit_length() - 1
-    )
+        x2, y, m, x2.stride(0), y.stride(0), 1.0 / math.sqrt(n), BM=bm, N=n, LOG_N=n.bit_length() - 1,
+        num_warps=8 if bm * n >= 4096 else 4,
+    )  # fmt: skip
     return y.to(x.dtype).reshape(shape)

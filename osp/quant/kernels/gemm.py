@@ -121,7 +121,7 @@ def w4a4_gemm(
     bias_arg = bias.contiguous() if bias is not None else s_w
     args = (a_packed, w_packed, s_a, z_a, s_w, wsum, bias_arg, out, m, n, kp)
     if group_size is None:
-        grid = lambda meta: (triton.cdiv(m, meta["BM"]), triton.cdiv(n, meta["BN"]))  # noqa: E731
+        grid = lambda meta: (triton.cdiv(m, meta["BM"]), triton.cdiv(n, meta["BN"]))
         _gemm_rows[grid](
             *args, 1, a_packed.stride(0), w_packed.stride(0), s_a.stride(0), wsum.stride(0), out.stride(0),
             HAS_BIAS=bias is not None, GROUPED=False,
@@ -129,7 +129,7 @@ def w4a4_gemm(
     else:
         if group_size % 2 or (2 * kp) % group_size:
             raise ValueError(f"group_size={group_size} must be even and divide K={2 * kp}")
-        grid = lambda meta: (triton.cdiv(m, meta["BM"]), triton.cdiv(n, meta["BN"]))  # noqa: E731
+        grid = lambda meta: (triton.cdiv(m, meta["BM"]), triton.cdiv(n, meta["BN"]))
         _gemm_groups[grid](
             *args, 2 * kp // group_size, a_packed.stride(0), w_packed.stride(0), s_a.stride(0), wsum.stride(0),
             out.stride(0), HAS_BIAS=bias is not None, GROUPED=True, BKP=group_size // 2,

@@ -33,7 +33,9 @@ def _quant_rows_kernel(
     cols = tl.arange(0, BK)
     row_ok = rows < M
     col_ok = cols < K
-    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    x = tl.load(
+        x_ptr + rows[:, None] * stride_x + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0
+    )
     x = x.to(tl.float32)
     if HADAMARD:
         x = fwht_rows(x, BM, BK, LOG_K) * had_scale
@@ -44,11 +46,12 @@ def _quant_rows_kernel(
     xmin = tl.min(tl.where(valid, xg, float("inf")), axis=2)
     xmax = tl.max(tl.where(valid, xg, float("-inf")), axis=2)
     if ZERO_INCLUSIVE:
-        widen = xmin == xmin
+        xmin = tl.minimum(xmin, 0.0) * clip
+        xmax = tl.maximum(xmax, 0.0) * clip
     else:
         widen = xmax <= xmin  # constant (or empty padding) group: fall back to the 0-inclusive range
-    xmin = tl.where(widen, tl.minimum(xmin, 0.0), xmin) * clip
-    xmax = tl.where(widen, tl.maximum(xmax, 0.0), xmax) * clip
+        xmin = tl.where(widen, tl.minimum(xmin, 0.0), xmin) * clip
+        xmax = tl.where(widen, tl.maximum(xmax, 0.0), xmax) * clip
     if SYM:
         amax = tl.maximum(tl.abs(xmin), xmax)
         scale = tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax, tl.full(amax.shape, HI, tl.float32)))
@@ -65,7 +68,9 @@ def _quant_rows_kernel(
     mask2d = row_ok[:, None] & col_ok[None, :]
     if FAKE:
         y = tl.reshape(scale[:, :, None] * (q - zero[:, :, None]), (BM, BK))
-        tl.store(fake_ptr + rows[:, None] * stride_f + cols[None, :], y.to(fake_ptr.dtype.element_ty), mask=mask2d)
+        tl.store(
+            fake_ptr + rows[:, None] * stride_f + cols[None, :], y.to(fake_ptr.dtype.element_ty), mask=mask2d
+        )
     else:
         qi = tl.reshape(q, (BM, BK)).to(tl.int32)
         if BITS == 4:
@@ -140,6 +145,7 @@ def quant_rows(
         float(clip), 1.0 / math.sqrt(k),
         BM=bm, BK=bk, G=g, LOG_K=bk.bit_length() - 1,
         BITS=bits, SYM=sym, ZERO_INCLUSIVE=zero_inclusive, HADAMARD=hadamard, FAKE=fake,
+        num_warps=8 if bm * bk >= 4096 else 4,
     )  # fmt: skip
     if fake:
         return y.to(x.dtype).reshape(shape)

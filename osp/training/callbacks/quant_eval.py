@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import lightning.pytorch as L
 import torch
@@ -46,12 +47,14 @@ class QuantEval(L.Callback):
         self.at_train_end = at_train_end
         self.backend = backend
         # Metric suffix -> config; validated here so a typo fails at startup, not after N steps.
-        self.modes: dict[str, QuantConfig] = {"w4a4": QuantConfig.from_preset(preset)}
-        for extra in extra_presets:
-            suffix = metric_suffix(extra)
+        self.modes: dict[str, QuantConfig] = {}
+        for suffix, name in [("w4a4", preset), *((metric_suffix(p), p) for p in extra_presets)]:
+            cfg = QuantConfig.from_preset(name)
+            if cfg.w_method == "gptq":
+                raise ValueError(f"QuantEval: {name!r} needs calibration data; GPTQ runs offline (osp eval)")
             if suffix in self.modes:
-                raise ValueError(f"QuantEval: extra preset {extra!r} would log under quant/ppl_{suffix} twice")
-            self.modes[suffix] = QuantConfig.from_preset(extra)
+                raise ValueError(f"QuantEval: preset {name!r} would log under quant/ppl_{suffix} twice")
+            self.modes[suffix] = cfg
         self._blocks: torch.Tensor | None = None
         self._last_step = -1
         self.last: dict[str, float] = {}
@@ -108,8 +111,10 @@ class QuantEval(L.Callback):
         return metrics
 
     def final_metrics(self) -> dict[str, float]:
-        """The last evaluation's metrics (empty before the first), for the end-of-run summary."""
-        return dict(self.last)
+        """The last evaluation's metrics (empty before the first) for the end-of-run summary:
+        ppl_fp, ppl_w4a4, quant_ratio and ppl_<preset> for each extra preset."""
+        renamed = {"quant/ratio": "quant_ratio"}
+        return {renamed.get(k, k.removeprefix("quant/")): v for k, v in self.last.items()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"last": dict(self.last), "last_step": self._last_step}

@@ -1,0 +1,142 @@
+"""`osp eval MODEL`: perplexity, W4A4 perplexity and kurtosis of a checkpoint, run dir or HF folder.
+
+The numbers come from the same functions the training callbacks use (osp.quant.evaluate_quant,
+osp.metrics.evaluate_kurtosis) on the same held-out blocks, so an evaluation of a run's export
+equals the last in-training values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+DEMO_DATA = {"_target_": "osp.data.datamodule.PretrainDataModule", "source": "demo", "seq_len": 256}
+
+
+def find_run_config(model_path: Path) -> Path | None:
+    """The .hydra/config.yaml of the run that produced MODEL (a run dir, its checkpoint or its export)."""
+    path = model_path.resolve()
+    for candidate in (path, *path.parents[:3]):
+        config = candidate / ".hydra" / "config.yaml"
+        if config.is_file():
+            return config
+    return None
+
+
+def run_precision(model_path: Path, data_config: str | None) -> str:
+    """The trainer precision of the run that produced MODEL ("32-true" when unknown)."""
+    config_file = Path(data_config) if data_config else find_run_config(model_path)
+    if config_file is None:
+        return "32-true"
+    return str(OmegaConf.load(config_file).get("trainer", {}).get("precision", "32-true"))
+
+
+def autocast_for(precision: str, device: str) -> contextlib.AbstractContextManager:
+    """The same autocast Lightning applies for `precision`, so eval numbers equal the in-training ones."""
+    if precision in ("bf16-mixed", "bf16"):
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    if precision in ("16-mixed", "16"):
+        return torch.autocast(torch.device(device).type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def build_datamodule(model_path: Path, data_config: str | None, tokenizer_dir: Path | None, seq_len: int | None):
+    """The run's own data config when it can be found (same held-out blocks as in training), else the demo corpus
+    tokenized with the model's tokenizer."""
+    config_file = Path(data_config) if data_config else find_run_config(model_path)
+    if config_file is not None:
+        data = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
+        data = data.get("data", data)
+        data = {k: v for k, v in data.items() if not (isinstance(v, str) and "${" in v)}
+    else:
+        if tokenizer_dir is None:
+            raise SystemExit(f"osp eval: {model_path} has no tokenizer and no run config; pass --tokenizer "
+                             "or --data-config RUN_DIR/.hydra/config.yaml")
+        data = dict(DEMO_DATA, tokenizer=str(tokenizer_dir))
+    if seq_len is not None:
+        data["seq_len"] = seq_len
+    return instantiate(data)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="osp eval", description=__doc__.splitlines()[0])
+    p.add_argument("model", help="a .ckpt file, a run dir, or an exported Hugging Face folder")
+    p.add_argument("--kurtosis", action="store_true", help="only the outlier statistics")
+    p.add_argument("--quant", metavar="PRESET", help="only perplexity: fp and PRESET (e.g. w4a4kv4, w4a16)")
+    p.add_argument("--hadamard", action="store_true", help="online Hadamard on the down-projection input")
+    p.add_argument("--gptq", action="store_true", help="GPTQ weights (calibrated on training text) instead of RTN")
+    p.add_argument("--quant-blocks", type=int, default=16, help="held-out blocks for perplexity (QuantEval default)")
+    p.add_argument("--kurtosis-blocks", type=int, default=8, help="held-out blocks for kurtosis (OutlierMonitor default)")
+    p.add_argument("--batch-size", type=int, default=4, help="blocks per forward pass (QuantEval default)")
+    p.add_argument("--calib-blocks", type=int, default=32, help="training blocks for GPTQ calibration")
+    p.add_argument("--mode", choices=("osp_exact", "context", "both"), default="both", help="kurtosis mode")
+    p.add_argument("--data-config", help="a YAML with a `data` node (default: the run's .hydra/config.yaml)")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the model's own)")
+    p.add_argument("--seq-len", type=int, help="override the evaluation sequence length")
+    p.add_argument("--precision", help="autocast as in training: 32-true | bf16-mixed | 16-mixed "
+                   "(default: the run's trainer.precision)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> None:
+    from osp.export import CheckpointError, load_model
+
+    args = parse_args(argv)
+    model_path = Path(args.model)
+    try:
+        model, tokenizer = load_model(model_path, device=args.device, tokenizer=args.tokenizer)
+    except (CheckpointError, FileNotFoundError) as err:
+        print(f"osp eval: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    tokenizer_dir = Path(args.tokenizer) if args.tokenizer else _tokenizer_dir(model_path)
+    dm = build_datamodule(model_path, args.data_config, tokenizer_dir, args.seq_len)
+    if dm.vocab_size > model.cfg.vocab_size:
+        raise SystemExit(f"osp eval: the data's tokenizer has {dm.vocab_size} ids but the model only "
+                         f"{model.cfg.vocab_size}; pass the model's --tokenizer")
+    do_quant = not args.kurtosis or bool(args.quant)
+    do_kurtosis = not args.quant or args.kurtosis
+    precision = args.precision or run_precision(model_path, args.data_config)
+    results: dict[str, Any] = {"model": str(model_path), "precision": precision}
+    with autocast_for(precision, args.device):
+        _evaluate(args, model, dm, do_quant, do_kurtosis, results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+
+
+def _evaluate(args: argparse.Namespace, model: torch.nn.Module, dm: Any, do_quant: bool, do_kurtosis: bool,
+              results: dict[str, Any]) -> None:
+    from osp.metrics import evaluate_kurtosis, format_kurtosis
+    from osp.quant.evaluate import evaluate_quant
+
+    if do_quant:
+        blocks = dm.heldout_blocks(args.quant_blocks).to(args.device)
+        calib = dm.train_blocks(args.calib_blocks).to(args.device) if args.gptq else None
+        q = evaluate_quant(model, blocks, preset=args.quant or "w4a4kv4", hadamard=args.hadamard, gptq=args.gptq,
+                           calib_blocks=calib, batch_size=args.batch_size)
+        results["quant"] = q
+        print(f"perplexity on {q['tokens']:,} held-out tokens: fp {q['ppl_fp']:.4f}   "
+              f"{q['preset']} {q['ppl_quant']:.4f}   ratio {q['ratio']:.4f}")
+    if do_kurtosis:
+        ids = dm.heldout_blocks(args.kurtosis_blocks)[:, :-1].to(args.device)
+        modes = ("context", "osp_exact") if args.mode == "both" else (args.mode,)
+        for mode in modes:
+            k = evaluate_kurtosis(model, ids, mode)
+            results[f"kurtosis_{mode}"] = k
+            print(format_kurtosis(k))
+
+
+def _tokenizer_dir(model_path: Path) -> Path | None:
+    for candidate in (model_path, model_path / "tokenizer", model_path.parent.parent / "tokenizer"):
+        if (candidate / "tokenizer.json").is_file() or (candidate / "tokenizer_config.json").is_file():
+            return candidate
+    return None
