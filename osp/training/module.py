@@ -1,4 +1,10 @@
-"""LanguageModelModule: next-token loss, validation perplexity and optimizer wiring for one Transformer."""
+"""LanguageModelModule: next-token loss, validation perplexity and optimizer wiring for one Transformer.
+
+Parallelism is applied in `configure_model` (activation checkpointing; FSDP2 under `trainer=fsdp`), from
+outside the model. Checkpoints carry every rank's RNG state besides what Lightning saves (weights,
+optimizer and LR schedule, loop and data position, callback states), so a resumed run continues
+exactly as the uninterrupted one would have.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from osp.model import ModelConfig, Transformer
 from osp.optim import build_optimizer, build_scheduler, describe_groups
+from osp.training.checkpoints import capture_rng, restore_rng
+from osp.training.loggers import ResumableCSVLogger
+from osp.training.parallel import apply_activation_checkpointing, apply_fsdp, fsdp_options_of, is_sharded
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -23,19 +32,35 @@ class LanguageModelModule(L.LightningModule):
     """Trains `self.model` (an osp Transformer) on batches of packed blocks (B, seq_len + 1)."""
 
     def __init__(self, model: dict[str, Any] | ModelConfig, optim: dict[str, Any] | DictConfig,
-                 compile: bool = False) -> None:
+                 compile: bool = False, activation_checkpointing: bool = False) -> None:
         super().__init__()
         model_cfg = model if isinstance(model, ModelConfig) else ModelConfig.from_dict(dict(model))
         optim_cfg = OmegaConf.to_container(optim, resolve=True) if isinstance(optim, DictConfig) else dict(optim)
-        self.save_hyperparameters({"model": model_cfg.to_dict(), "optim": optim_cfg, "compile": compile})
+        self.save_hyperparameters({"model": model_cfg.to_dict(), "optim": optim_cfg, "compile": compile,
+                                   "activation_checkpointing": activation_checkpointing})
         self.model_cfg = model_cfg
         self.optim_cfg = optim_cfg
+        self.activation_checkpointing = activation_checkpointing
         self.model = Transformer(model_cfg)
         # Kept out of the module tree (object.__setattr__) so the compiled wrapper's parameters are not
         # registered a second time under another name in state_dict.
         object.__setattr__(self, "_forward", torch.compile(self.model) if compile else self.model)
         self.tokens_seen = 0
         self.last_loss: torch.Tensor | None = None
+        self._checkpointed = False
+        self._resumed_rng: dict[str, Any] | None = None
+
+    def configure_model(self) -> None:
+        """Activation checkpointing (if asked), then FSDP2 when the strategy shards (trainer=fsdp).
+
+        Lightning calls this hook for every stage (fit, then validate), so each is applied once only.
+        """
+        if self.activation_checkpointing and not self._checkpointed:
+            apply_activation_checkpointing(self.model)
+            self._checkpointed = True
+        options = fsdp_options_of(self._trainer.strategy) if self._trainer is not None else None
+        if options is not None and not is_sharded(self.model):
+            apply_fsdp(self.model, self.device_mesh["data_parallel"], options)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self._forward(input_ids)
@@ -45,7 +70,8 @@ class LanguageModelModule(L.LightningModule):
         loss = next_token_loss(self(inputs), targets)
         self.last_loss = loss.detach()
         self.tokens_seen += targets.numel() * self.trainer.world_size
-        self.log("train/loss", loss, prog_bar=True)
+        # The mean over ranks (one scalar all-reduce): the curve of the global batch, whatever the world size.
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("train/tokens", float(self.tokens_seen), reduce_fx="max")
         return loss
 
@@ -58,7 +84,9 @@ class LanguageModelModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         loss = self.trainer.callback_metrics.get("val/loss")
         if loss is not None:
-            self.log("val/ppl", math.exp(min(float(loss), 50.0)), sync_dist=False, rank_zero_only=True)
+            # val/loss is already the mean over ranks, so every rank holds this value; sync_dist only spares
+            # the warning Lightning gives for unsynced epoch-level metrics.
+            self.log("val/ppl", math.exp(min(float(loss), 50.0)), sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = build_optimizer(self.model, self.optim_cfg)
@@ -71,7 +99,31 @@ class LanguageModelModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["osp"] = {"tokens_seen": self.tokens_seen, "model_config": self.model_cfg.to_dict()}
+        # Every rank calls this hook (rank 0 writes the file), so the RNG states of all ranks are gathered.
+        # csv_rows: where a resumed run continues metrics.csv (see osp.training.loggers).
+        csv_rows = next((lg.rows_logged for lg in self.loggers if isinstance(lg, ResumableCSVLogger)), None)
+        checkpoint["osp"] = {"tokens_seen": self.tokens_seen, "model_config": self.model_cfg.to_dict(),
+                             "rng": gather_objects(capture_rng()), "csv_rows": csv_rows}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.tokens_seen = int(checkpoint.get("osp", {}).get("tokens_seen", 0))
+        state = checkpoint.get("osp", {})
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        states = state.get("rng") or []
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        # Applied in on_train_start: building the loaders between here and the first step draws from
+        # the global RNG, which the uninterrupted run did at a different time.
+        self._resumed_rng = states[rank] if rank < len(states) else None
+
+    def on_train_start(self) -> None:
+        if self._resumed_rng is not None:
+            restore_rng(self._resumed_rng)
+            self._resumed_rng = None
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """[obj of rank 0, obj of rank 1, ...] on every rank ([obj] without torch.distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [obj]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered

@@ -1,6 +1,8 @@
 """Hydra entry point: compose the config, build data, model, callbacks and loggers, fit, summarise.
 
-`osp train [overrides]` and `python -m osp.train [overrides]` (also under torchrun) both land in `main`.
+`osp train [overrides]` and `python -m osp.train [overrides]` (also under torchrun, one process per
+device) both land in `main`. Every rank composes the same config and agrees on one run directory;
+rank 0 alone writes `.hydra/`, the job log, metrics, plots, the tokenizer, the export and `summary.json`.
 """
 
 from __future__ import annotations
@@ -10,10 +12,10 @@ import math
 import os
 import sys
 import time
+import warnings
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
-
-import warnings
 
 import hydra
 import lightning as L
@@ -22,7 +24,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from osp.model import ConfigError, ModelConfig
+from osp.training.checkpoints import AtomicCheckpointIO, checkpoint_metadata, resolve_resume
+from osp.training.loggers import build_loggers, wandb_mode  # noqa: F401 - wandb_mode: imported from here too
 from osp.training.module import LanguageModelModule
+from osp.training.preemption import Preempted, requeue_slurm_job
 
 # Noise that every run would print and no user can act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
@@ -32,55 +37,67 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 _RUN_ID = time.strftime("%Y%m%d-%H%M%S")
 
 
-def run_id() -> str:
-    """An id that every rank of one job agrees on: SLURM job (+ array task), torchrun run id, else a timestamp.
+def launch_rank() -> int:
+    """This process's global rank as its launcher set it (torchrun: RANK; srun: SLURM_PROCID; Lightning's
+    own launcher: LOCAL_RANK), readable before any process group exists."""
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
 
-    The timestamp is only safe for single-process runs; launchers pass run_name explicitly.
+
+def run_id() -> str:
+    """An id that every rank of one job agrees on.
+
+    In order: the SLURM job (+ array task), the torchrun rendezvous id, OSP_RUN_ID (set by the parent osp
+    process for the processes Lightning starts, or by a launcher), a timestamp. Under torchrun without
+    --rdzv-id (whose run id is the literal "none") rank 0's timestamp reaches the other ranks through
+    torchrun's own store.
     """
     if os.environ.get("SLURM_JOB_ID"):
         task = os.environ.get("SLURM_ARRAY_TASK_ID")
         return f"slurm{os.environ['SLURM_JOB_ID']}" + (f"_{task}" if task else "")
-    elastic = os.environ.get("TORCHELASTIC_RUN_ID", "none")
-    if elastic and elastic != "none":
-        return elastic[:12]
+    if os.environ.get("TORCHELASTIC_RUN_ID", "none") not in ("", "none"):
+        return os.environ["TORCHELASTIC_RUN_ID"][:12]
+    if os.environ.get("OSP_RUN_ID"):
+        return os.environ["OSP_RUN_ID"]
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if agent_store and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return rank0_value("osp/run_id", _RUN_ID)
     return _RUN_ID
 
 
+def rank0_value(key: str, value: str) -> str:
+    """Rank 0's `value` on every rank, through the key-value store of torchrun's agent (MASTER_ADDR/PORT).
+
+    That store exists before Hydra composes the config, long before Lightning sets up the process group.
+    The first value set wins, so workers that torchrun restarts rejoin the same run.
+    """
+    from torch.distributed import TCPStore
+
+    store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                     timeout=timedelta(minutes=5))
+    if launch_rank() == 0:
+        store.compare_set(key, "", value)
+    return store.get(key).decode()
+
+
+def local_devices() -> int | str:
+    """Devices per node for trainer=ddp|fsdp: the processes torchrun started on this node, else 'auto'."""
+    return int(os.environ["LOCAL_WORLD_SIZE"]) if os.environ.get("LOCAL_WORLD_SIZE") else "auto"
+
+
+def num_nodes() -> int:
+    """Nodes of a torchrun job (WORLD_SIZE / LOCAL_WORLD_SIZE), else 1."""
+    world, per_node = os.environ.get("WORLD_SIZE"), os.environ.get("LOCAL_WORLD_SIZE")
+    return max(1, int(world) // int(per_node)) if world and per_node else 1
+
+
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("osp_run_id"):
-        OmegaConf.register_new_resolver("osp_run_id", run_id)
-
-
-def wandb_mode(requested: str | None) -> str:
-    """online when a key is configured, offline otherwise; WANDB_MODE in the environment wins."""
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    if requested:
-        return requested
-    netrc = Path.home() / ".netrc"
-    has_key = bool(os.environ.get("WANDB_API_KEY")) or (netrc.exists() and "api.wandb.ai" in netrc.read_text())
-    return "online" if has_key else "offline"
-
-
-def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
-    from lightning.pytorch.loggers import CSVLogger
-
-    loggers: list[Any] = []
-    if cfg.logger.csv:
-        loggers.append(CSVLogger(save_dir=str(run_dir), name="", version="csv"))
-    if cfg.logger.wandb.enabled:
-        mode = wandb_mode(cfg.logger.wandb.mode)
-        if mode != "disabled":
-            from lightning.pytorch.loggers import WandbLogger
-
-            loggers.append(WandbLogger(project=cfg.logger.wandb.project, entity=cfg.logger.wandb.entity,
-                                       name=str(cfg.run_name), save_dir=str(run_dir), mode=mode,
-                                       config=OmegaConf.to_container(cfg, resolve=True)))
-    if cfg.logger.tensorboard:
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard"))
-    return loggers
+    resolvers = {"osp_run_id": run_id, "osp_devices": local_devices, "osp_num_nodes": num_nodes}
+    for name, resolver in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
@@ -92,18 +109,6 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
             raise ConfigError(f"callbacks.{name} needs a _target_ (the callback class)")
         callbacks.append(instantiate(node))
     return callbacks
-
-
-def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
-    if resume in (None, "", "none"):
-        return None
-    if resume == "auto":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.exists() else None
-    path = Path(resume)
-    if not path.is_file():
-        raise FileNotFoundError(f"resume={resume!r}: no such checkpoint file")
-    return str(path)
 
 
 def build_model_config(cfg: DictConfig, vocab_size: int) -> ModelConfig:
@@ -120,6 +125,9 @@ def preflight(cfg: DictConfig) -> None:
     max_steps = cfg.trainer.get("max_steps")
     if not isinstance(max_steps, int) or max_steps <= 0:
         raise ConfigError(f"trainer.max_steps must be a positive integer (the schedule spans it), got {max_steps!r}")
+    if cfg.trainer.get("strategy") in ("fsdp", "fsdp_cpu_offload"):
+        raise ConfigError(f"trainer.strategy={cfg.trainer.strategy!r} is Lightning's FSDP1 wrapper, which "
+                          "osp does not support; use trainer=fsdp (FSDP2)")
     build_model_config(cfg, vocab_size=1)
     try:
         optim_config(cfg.optim)
@@ -129,33 +137,64 @@ def preflight(cfg: DictConfig) -> None:
         raise ConfigError(str(err)) from None
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one training job described by a composed config; returns the end-of-run summary."""
-    run_dir = Path(cfg.run_dir)
-    preflight(cfg)
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    datamodule = instantiate(cfg.data)
-    model_cfg = build_model_config(cfg, datamodule.vocab_size)
-    module = LanguageModelModule(model_cfg, cfg.optim, compile=bool(cfg.compile))
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer = L.Trainer(
-        **trainer_kwargs,
+def build_module(cfg: DictConfig, vocab_size: int) -> LanguageModelModule:
+    """The LightningModule of a composed config, for the data's vocabulary size."""
+    return LanguageModelModule(build_model_config(cfg, vocab_size), cfg.optim, compile=bool(cfg.compile),
+                               activation_checkpointing=bool(cfg.get("activation_checkpointing", False)))
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback],
+                  loggers: list[Any]) -> L.Trainer:
+    """L.Trainer from `cfg.trainer`; a strategy given as a `_target_` node (trainer=ddp|fsdp) is built."""
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    strategy = kwargs.pop("strategy", "auto")
+    if isinstance(strategy, dict):
+        strategy = instantiate(strategy)
+    return L.Trainer(
+        **kwargs,
+        strategy=strategy,
+        plugins=[AtomicCheckpointIO()],
         default_root_dir=str(run_dir),
-        callbacks=build_callbacks(cfg),
-        logger=build_loggers(cfg, run_dir),
+        callbacks=callbacks,
+        logger=loggers,
         gradient_clip_val=cfg.optim.get("grad_clip"),
         enable_model_summary=False,
     )
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one training job described by a composed config; returns the end-of-run summary.
+
+    Raises `Preempted` when a signal stopped the run (after its checkpoint was saved).
+    """
+    run_dir = Path(cfg.run_dir)
+    preflight(cfg)
     ckpt_path = resolve_resume(cfg.resume, run_dir)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    datamodule = instantiate(cfg.data)
+    module = build_module(cfg, datamodule.vocab_size)
+    resumed = checkpoint_metadata(Path(ckpt_path)) if ckpt_path else None
+    trainer = build_trainer(cfg, run_dir, build_callbacks(cfg), build_loggers(cfg, run_dir, resumed))
     if trainer.is_global_zero:
         # Beside the checkpoints, so export and eval find the tokenizer from the run dir alone.
         datamodule.tokenizer.save_pretrained(str(run_dir / "tokenizer"))
         n = module.model.num_params()
         print(f"osp: run {cfg.run_name} -> {run_dir}  |  model {n / 1e6:.2f}M params "
               f"({module.model.num_params(exclude_embedding=True) / 1e6:.2f}M non-embedding)"
-              + (f"  |  resuming from {ckpt_path}" if ckpt_path else ""))
+              + (f"  |  {trainer.world_size} ranks" if trainer.world_size > 1 else "")
+              + (f"  |  resuming from {ckpt_path} (step {resumed['global_step']})" if resumed else ""))
+        if cfg.resume == "auto" and ckpt_path is None:
+            print(f"osp: resume=auto: no checkpoint in {run_dir / 'checkpoints'} yet; starting at step 0")
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        with warnings.catch_warnings():
+            if ckpt_path:  # the run's own checkpoints are expected there
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except Preempted as stop:
+        if stop.requeue and trainer.is_global_zero:  # last: SLURM ends the job as soon as it is requeued
+            requeue_slurm_job()
+        raise
     if "val/loss" not in trainer.callback_metrics or trainer.global_step % int(cfg.trainer.val_check_interval):
         trainer.validate(module, datamodule=datamodule, verbose=False)
     summary = collect_summary(cfg, trainer, module, time.perf_counter() - started)
@@ -181,6 +220,7 @@ def collect_summary(cfg: DictConfig, trainer: L.Trainer, module: LanguageModelMo
         "ln_vocab": math.log(module.model_cfg.vocab_size),
         "d_model": module.model_cfg.d_model,
         "params": module.model.num_params(),
+        "world_size": trainer.world_size,
     }
     for callback in trainer.callbacks:
         if hasattr(callback, "final_metrics"):
@@ -239,6 +279,11 @@ def _hydra_main(cfg: DictConfig) -> None:
         # Problems with the user's input get one clear line, not a traceback.
         print(f"osp train: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+    except Preempted as stop:
+        # Neither success (a scheduler must not mark the job done) nor a crash: one line, no traceback.
+        if launch_rank() == 0:
+            print(f"osp train: {stop}", file=sys.stderr)
+        raise SystemExit(stop.exit_code) from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -247,8 +292,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"osp: config directory {CONFIG_DIR} not found; install osp from a checkout "
                          "with `pip install -e .`")
     register_resolvers()
+    # Pinned for this process and inherited by the ones Lightning starts for the other devices.
+    os.environ["OSP_RUN_ID"] = run_id()
     args = list(sys.argv[1:] if argv is None else argv)
-    if int(os.environ.get("RANK", "0")) > 0:
-        args.append("hydra.output_subdir=null")  # only rank 0 writes .hydra/
+    if launch_rank() > 0:
+        # Only rank 0 writes .hydra/ and the job log; the other ranks log to their console.
+        args += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
     sys.argv = [sys.argv[0], *args]
     _hydra_main()

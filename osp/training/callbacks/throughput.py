@@ -23,7 +23,12 @@ def device_peak_flops(device: torch.device) -> float | None:
 
 
 class Throughput(L.Callback):
-    """Logs perf/tokens_per_s (global), perf/step_time and perf/mfu over a sliding window of steps."""
+    """Logs perf/tokens_per_s (global), perf/step_time and perf/mfu over a sliding window of steps.
+
+    tokens/s counts the global batch (every rank's tokens) over this rank's step time; MFU is per device.
+    Nothing is saved in checkpoints: wall-clock rates describe the process that measured them, so a
+    resumed run reports its own segment.
+    """
 
     def __init__(self, window: int = 20) -> None:
         self.window = window

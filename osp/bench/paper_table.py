@@ -1,0 +1,405 @@
+"""`osp bench paper-table`: the OSP paper's ablation table (arXiv 2506.19697), re-run at small scale.
+
+Every arm is one of the paper recipes (recipes/adam_1p4b.yaml, muon_only, muon, muon_ssnorm, muon_embproj,
+osp_1p4b) with the model shrunk and the data, token budget and learning rate of the chosen `--scale`; the
+arms differ only in what the recipe ablates. Each arm is a real `osp train` run (same config composition,
+same callbacks: OutlierMonitor during training, QuantEval at the end), so its run directory works with
+`osp report` and `osp eval`. The table puts our kurtosis (both modes, with the Gaussian floor), max|h|,
+fp and W4A4 perplexities (RTN, and with the down-projection Hadamard) next to the paper's 1.4B/100B numbers.
+
+The CPU scales use lr 1e-2: at lr 3e-3 a short AdamW run shows no outliers yet (spec algorithms.md §7.6),
+and the learning rate is the knob that makes them appear within minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from osp.bench.optim import machine
+
+# Quantization modes evaluated at the end of every arm (QuantEval presets); the summary keys they produce.
+QUANT_PRESETS = ("w4a4kv4+had", "w4a16")
+
+
+@dataclass(frozen=True)
+class PaperRow:
+    """One row of the OSP README ablation table (1.4B, 100B tokens; 4-4-4 = W4A4KV4, RTN weights).
+
+    ppl_* are WikiText-2 perplexities; avg_* the 10-benchmark average; *_had with the FFN (down_proj)
+    Hadamard. ppl_fp/avg_fp (16-16-16) come from HTML comments in the README (not rendered there).
+    """
+
+    kurtosis: float
+    ppl_fp: float
+    ppl_rtn: float
+    ppl_had: float
+    avg_fp: float
+    avg_rtn: float
+    avg_had: float
+
+
+@dataclass(frozen=True)
+class Arm:
+    """A table row: what the paper calls it, the recipe that defines it, and the paper's numbers."""
+
+    label: str
+    recipe: str
+    optimizer: str
+    ssnorm: bool
+    embproj: bool
+    paper: PaperRow
+
+
+# Row order of the paper's table. Values: spec algorithms.md §1.6 (OSP README, read at the time of writing).
+ARMS: dict[str, Arm] = {
+    "adam": Arm("Adam", "adam_1p4b", "AdamW", False, False,
+                PaperRow(1818.56, 11.4, 8e4, 3e4, 41.5, 26.8, 26.9)),
+    "muon_only": Arm("Muon-Only†", "muon_only", "Muon (also emb.)", False, False,
+                     PaperRow(361.35, 11.7, 8e5, 24.8, 41.0, 26.3, 33.1)),
+    "muon": Arm("Muon", "muon", "Muon", False, False,
+                PaperRow(1575.12, 11.4, 1e4, 15.8, 41.5, 29.0, 38.4)),
+    "muon_ssnorm": Arm("Muon+SSNorm", "muon_ssnorm", "Muon", True, False,
+                       PaperRow(66.69, 11.2, 44.2, 34.1, 41.8, 36.4, 38.3)),
+    "muon_embproj": Arm("Muon+EmbProj", "muon_embproj", "Muon", False, True,
+                        PaperRow(703.23, 12.3, 114.6, 22.3, 40.0, 30.4, 36.2)),
+    "osp": Arm("OSP (all)", "osp_1p4b", "Muon", True, True,
+               PaperRow(0.04, 11.2, 19.6, 13.5, 41.4, 37.5, 38.9)),
+}
+PAPER_D_MODEL = 2048  # the paper's width: its kurtosis floor is gaussian_floor(2048) ~ 0.04
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Model size, token budget and optimizer settings shared by every arm of one table."""
+
+    description: str
+    d_model: int
+    n_layers: int
+    n_heads: int
+    ffn_hidden: int        # 2^a * K (Hadamard-compatible), so the +had column exists
+    seq_len: int
+    batch_size: int
+    steps: int
+    lr: float
+    warmup_steps: int
+    weight_decay: float = 0.1
+    trainer: str = "cpu"
+    data: str | None = "demo"  # a data config name; None keeps the recipes' data (smollm)
+    outlier_every: int = 50
+    quant_blocks: int = 32
+    val_blocks: int = 64
+
+    @property
+    def tokens(self) -> int:
+        return self.steps * self.batch_size * self.seq_len
+
+
+SCALES: dict[str, Scale] = {
+    "test": Scale("minuscule, for tests (pass the data with --set)", 64, 2, 2, 192, 64, 8, 10, 3e-3, 2,
+                  outlier_every=5, quant_blocks=4, val_blocks=8),
+    # The spec's CI setting (algorithms.md §7.6): AdamW's kurtosis is 2-4 at 300 steps, OSP's at the floor.
+    "cpu-small": Scale("spec §7.6 CI setting; ~1 min per arm on 2 idle cores, ~2 min on a shared machine",
+                       128, 4, 4, 384, 128, 16, 300, 1e-2, 30),
+    "cpu": Scale("the tiny recipe's model, 4x the tokens of cpu-small; ~5 min per arm on 2 idle cores "
+                 "(estimated), ~18 min on a 2-core machine shared with other jobs",
+                 256, 4, 4, 768, 256, 16, 600, 1e-2, 60, outlier_every=100),
+    # Not run yet (no GPU at hand): lr 3e-3 is a guess for d 768; the data are the recipes' SmolLM stream.
+    "gpu": Scale("GPT-2-small-sized Llama on the recipes' SmolLM stream, one GPU (unmeasured)",
+                 768, 12, 12, 2048, 1024, 32, 6000, 3e-3, 300, trainer="gpu", data=None, outlier_every=500,
+                 quant_blocks=64, val_blocks=128),
+}
+
+
+def arm_overrides(arm: str, scale: Scale, runs_root: Path, seed: int, export: bool) -> list[str]:
+    """Hydra overrides turning the arm's paper recipe into this scale's run (an `osp train` command line)."""
+    presets = ",".join(f"'{p}'" for p in QUANT_PRESETS)
+    overrides = [
+        f"recipe={ARMS[arm].recipe}", f"name={arm}", f"run_name={arm}", f"runs_root={runs_root}",
+        f"seed={seed}", f"trainer={scale.trainer}",
+        f"model.d_model={scale.d_model}", f"model.n_layers={scale.n_layers}",
+        f"model.n_heads={scale.n_heads}", f"model.ffn_hidden={scale.ffn_hidden}",
+        f"data.seq_len={scale.seq_len}", f"data.batch_size={scale.batch_size}",
+        f"data.val_blocks={scale.val_blocks}",
+        f"trainer.max_steps={scale.steps}", "trainer.accumulate_grad_batches=1",
+        f"trainer.val_check_interval={scale.steps}", "trainer.limit_val_batches=null",
+        f"optim.lr={scale.lr}", f"optim.warmup_steps={scale.warmup_steps}",
+        f"optim.weight_decay={scale.weight_decay}", "optim.schedule=cosine",
+        "logger=none", "~callbacks.checkpoint",
+        f"callbacks.outliers.every_n_steps={scale.outlier_every}",
+        # QuantEval once, at the end (its interval is the whole run).
+        f"callbacks.quant_eval.every_n_steps={scale.steps}",
+        f"callbacks.quant_eval.num_blocks={scale.quant_blocks}",
+        f"callbacks.quant_eval.extra_presets=[{presets}]",
+    ]
+    if scale.data is not None:
+        overrides.append(f"data={scale.data}")
+    if not export:
+        overrides.append("~callbacks.export")
+    return overrides
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("~+")
+
+
+def merge_overrides(base: list[str], extra: list[str]) -> list[str]:
+    """base + extra; an extra override replaces a base one of the same key (Hydra rejects duplicates)."""
+    replaced = {_override_key(o) for o in extra}
+    return [o for o in base if _override_key(o) not in replaced] + list(extra)
+
+
+def compose(overrides: list[str]) -> Any:
+    """The `osp train` config for these overrides (Hydra's compose API on osp's config directory)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from osp.training.train import CONFIG_DIR, register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=overrides)
+
+
+def run_arm(arm: str, overrides: list[str], run_dir: Path, reuse: bool) -> dict[str, Any]:
+    """Train one arm in this process (or read its summary back with --reuse); returns the summary."""
+    from osp.training.callbacks.stability import NonFiniteLossError
+    from osp.training.train import train
+
+    summary_path = run_dir / "summary.json"
+    if reuse and summary_path.is_file():
+        print(f"[paper-table] {arm}: reusing {summary_path}")
+        return json.loads(summary_path.read_text())
+    print(f"[paper-table] {arm}: osp train {' '.join(shlex.quote(o) for o in overrides)}", flush=True)
+    try:
+        return train(compose(overrides))
+    except NonFiniteLossError as error:
+        # An unstable arm is a result (Muon-Only† is the fragile one), not a reason to lose the others.
+        print(f"[paper-table] {arm}: diverged: {error}", flush=True)
+        return {"diverged": str(error)}
+
+
+# Table ---------------------------------------------------------------------------------------------------
+
+def _num(value: float | None, digits: int = 3) -> str:
+    """Compact number: `digits` significant digits; 1e4 and above in the paper's '8e4' style (2 digits)."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if abs(value) >= 1e4:
+        return f"{value:.2g}".replace("e+0", "e").replace("e+", "e")
+    if value != 0 and abs(value) < 1e-2:
+        return f"{value:.1e}"
+    return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:.0f}"
+
+
+def _pair(a: float | None, b: float | None) -> str:
+    return f"{_num(a)} → {_num(b)}"
+
+
+def result_row(summary: dict[str, Any]) -> dict[str, Any]:
+    """The measured numbers of one arm, named as in the JSON output."""
+    floor = summary.get("kurtosis_floor")
+    exact = summary.get("kurtosis_exact")
+    return {
+        "val_loss": summary.get("val_loss"),
+        "kurtosis": summary.get("kurtosis"),
+        "kurtosis_exact": exact,
+        "kurtosis_floor": floor,
+        "kurtosis_exact_x_floor": exact / floor if exact is not None and floor else None,
+        "max_abs": summary.get("max_abs"),
+        "ppl_fp": summary.get("ppl_fp"),
+        "ppl_w4a4": summary.get("ppl_w4a4"),
+        "ppl_w4a4_had": summary.get("ppl_w4a4kv4_had"),
+        "ppl_w4a16": summary.get("ppl_w4a16"),
+        "w4a4_ratio": summary.get("quant_ratio"),
+        "tokens_seen": summary.get("tokens_seen"),
+        "wall_seconds": summary.get("wall_seconds"),
+        "diverged": summary.get("diverged"),
+    }
+
+
+HEADER = ["arm", "optimizer", "SSNorm", "EmbProj", "val loss", "kurt ctx", "kurt exact", "floor", "×floor",
+          "max|h|", "ppl fp", "W4A4 RTN → Had", "W4A16", "paper kurt", "paper ×floor", "paper ppl fp",
+          "paper 4-4-4 PPL RTN → Had", "paper 4-4-4 Avg RTN → Had"]
+
+
+def table_rows(results: dict[str, dict[str, Any]], paper_floor: float) -> list[list[str]]:
+    rows = [HEADER]
+    for arm, r in results.items():
+        a, p = ARMS[arm], ARMS[arm].paper
+        rows.append([
+            a.label, a.optimizer, "✔" if a.ssnorm else "✗", "✔" if a.embproj else "✗",
+            "diverged" if r["diverged"] else _num(r["val_loss"]), _num(r["kurtosis"]),
+            _num(r["kurtosis_exact"]), _num(r["kurtosis_floor"]), _num(r["kurtosis_exact_x_floor"]),
+            _num(r["max_abs"]), _num(r["ppl_fp"]),
+            _pair(r["ppl_w4a4"], r["ppl_w4a4_had"]), _num(r["ppl_w4a16"]),
+            f"{p.kurtosis:g}", _num(p.kurtosis / paper_floor), f"{p.ppl_fp:g}", _pair(p.ppl_rtn, p.ppl_had),
+            f"{p.avg_rtn:g} → {p.avg_had:g}",
+        ])
+    return rows
+
+
+def format_table(rows: list[list[str]], markdown: bool) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+
+    def line(row: list[str]) -> str:
+        cells = [row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True))]
+        return ("| " + " | ".join(cells) + " |") if markdown else "  ".join(cells)
+
+    if markdown:
+        rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    else:
+        rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(rows[0]), rule, *(line(row) for row in rows[1:])])
+
+
+def kendall_tau(x: list[float], y: list[float]) -> float | None:
+    """Rank agreement of two orderings (tau-a): +1 same order, -1 reversed; None for fewer than two items."""
+    n = len(x)
+    products = [(x[i] - x[j]) * (y[i] - y[j]) for i in range(n) for j in range(i + 1, n)]
+    if not products:
+        return None
+    return sum((p > 0) - (p < 0) for p in products) / len(products)
+
+
+def reading(results: dict[str, dict[str, Any]]) -> list[str]:
+    """Plain statements of what this table shows, computed from the numbers (no interpretation baked in)."""
+    lines = []
+    for arm, r in results.items():
+        if r["diverged"]:
+            lines.append(f"- {ARMS[arm].label}: diverged ({r['diverged']})")
+            continue
+        parts = []
+        if r["kurtosis_exact_x_floor"] is not None:
+            parts.append(f"kurtosis (osp_exact) {r['kurtosis_exact_x_floor']:.1f}× the Gaussian floor")
+        if r["max_abs"] is not None:
+            parts.append(f"max|h| {r['max_abs']:.3g}")
+        if r["ppl_fp"] and r["ppl_w4a4"]:
+            parts.append(f"W4A4 RTN costs {100 * (r['ppl_w4a4'] / r['ppl_fp'] - 1):+.1f}% ppl")
+        if r["ppl_fp"] and r["ppl_w4a4_had"]:
+            parts.append(f"+Had {100 * (r['ppl_w4a4_had'] / r['ppl_fp'] - 1):+.1f}%")
+        lines.append(f"- {ARMS[arm].label}: " + ", ".join(parts))
+    measured = [arm for arm, r in results.items() if r["kurtosis_exact"] is not None and not r["diverged"]]
+    tau = kendall_tau([results[a]["kurtosis_exact"] for a in measured],
+                      [ARMS[a].paper.kurtosis for a in measured])
+    if tau is not None:
+        lines.append(f"- Kurtosis order vs the paper's (Kendall tau over {len(measured)} arms): {tau:+.2f} "
+                     "(+1 = same order)")
+    ratios = [a for a in measured if results[a]["w4a4_ratio"] is not None]
+    tau_q = kendall_tau([results[a]["w4a4_ratio"] for a in ratios],
+                        [ARMS[a].paper.ppl_rtn / ARMS[a].paper.ppl_fp for a in ratios])
+    if tau_q is not None:
+        lines.append(f"- W4A4/fp ppl order vs the paper's (Kendall tau): {tau_q:+.2f}")
+    return lines
+
+
+def write_plots(run_dirs: list[Path], out_dir: Path) -> list[Path]:
+    """Comparison plots of the arms (kurtosis and max|h| against step) via `osp report`'s writer."""
+    from osp.metrics.report import RunDirError, load_run, write_report
+
+    runs = []
+    for path in run_dirs:
+        try:
+            runs.append(load_run(path))
+        except RunDirError as error:  # an arm that diverged before logging anything
+            print(f"[paper-table] no curves for {path.name}: {error}")
+    return write_report(runs, out_dir) if runs else []
+
+
+# Entry point ---------------------------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    scales = "\n".join(f"  {name:10s} d {s.d_model}, {s.n_layers} layers, {s.steps} steps x {s.batch_size} x "
+                       f"{s.seq_len} = {s.tokens / 1e6:.2f}M tokens, lr {s.lr:g}:\n  {'':10s} {s.description}"
+                       for name, s in SCALES.items())
+    p = argparse.ArgumentParser(prog="osp bench paper-table", description=__doc__.splitlines()[0],
+                                epilog="scales:\n" + scales,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", choices=list(SCALES), default="cpu")
+    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), metavar="ARM",
+                   help=f"arms to train, in table order (default: all of {', '.join(ARMS)})")
+    p.add_argument("--out", type=Path, default=Path("paper_table"),
+                   help="output folder: runs/<arm>/, paper_table.md, paper_table.json, plots/")
+    p.add_argument("--steps", type=int, default=None, help="override the scale's step count")
+    p.add_argument("--lr", type=float, default=None, help="override the scale's learning rate")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra Hydra override for every arm (repeatable), e.g. --set data=files "
+                        "--set data.paths='corpus/*.txt'")
+    p.add_argument("--reuse", action="store_true",
+                   help="do not retrain arms whose run dir has a summary.json (re-render the table)")
+    p.add_argument("--export", action="store_true", help="keep each arm's Hugging Face export (for osp eval)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is faster on a machine shared with "
+                        "other jobs, where multi-threaded ops wait for a free core)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Train the arms, print and write the table; returns the JSON payload."""
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    scale = SCALES[args.scale]
+    changes = {k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None}
+    if changes:
+        scale = Scale(**{**asdict(scale), **changes})
+    arms = [arm for arm in ARMS if arm in args.arms]  # table order, whatever the command-line order
+    out = args.out.resolve()
+    runs_root = out / "runs"
+    started = time.perf_counter()
+
+    summaries: dict[str, dict[str, Any]] = {}
+    commands: dict[str, list[str]] = {}
+    for arm in arms:
+        base = arm_overrides(arm, scale, runs_root, args.seed, args.export)
+        overrides = merge_overrides(base, args.extra)
+        commands[arm] = overrides
+        summaries[arm] = run_arm(arm, overrides, runs_root / arm, args.reuse)
+    wall = time.perf_counter() - started
+    device = torch.device("cuda" if scale.trainer == "gpu" and torch.cuda.is_available() else "cpu")
+
+    from osp.metrics import gaussian_floor
+
+    results = {arm: result_row(summaries[arm]) for arm in arms}
+    paper_floor = gaussian_floor(PAPER_D_MODEL)
+    rows = table_rows(results, paper_floor)
+    notes = reading(results)
+    tokens = results[arms[0]]["tokens_seen"]
+    title = (f"OSP ablation table at scale '{args.scale}': d {scale.d_model}, {scale.n_layers} layers, "
+             f"{scale.steps} steps, {tokens or scale.tokens:,} tokens per arm, lr {scale.lr:g} "
+             f"(paper: 1.4B, d {PAPER_D_MODEL}, 100B tokens; paper floor {paper_floor:.3f})")
+    legend = ("kurt ctx / kurt exact: OSP per-token excess kurtosis, normal sequences / each token alone "
+              "(the paper's mode); floor: Gaussian floor at this width; ×floor = kurt exact / floor; "
+              "ppl: perplexity on held-out blocks of the run's data (paper: WikiText-2); W4A4 = w4a4kv4 RTN, "
+              "Had = + online Hadamard on the down_proj input.")
+    text = format_table(rows, markdown=False)
+    print("\n" + title + "\n\n" + text + "\n\n" + legend + "\n\n" + "\n".join(notes))
+    print(f"\nwall time {wall / 60:.1f} min on {machine(device)}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = "\n\n".join([f"### {title}", format_table(rows, markdown=True), legend, "\n".join(notes)])
+    (out / "paper_table.md").write_text(markdown + "\n")
+    payload = {
+        "scale": {"name": args.scale, **asdict(scale), "tokens": scale.tokens},
+        "wall_seconds": wall,
+        "machine": machine(device),
+        "paper_floor": paper_floor,
+        "arms": {arm: {"label": ARMS[arm].label, "recipe": ARMS[arm].recipe,
+                       "command": "osp train " + " ".join(shlex.quote(o) for o in commands[arm]),
+                       "ours": results[arm], "paper": asdict(ARMS[arm].paper)} for arm in arms},
+        "reading": notes,
+    }
+    (out / "paper_table.json").write_text(json.dumps(payload, indent=2) + "\n")
+    plots = write_plots([runs_root / arm for arm in arms], out / "plots")
+    print("written: " + ", ".join(str(p) for p in [out / "paper_table.md", out / "paper_table.json", *plots]))
+    return payload

@@ -1,0 +1,102 @@
+"""`osp bench paper-table`: arms compose from the paper recipes, the paper's numbers are the spec's, and a
+minuscule two-arm run prints and writes the table."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from osp.bench import paper_table
+from osp.bench.paper_table import ARMS, SCALES, arm_overrides, compose, merge_overrides
+from osp.optim.config import optim_config
+from osp.training.train import build_model_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+from synthetic_text import write_corpus  # noqa: E402
+
+# The OSP README ablation table (spec algorithms.md §1.6): Ex.Kurt, 16-16-16 PPL, 4-4-4 PPL RTN -> Had,
+# 4-4-4 Avg RTN -> Had, 16-16-16 Avg.
+SPEC = {
+    "adam": (1818.56, 11.4, 8e4, 3e4, 26.8, 26.9, 41.5),
+    "muon_only": (361.35, 11.7, 8e5, 24.8, 26.3, 33.1, 41.0),
+    "muon": (1575.12, 11.4, 1e4, 15.8, 29.0, 38.4, 41.5),
+    "muon_ssnorm": (66.69, 11.2, 44.2, 34.1, 36.4, 38.3, 41.8),
+    "muon_embproj": (703.23, 12.3, 114.6, 22.3, 30.4, 36.2, 40.0),
+    "osp": (0.04, 11.2, 19.6, 13.5, 37.5, 38.9, 41.4),
+}
+TINY_DATA = ["data=files", "data.vocab_size=384", "data.val_fraction=0.1"]
+
+
+def test_paper_numbers_are_the_spec_values():
+    assert list(ARMS) == list(SPEC)  # the paper's row order
+    for arm, (kurt, ppl_fp, ppl_rtn, ppl_had, avg_rtn, avg_had, avg_fp) in SPEC.items():
+        p = ARMS[arm].paper
+        assert (p.kurtosis, p.ppl_fp, p.ppl_rtn, p.ppl_had) == (kurt, ppl_fp, ppl_rtn, ppl_had)
+        assert (p.avg_rtn, p.avg_had, p.avg_fp) == (avg_rtn, avg_had, avg_fp)
+
+
+@pytest.mark.parametrize("arm", list(ARMS))
+def test_arm_is_its_recipe_at_cpu_scale(arm, tmp_path):
+    scale = SCALES["cpu"]
+    cfg = compose(arm_overrides(arm, scale, tmp_path, seed=1, export=False))
+    model = build_model_config(cfg, vocab_size=4096)
+    recipe = ARMS[arm]
+    sizes = (model.d_model, model.n_layers, model.ffn_hidden)
+    assert sizes == (scale.d_model, scale.n_layers, scale.ffn_hidden)
+    assert (model.norm == "ss", model.emb_proj) == (recipe.ssnorm, recipe.embproj)
+    optim = optim_config(cfg.optim)
+    assert optim["name"] == ("adamw" if arm == "adam" else "muon") and optim["lr"] == scale.lr
+    assert (optim["routing"]["embedding"] == "muon") == (arm == "muon_only")
+    assert cfg.data.source == "demo" and cfg.trainer.accelerator == "cpu"
+    assert cfg.trainer.max_steps == scale.steps
+    assert cfg.run_dir == f"{tmp_path}/{arm}"
+    assert "checkpoint" not in cfg.callbacks and "export" not in cfg.callbacks
+    assert list(cfg.callbacks.quant_eval.extra_presets) == ["w4a4kv4+had", "w4a16"]
+
+
+def test_extra_overrides_replace_the_scale_ones():
+    merged = merge_overrides(["data=demo", "model.d_model=8", "~callbacks.export"], ["data=files", "+x=1"])
+    assert merged == ["model.d_model=8", "~callbacks.export", "data=files", "+x=1"]
+
+
+def test_paper_table_end_to_end_at_test_scale(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OSP_CACHE_DIR", str(tmp_path / "cache"))
+    corpus = write_corpus(tmp_path / "corpus")
+    out = tmp_path / "out"
+    args = ["--scale", "test", "--arms", "osp", "adam", "--out", str(out),
+            *(x for o in [*TINY_DATA, f"data.paths={corpus}"] for x in ("--set", o))]
+    payload = paper_table.main(args)
+    printed = capsys.readouterr().out
+
+    assert list(payload["arms"]) == ["adam", "osp"]  # table order, not command-line order
+    header = next(line for line in printed.splitlines() if line.startswith("arm "))
+    for column in ("kurt ctx", "kurt exact", "floor", "max|h|", "ppl fp", "W4A4 RTN → Had", "paper kurt",
+                   "paper 4-4-4 PPL RTN → Had"):
+        assert column in header
+    lines = printed.splitlines()
+    rows = {line.split("  ")[0].strip(): line for line in lines if line.startswith(("Adam", "OSP"))}
+    assert "1818.56" in rows["Adam"] and "8e4 → 3e4" in rows["Adam"] and "26.8 → 26.9" in rows["Adam"]
+    assert "0.04" in rows["OSP (all)"] and "19.6 → 13.5" in rows["OSP (all)"]
+
+    written = json.loads((out / "paper_table.json").read_text())
+    assert written["scale"]["name"] == "test"
+    tokens = {arm["ours"]["tokens_seen"] for arm in written["arms"].values()}
+    assert tokens == {SCALES["test"].tokens}  # same token budget for every arm
+    for name, arm in written["arms"].items():
+        ours = arm["ours"]
+        for key in ("val_loss", "kurtosis", "kurtosis_exact", "kurtosis_floor", "max_abs", "ppl_fp",
+                    "ppl_w4a4", "ppl_w4a4_had", "ppl_w4a16"):
+            assert math.isfinite(ours[key]), key
+        assert arm["command"].startswith(f"osp train recipe={ARMS[name].recipe} ")
+    assert written["arms"]["osp"]["paper"]["kurtosis"] == 0.04
+    assert (out / "paper_table.md").read_text().startswith("### OSP ablation table")
+    assert (out / "plots" / "kurtosis_mean.png").is_file() and (out / "plots" / "max_abs.png").is_file()
+    assert (out / "runs" / "adam" / "summary.json").is_file()
+    assert not (out / "runs" / "adam" / "checkpoints").exists()
+
+    # --reuse rebuilds the table from the run directories without training again.
+    again = paper_table.main([*args, "--reuse"])
+    assert again["arms"]["osp"]["ours"] == payload["arms"]["osp"]["ours"]
+    assert "reusing" in capsys.readouterr().out

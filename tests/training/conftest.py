@@ -1,0 +1,62 @@
+"""Shared fixtures for training tests: one synthetic corpus and one tokenizer/shard cache per session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from osp.training.train import CONFIG_DIR, register_resolvers
+
+from .synthetic_text import write_corpus
+
+# A 0.16M-parameter model on generated text: a few seconds per run on one CPU thread.
+TINY = [
+    "data=files", "data.vocab_size=384", "data.seq_len=64", "data.batch_size=8", "data.val_blocks=8",
+    "data.val_fraction=0.1",
+    "model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.ffn_hidden=192",
+    "optim.lr=3e-3", "optim.warmup_steps=3", "trainer.precision=32-true", "trainer.log_every_n_steps=1",
+    "logger.wandb.enabled=false", "callbacks.quant_eval.num_blocks=4", "callbacks.quant_eval.batch_size=2",
+    "callbacks.outliers.n_blocks=2", "callbacks.outliers.plots=false", "~callbacks.progress",
+    "+trainer.enable_progress_bar=false",
+    "summary=false",
+]
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The corpus glob and a cache dir shared by every run of the session (the tokenizer is trained once)."""
+    root = tmp_path_factory.mktemp("training_data")
+    return {"paths": write_corpus(root / "corpus"), "cache": str(root / "cache")}
+
+
+def tiny_overrides(corpus: dict[str, str], runs_root: Path, *extra: str) -> list[str]:
+    return [*TINY, f"data.paths={corpus['paths']}", f"data.cache_dir={corpus['cache']}",
+            f"runs_root={runs_root}", *extra]
+
+
+def compose_train(overrides: list[str]):
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """In-process training on one thread: with other work on the machine, two OpenMP threads spin-wait
+    for each other and run 10-40x slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for `osp train` subprocesses: one thread each, no inherited run id."""
+    env = {k: v for k, v in os.environ.items() if k != "OSP_RUN_ID"}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra)
+    return env

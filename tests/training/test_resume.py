@@ -1,0 +1,99 @@
+"""Exact resume: a run stopped at step k and resumed from its checkpoint ends as the uninterrupted run.
+
+In-process runs of the real `train()` on generated text, with Muon (momentum buffers), a cosine schedule,
+the data position, and the stateful callbacks (OutlierMonitor, QuantEval, StabilityGuard) all in play.
+Same process, same thread count, CPU: parameters and the logged loss curve must be bitwise equal.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from osp.training.checkpoints import checkpoint_step, latest_checkpoint
+from osp.training.preemption import Preempted
+from osp.training.train import train
+
+from .conftest import compose_train, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+STEPS = 12
+SETTINGS = [
+    "optim=muon", "optim.lr=3e-3", "optim.warmup_steps=3", f"trainer.max_steps={STEPS}",
+    "trainer.val_check_interval=6", "callbacks.checkpoint.every_n_train_steps=4",
+    "callbacks.outliers.every_n_steps=4", "callbacks.quant_eval.every_n_steps=6", "~callbacks.export",
+    "callbacks.stability.spike_factor=1.01",  # fires on small bumps, so the restored running mean matters
+]
+COMPARED = ("steps", "tokens_seen", "train_loss", "val_loss", "kurtosis", "max_abs", "ppl_w4a4",
+            "quant_ratio", "loss_spikes", "skipped_steps", "outliers_step")
+
+
+def run(corpus, root: Path, name: str, *extra: str) -> dict:
+    return train(compose_train(tiny_overrides(corpus, root, *SETTINGS, f"run_name={name}", *extra)))
+
+
+def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def curve(run_dir: Path, key: str) -> dict[int, str]:
+    """step -> value of one logged metric, exactly as written (strings: no float round trip)."""
+    with (run_dir / "csv" / "metrics.csv").open(newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get(key)]
+    steps = [int(row["step"]) for row in rows]
+    assert len(steps) == len(set(steps)), f"{key}: duplicate rows at steps {steps}"
+    return {int(row["step"]): row[key] for row in rows}
+
+
+def assert_same_run(got: Path, expected: Path, summary: dict, expected_summary: dict) -> None:
+    ref = weights(expected / "checkpoints" / "last.ckpt")
+    mine = weights(got / "checkpoints" / "last.ckpt")
+    assert mine.keys() == ref.keys()
+    for key in ref:
+        assert torch.equal(mine[key], ref[key]), key
+    for key in ("train/loss", "val/loss", "outliers/kurtosis_mean", "quant/ppl_w4a4", "lr-Muon/matrix"):
+        assert curve(got, key) == curve(expected, key), key
+    assert {k: summary.get(k) for k in COMPARED} == {k: expected_summary.get(k) for k in COMPARED}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume_runs")
+    torch.set_num_threads(1)
+    return root, run(corpus, root, "full")
+
+
+def test_preempted_run_resumes_exactly(corpus, uninterrupted, one_thread):
+    root, full = uninterrupted
+    # SIGTERM to this very process after step 5: saved at the step boundary, then Preempted.
+    with pytest.raises(Preempted) as stopped:
+        run(corpus, root, "cut", "+callbacks.kill._target_=tests.training.helpers.SignalAt",
+            "+callbacks.kill.step=5")
+    # The signal lands after Preemption looked at step 5 (callback order), so step 6 is the one saved.
+    assert stopped.value.step == 6 and stopped.value.exit_code == 143
+    last = root / "cut" / "checkpoints" / "last.ckpt"
+    assert last.is_file() and checkpoint_step(last) == 6
+    assert not list((root / "cut" / "checkpoints").glob("*.tmp"))
+
+    resumed = run(corpus, root, "cut", "resume=auto")
+    assert_same_run(root / "cut", root / "full", resumed, full)
+
+
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")  # the copy still names the original folder
+def test_crash_resumes_from_the_newest_step_checkpoint(corpus, uninterrupted, one_thread):
+    """A run killed without warning after step 10: resume=auto takes the step-8 checkpoint and redoes 9-10."""
+    root, full = uninterrupted
+    crashed = root / "crashed"
+    shutil.copytree(root / "full", crashed)
+    for name in ("last.ckpt", f"step{STEPS:07d}.ckpt"):
+        (crashed / "checkpoints" / name).unlink()
+    (crashed / "checkpoints" / "step0000004.ckpt").write_bytes(b"truncated by the crash")
+    with pytest.warns(UserWarning, match="skipping .*step0000004.ckpt"):
+        assert checkpoint_step(latest_checkpoint(crashed / "checkpoints")) == 8
+        resumed = run(corpus, root, "crashed", "resume=auto")
+    assert_same_run(crashed, root / "full", resumed, full)
