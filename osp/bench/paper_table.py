@@ -19,6 +19,7 @@ import math
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -201,8 +202,13 @@ def _num(value: float | None, digits: int = 3) -> str:
     return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:.0f}"
 
 
-def _pair(a: float | None, b: float | None) -> str:
-    return f"{_num(a)} → {_num(b)}"
+def _pair(a: float | None, b: float | None, fmt: Callable[[float], str] = _num) -> str:
+    return f"{fmt(a)} → {fmt(b)}"
+
+
+def _paper(value: float, decimals: int = 1) -> str:
+    """A paper value as the README prints it: 8e4 (rounded there), else with its decimals (29.0, 1818.56)."""
+    return f"{value:.0e}".replace("e+0", "e") if value >= 1e4 else f"{value:.{decimals}f}"
 
 
 def result_row(summary: dict[str, Any]) -> dict[str, Any]:
@@ -242,13 +248,15 @@ def table_rows(results: dict[str, dict[str, Any]], paper_floor: float) -> list[l
             _num(r["kurtosis_exact"]), _num(r["kurtosis_floor"]), _num(r["kurtosis_exact_x_floor"]),
             _num(r["max_abs"]), _num(r["ppl_fp"]),
             _pair(r["ppl_w4a4"], r["ppl_w4a4_had"]), _num(r["ppl_w4a16"]),
-            f"{p.kurtosis:g}", _num(p.kurtosis / paper_floor), f"{p.ppl_fp:g}", _pair(p.ppl_rtn, p.ppl_had),
-            f"{p.avg_rtn:g} → {p.avg_had:g}",
+            _paper(p.kurtosis, 2), _num(p.kurtosis / paper_floor), _paper(p.ppl_fp),
+            _pair(p.ppl_rtn, p.ppl_had, _paper), _pair(p.avg_rtn, p.avg_had, _paper),
         ])
     return rows
 
 
 def format_table(rows: list[list[str]], markdown: bool) -> str:
+    if markdown:  # a literal | (max|h|) would split the cell
+        rows = [[cell.replace("|", "\\|") for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
 
     def line(row: list[str]) -> str:
@@ -356,6 +364,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     arms = [arm for arm in ARMS if arm in args.arms]  # table order, whatever the command-line order
     out = args.out.resolve()
     runs_root = out / "runs"
+    reused = [arm for arm in arms if args.reuse and (runs_root / arm / "summary.json").is_file()]
     started = time.perf_counter()
 
     summaries: dict[str, dict[str, Any]] = {}
@@ -384,14 +393,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "Had = + online Hadamard on the down_proj input.")
     text = format_table(rows, markdown=False)
     print("\n" + title + "\n\n" + text + "\n\n" + legend + "\n\n" + "\n".join(notes))
-    print(f"\nwall time {wall / 60:.1f} min on {machine(device)}")
+    print(f"\nwall time {wall / 60:.1f} min ({len(arms) - len(reused)} arms trained, {len(reused)} reused) "
+          f"on {machine(device)}")
 
     out.mkdir(parents=True, exist_ok=True)
     markdown = "\n\n".join([f"### {title}", format_table(rows, markdown=True), legend, "\n".join(notes)])
     (out / "paper_table.md").write_text(markdown + "\n")
     payload = {
         "scale": {"name": args.scale, **asdict(scale), "tokens": scale.tokens},
-        "wall_seconds": wall,
+        "wall_seconds": wall,  # this invocation (small with --reuse)
+        "train_seconds": sum(r["wall_seconds"] or 0.0 for r in results.values()),  # the arms' own runs
         "machine": machine(device),
         "paper_floor": paper_floor,
         "arms": {arm: {"label": ARMS[arm].label, "recipe": ARMS[arm].recipe,

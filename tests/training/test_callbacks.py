@@ -42,7 +42,7 @@ def fit(callbacks, steps=12, module=None):
     return trainer, module
 
 
-def test_loss_falls_and_throughput_is_reported():
+def test_loss_falls_and_throughput_is_reported(one_thread):
     throughput = Throughput(window=4)
     trainer, module = fit([throughput, StepProgress()], steps=30)
     assert float(trainer.callback_metrics["train/loss"]) < 1.0
