@@ -7,8 +7,8 @@ same callbacks: OutlierMonitor during training, QuantEval at the end), so its ru
 `osp report` and `osp eval`. The table puts our kurtosis (both modes, with the Gaussian floor), max|h|,
 fp and W4A4 perplexities (RTN, and with the down-projection Hadamard) next to the paper's 1.4B/100B numbers.
 
-The CPU scales use lr 1e-2: at lr 3e-3 a short AdamW run shows no outliers yet (spec algorithms.md §7.6),
-and the learning rate is the knob that makes them appear within minutes.
+The CPU scales use lr 1e-2: at lr 3e-3 a run this short shows no AdamW outliers yet, and (as He et al. 2024
+report for outlier features) a higher learning rate is the knob that makes them appear within minutes.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ class Arm:
     paper: PaperRow
 
 
-# Row order of the paper's table. Values: spec algorithms.md §1.6 (OSP README, read at the time of writing).
+# Row order and values of the ablation table in the OSP README (dmis-lab/Outlier-Safe-Pre-Training); the
+# 16-16-16 columns are in HTML comments there.
 ARMS: dict[str, Arm] = {
     "adam": Arm("Adam", "adam_1p4b", "AdamW", False, False,
                 PaperRow(1818.56, 11.4, 8e4, 3e4, 41.5, 26.8, 26.9)),
@@ -108,8 +109,8 @@ class Scale:
 SCALES: dict[str, Scale] = {
     "test": Scale("minuscule, for tests (pass the data with --set)", 64, 2, 2, 192, 64, 8, 10, 3e-3, 2,
                   outlier_every=5, quant_blocks=4, val_blocks=8),
-    # The spec's CI setting (algorithms.md §7.6): AdamW's kurtosis is 2-4 at 300 steps, OSP's at the floor.
-    "cpu-small": Scale("spec §7.6 CI setting; ~1 min per arm on 2 idle cores, ~2 min on a shared machine",
+    # The smallest setting where AdamW's kurtosis clearly leaves the floor (2-4 at 300 steps), OSP's not.
+    "cpu-small": Scale("smoke run; ~1 min per arm on 2 idle cores, ~3 min on a shared machine",
                        128, 4, 4, 384, 128, 16, 300, 1e-2, 30),
     "cpu": Scale("the tiny recipe's model, 4x the tokens of cpu-small; ~5 min per arm on 2 idle cores "
                  "(estimated), ~18 min on a 2-core machine shared with other jobs",

@@ -1,4 +1,4 @@
-"""`osp bench paper-table`: arms compose from the paper recipes, the paper's numbers are the spec's, and a
+"""`osp bench paper-table`: arms compose from the paper recipes, the paper's numbers are the README's, and a
 minuscule two-arm run prints and writes the table."""
 
 import json
@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 
 from osp.bench import paper_table
-from osp.bench.paper_table import (ARMS, HEADER, SCALES, arm_overrides, compose, merge_overrides,
-                                   result_row, table_rows)
+from osp.bench.paper_table import (ARMS, HEADER, SCALES, arm_overrides, compose, kendall_tau,
+                                   merge_overrides, result_row, table_rows)
 from osp.optim.config import optim_config
 from osp.training.train import build_model_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 from synthetic_text import write_corpus  # noqa: E402
 
-# The OSP README ablation table (spec algorithms.md §1.6): Ex.Kurt, 16-16-16 PPL, 4-4-4 PPL RTN -> Had,
+# The OSP README ablation table (1.4B, 100B tokens): Ex.Kurt, 16-16-16 PPL, 4-4-4 PPL RTN -> Had,
 # 4-4-4 Avg RTN -> Had, 16-16-16 Avg.
 SPEC = {
     "adam": (1818.56, 11.4, 8e4, 3e4, 26.8, 26.9, 41.5),
@@ -30,7 +30,7 @@ SPEC = {
 TINY_DATA = ["data=files", "data.vocab_size=384", "data.val_fraction=0.1"]
 
 
-def test_paper_numbers_are_the_spec_values():
+def test_paper_numbers_are_the_readme_values():
     assert list(ARMS) == list(SPEC)  # the paper's row order
     for arm, (kurt, ppl_fp, ppl_rtn, ppl_had, avg_rtn, avg_had, avg_fp) in SPEC.items():
         p = ARMS[arm].paper
@@ -68,6 +68,12 @@ def test_arm_is_its_recipe_at_cpu_scale(arm, tmp_path):
     assert cfg.run_dir == f"{tmp_path}/{arm}"
     assert "checkpoint" not in cfg.callbacks and "export" not in cfg.callbacks
     assert list(cfg.callbacks.quant_eval.extra_presets) == ["w4a4kv4+had", "w4a16"]
+
+
+def test_kendall_tau_compares_orderings():
+    assert kendall_tau([1, 2, 3], [10, 20, 30]) == 1.0
+    assert kendall_tau([1, 2, 3], [30, 20, 10]) == -1.0
+    assert kendall_tau([1], [5]) is None
 
 
 def test_extra_overrides_replace_the_scale_ones():

@@ -12,8 +12,9 @@ from torch.distributed.fsdp import fully_shard
 from osp.model import ModelConfig, Transformer
 from osp.training.callbacks.export import Export
 
-# RMSNorm, not SSNorm: FSDP2's fully_shard refuses 0-d (scalar) parameters.
+# SSNorm's scalar gain is stored with shape (1,), which fully_shard accepts (it refuses 0-d parameters).
 CONFIG = dict(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32, emb_proj=True,
+              norm="ss",
               gated_norm_rank=4)
 
 
