@@ -46,7 +46,8 @@ def test_trainer_group_offers_ddp_and_fsdp(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     monkeypatch.setenv("WORLD_SIZE", "8")
     ddp = compose_train(["trainer=ddp"]).trainer
-    assert (ddp.devices, ddp.num_nodes, ddp.max_steps) == (4, 2, 400)  # cpu.yaml's keys are inherited
+    # cpu.yaml's keys are inherited (and the tiny recipe's max_steps still applies)
+    assert (ddp.devices, ddp.num_nodes, ddp.max_steps, ddp.log_every_n_steps) == (4, 2, 300, 10)
     assert isinstance(instantiate(ddp.strategy), DDPStrategy)
     fsdp = compose_train(["trainer=fsdp", "trainer.strategy.param_dtype=fp32"]).trainer
     strategy = instantiate(fsdp.strategy)
