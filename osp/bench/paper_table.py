@@ -109,11 +109,11 @@ class Scale:
 SCALES: dict[str, Scale] = {
     "test": Scale("minuscule, for tests (pass the data with --set)", 64, 2, 2, 192, 64, 8, 10, 3e-3, 2,
                   outlier_every=5, quant_blocks=4, val_blocks=8),
-    # The smallest setting where AdamW's kurtosis clearly leaves the floor (2-4 at 300 steps), OSP's not.
-    "cpu-small": Scale("smoke run; ~1 min per arm on 2 idle cores, ~3 min on a shared machine",
-                       128, 4, 4, 384, 128, 16, 300, 1e-2, 30),
-    "cpu": Scale("the tiny recipe's model, 4x the tokens of cpu-small; ~5 min per arm on 2 idle cores "
-                 "(estimated), ~18 min on a 2-core machine shared with other jobs",
+    # The smallest setting where AdamW's kurtosis clearly leaves the floor (27x at 200 steps), OSP's not.
+    "cpu-small": Scale("smoke run: 4.8 min for the six arms on 2 idle cores (measured)",
+                       128, 4, 4, 384, 128, 16, 200, 1e-2, 30),
+    "cpu": Scale("the tiny recipe's model, 6x the tokens of cpu-small: ~45 min on 2 idle cores (at the "
+                 "6.1k tokens/s measured there), 84 min measured with --threads 1 on a shared 2-core machine",
                  256, 4, 4, 768, 256, 16, 600, 1e-2, 60, outlier_every=100),
     # Not run yet (no GPU at hand): lr 3e-3 is a guess for d 768; the data are the recipes' SmolLM stream.
     "gpu": Scale("GPT-2-small-sized Llama on the recipes' SmolLM stream, one GPU (unmeasured)",
@@ -200,7 +200,8 @@ def _num(value: float | None, digits: int = 3) -> str:
         return f"{value:.2g}".replace("e+0", "e").replace("e+", "e")
     if value != 0 and abs(value) < 1e-2:
         return f"{value:.1e}"
-    return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:.0f}"
+    # '#' keeps trailing zeros (65.0, not 65) so every cell shows `digits` significant digits.
+    return f"{value:#.{digits}g}".rstrip(".") if abs(value) < 10 ** digits else f"{value:.0f}"
 
 
 def _pair(a: float | None, b: float | None, fmt: Callable[[float], str] = _num) -> str:
@@ -291,7 +292,7 @@ def reading(results: dict[str, dict[str, Any]]) -> list[str]:
         if r["kurtosis_exact_x_floor"] is not None:
             parts.append(f"kurtosis (osp_exact) {r['kurtosis_exact_x_floor']:.1f}× the Gaussian floor")
         if r["max_abs"] is not None:
-            parts.append(f"max|h| {r['max_abs']:.3g}")
+            parts.append(f"max|h| {_num(r['max_abs'])}")
         if r["ppl_fp"] and r["ppl_w4a4"]:
             parts.append(f"W4A4 RTN costs {100 * (r['ppl_w4a4'] / r['ppl_fp'] - 1):+.1f}% ppl")
         if r["ppl_fp"] and r["ppl_w4a4_had"]:
