@@ -257,19 +257,9 @@ def table_rows(results: dict[str, dict[str, Any]], paper_floor: float) -> list[l
 
 
 def format_table(rows: list[list[str]], markdown: bool) -> str:
-    if markdown:  # a literal | (max|h|) would split the cell
-        rows = [[cell.replace("|", "\\|") for cell in row] for row in rows]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    from osp.metrics.report import format_rows
 
-    def line(row: list[str]) -> str:
-        cells = [row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True))]
-        return ("| " + " | ".join(cells) + " |") if markdown else "  ".join(cells)
-
-    if markdown:
-        rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    else:
-        rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(rows[0]), rule, *(line(row) for row in rows[1:])])
+    return format_rows(rows, markdown)
 
 
 def kendall_tau(x: list[float], y: list[float]) -> float | None:

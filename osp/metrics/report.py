@@ -135,13 +135,14 @@ def table_rows(runs: Sequence[Run]) -> list[list[str]]:
     return rows
 
 
-def format_table(runs: Sequence[Run], markdown: bool = False) -> str:
-    """The comparison table as aligned text (or a Markdown table)."""
-    rows = table_rows(runs)
+def format_rows(rows: list[list[str]], markdown: bool = False) -> str:
+    """Rows of cells (header first) as aligned text or a Markdown table: first column left-aligned,
+    the others (numbers) right-aligned."""
+    if markdown:  # a literal | (max|h|) would split the cell
+        rows = [[cell.replace("|", "\\|") for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
 
     def line(row: list[str]) -> str:
-        # Run names left-aligned, numbers right-aligned.
         numbers = (cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True))
         cells = [row[0].ljust(widths[0]), *numbers]
         return ("| " + " | ".join(cells) + " |") if markdown else "  ".join(cells)
@@ -151,6 +152,11 @@ def format_table(runs: Sequence[Run], markdown: bool = False) -> str:
     else:
         rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(rows[0]), rule, *(line(row) for row in rows[1:])])
+
+
+def format_table(runs: Sequence[Run], markdown: bool = False) -> str:
+    """The comparison table as aligned text (or a Markdown table)."""
+    return format_rows(table_rows(runs), markdown)
 
 
 def write_report(runs: Sequence[Run], out_dir: Path) -> list[Path]:
