@@ -26,11 +26,11 @@ from osp.metrics.outliers import (
     token_excess_kurtosis,
     token_max_median_ratio,
 )
+from osp.model.modes import eval_mode
 
 __all__ = [
     "Mode",
     "MODES",
-    "eval_mode",
     "outlier_stats",
     "model_kurtosis",
     "evaluate_kurtosis",
@@ -40,17 +40,6 @@ __all__ = [
 
 Mode = Literal["osp_exact", "context"]
 MODES: tuple[str, ...] = ("osp_exact", "context")
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """model.eval() for the duration, then the previous train/eval mode again."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 class _StatsAccumulator:

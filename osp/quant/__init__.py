@@ -20,7 +20,8 @@ from .quantizers import (
     unpack_int4,
     weight_scale,
 )
-from .w4a4 import KVQuantizer, QuantLinear, nll_stats, perplexity, quantized
+from .layers import KVQuantizer, QuantLinear
+from .w4a4 import nll_stats, perplexity, quantized
 
 __all__ = [
     "OFF",

@@ -14,9 +14,10 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from ..model.modes import eval_mode
 from .config import QuantConfig
+from .layers import QuantLinear
 from .quantizers import QuantizedWeight, qrange, quantize_weight, weight_scale
-from .w4a4 import QuantLinear, _eval_mode
 
 
 def gptq_quantize(
@@ -162,7 +163,7 @@ def gptq_quantize_model(
     The wrappers must have input quantization off and no KV quantizer installed (GPTQ sees fp activations).
     A linear that the calibration forward never reaches gets RTN weights.
     """
-    with _eval_mode(model):
+    with eval_mode(model):
         inputs = _first_block_inputs(model, calib_blocks, batch_size)
         for block in model.layers:
             linears = [m for m in block.modules() if isinstance(m, QuantLinear) and m in weights]

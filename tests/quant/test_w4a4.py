@@ -13,7 +13,7 @@ from osp.model import ModelConfig, Transformer
 from osp.quant import QuantConfig, QuantLinear, nll_stats, perplexity, quantized
 from osp.quant import quantizers as Q
 from osp.quant.hadamard import fwht
-from osp.quant.w4a4 import KVQuantizer
+from osp.quant.layers import KVQuantizer
 
 from .conftest import make_model
 
