@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 OFF = 16  # a bit width of 16 means "leave this tensor in full precision"
@@ -146,9 +146,6 @@ class QuantConfig:
         values = {k: v for k, v in dict(cfg).items() if k != "_target_"}
         preset = values.pop("preset", None)
         return cls.from_preset(preset, **values) if preset is not None else cls.from_dict(values)
-
-    def with_(self, **changes: Any) -> QuantConfig:
-        return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
