@@ -24,7 +24,9 @@ import triton
 import triton.language as tl
 
 # The interpreter multiplies bf16 tiles as raw integers (triton-lang/triton#11584), so there every dot
-# operand is upcast to fp32. On a GPU fp16/bf16 tiles go to the tensor cores as they are.
+# operand is upcast to fp32. On a GPU fp16/bf16 tiles go to the tensor cores as they are, and fp32 tiles
+# are multiplied in IEEE fp32 (input_precision="ieee"): Triton's default would round them to TF32, and the
+# kernel would no longer match its fp32 torch twin.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -48,7 +50,7 @@ def _store_rows(base, x, offs_t, offs_d, T, D):
 def _scores(q, k, offs_m, offs_n, T, scale):
     """Causal scores of a (BLOCK_M, BLOCK_N) tile: -inf on future and out-of-range keys."""
     valid = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < T)
-    return tl.where(valid, tl.dot(q, tl.trans(k)) * scale, float("-inf")), valid
+    return tl.where(valid, tl.dot(q, tl.trans(k), input_precision="ieee") * scale, float("-inf")), valid
 
 
 @triton.jit
@@ -92,7 +94,7 @@ def _fwd_kernel(Q, K, V, O, LSE, T, H, HKV, D, scale, gamma, zeta,
         k = _load_rows(k_base, offs_n, offs_d, T, D, DOT_FP32)
         v = _load_rows(v_base, offs_n, offs_d, T, D, DOT_FP32)
         _, c, _ = _clipped_tile(q, k, offs_m, offs_n, lse, T, scale, gamma, zeta)
-        acc += tl.dot(c.to(v.dtype), v)
+        acc += tl.dot(c.to(v.dtype), v, input_precision="ieee")
     _store_rows(O + bh * T * D, acc, offs_m, offs_d, T, D)
     tl.store(LSE + bh * T + offs_m, lse, mask=offs_m < T)
 
@@ -119,7 +121,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, T, H, HKV, D, scale, gamma, zeta
         k = _load_rows(k_base, offs_n, offs_d, T, D, DOT_FP32)
         v = _load_rows(v_base, offs_n, offs_d, T, D, DOT_FP32)
         p, _, passes = _clipped_tile(q, k, offs_m, offs_n, lse, T, scale, gamma, zeta)
-        dp = tl.where(passes, (zeta - gamma) * tl.dot(do, tl.trans(v)), 0.0)
+        dp = tl.where(passes, (zeta - gamma) * tl.dot(do, tl.trans(v), input_precision="ieee"), 0.0)
         delta += tl.sum(dp * p, 1)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -128,9 +130,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, T, H, HKV, D, scale, gamma, zeta
         k = _load_rows(k_base, offs_n, offs_d, T, D, DOT_FP32)
         v = _load_rows(v_base, offs_n, offs_d, T, D, DOT_FP32)
         p, _, passes = _clipped_tile(q, k, offs_m, offs_n, lse, T, scale, gamma, zeta)
-        dp = tl.where(passes, (zeta - gamma) * tl.dot(do, tl.trans(v)), 0.0)
+        dp = tl.where(passes, (zeta - gamma) * tl.dot(do, tl.trans(v), input_precision="ieee"), 0.0)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
     _store_rows(DQ + bh * T * D, dq * scale, offs_m, offs_d, T, D)
     tl.store(DELTA + bh * T + offs_m, delta, mask=offs_m < T)
 
@@ -157,54 +159,83 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, T, H, HKV, D, scale, gamma
         lse = tl.load(LSE + bh * T + offs_m, mask=offs_m < T, other=0.0)
         delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
         p, c, passes = _clipped_tile(q, k, offs_m, offs_n, lse, T, scale, gamma, zeta)
-        dp = tl.where(passes, (zeta - gamma) * tl.dot(do, tl.trans(v)), 0.0)
+        dp = tl.where(passes, (zeta - gamma) * tl.dot(do, tl.trans(v), input_precision="ieee"), 0.0)
         ds = p * (dp - delta[:, None])
-        dv += tl.dot(tl.trans(c).to(do.dtype), do)
-        dk += tl.dot(tl.trans(ds).to(q.dtype), q)
+        dv += tl.dot(tl.trans(c).to(do.dtype), do, input_precision="ieee")
+        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision="ieee")
     _store_rows(DK + bh * T * D, dk * scale, offs_n, offs_d, T, D)
     _store_rows(DV + bh * T * D, dv, offs_n, offs_d, T, D)
 
 
-def _launch_args(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int, int, int, dict]:
-    b, h, t, d = q.shape
-    hkv = k.shape[1]
-    meta = dict(BLOCK_D=max(16, triton.next_power_of_2(d)),  # tl.dot needs K >= 16 on a GPU
-                DOT_FP32=_INTERPRETED or q.dtype == torch.float32)
-    return b, h, hkv, t, d, meta
+KERNELS = ("fwd", "dq", "dkdv")
+
+
+def launch_config(kernel: str, dtype: torch.dtype, head_dim: int, interpreted: bool = _INTERPRETED) -> dict:
+    """Constexprs and launch options of one kernel ("fwd", "dq" or "dkdv") for inputs of dtype and head_dim.
+
+    The only place tile sizes are chosen: `forward`/`backward` launch with it and the ahead-of-time compile
+    gate (`osp.model.kernels.aot`, tests/kernels) compiles exactly what it returns for sm_80 and sm_90.
+    64 x 64 tiles with 2 pipeline stages fit 16-bit inputs at head_dim 128; fp32 tiles are twice the bytes
+    and the dq kernel keeps q, dO and its dq accumulator live, so fp32 at head_dim > 64 takes 32-row query
+    tiles and a single stage (the two-stage 64 x 64 dq needs 262,144 B of shared memory, over an H100's
+    232,448 B per block). Few large tiles suit the interpreter (~1 ms per program)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown clipped-attention kernel {kernel!r}; expected one of {KERNELS}")
+    block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16 on a GPU
+    dot_fp32 = interpreted or dtype == torch.float32
+    block_m = block_n = 64
+    num_warps, num_stages = 4, 2
+    if dtype == torch.float32 and block_d > 64:
+        block_m = 32 if kernel in ("fwd", "dq") else 64
+        block_n = 64 if kernel in ("fwd", "dq") else 32
+        num_stages = 1
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_FP32=dot_fp32,
+                num_warps=num_warps, num_stages=num_stages)
+
+
+def _config(kernel: str, q: torch.Tensor, block_m: int | None, block_n: int | None) -> dict:
+    cfg = launch_config(kernel, q.dtype, q.shape[-1])
+    if block_m is not None:
+        cfg["BLOCK_M"] = block_m
+    if block_n is not None:
+        cfg["BLOCK_N"] = block_n
+    return cfg
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: float, zeta: float,
-            block_m: int = 64, block_n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+            block_m: int | None = None, block_n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal clipped attention; q (B, H, T, D), k, v (B, Hkv, T, D) -> out (B, H, T, D), lse (B, H, T) fp32.
 
-    Few large blocks suit the interpreter (~1 ms per program); 64 x 64 is the usual GPU tile."""
-    b, h, hkv, t, d, meta = _launch_args(q, k)
+    Tiles come from `launch_config`; block_m/block_n override them (tests of ragged tiles)."""
+    b, h, t, d = q.shape
+    hkv = k.shape[1]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(q)
     lse = torch.empty(b, h, t, device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(t, block_m), b * h)
-    _fwd_kernel[grid](q, k, v, out, lse, t, h, hkv, d, d**-0.5, gamma, zeta,
-                      BLOCK_M=block_m, BLOCK_N=block_n, **meta)
+    cfg = _config("fwd", q, block_m, block_n)
+    grid = (triton.cdiv(t, cfg["BLOCK_M"]), b * h)
+    _fwd_kernel[grid](q, k, v, out, lse, t, h, hkv, d, d**-0.5, gamma, zeta, **cfg)
     return out, lse
 
 
 def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
-             gamma: float, zeta: float, block_m: int = 64, block_n: int = 64
+             gamma: float, zeta: float, block_m: int | None = None, block_n: int | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of `forward`, recomputing probabilities from the saved log-sum-exp."""
-    b, h, hkv, t, d, meta = _launch_args(q, k)
+    b, h, t, d = q.shape
+    hkv = k.shape[1]
     q, k, v, dout, lse = q.contiguous(), k.contiguous(), v.contiguous(), dout.contiguous(), lse.contiguous()
     dq = torch.empty_like(q)
     delta = torch.empty_like(lse)
     dk_heads = torch.empty(b, h, t, d, device=q.device, dtype=torch.float32)
     dv_heads = torch.empty_like(dk_heads)
     scale = d**-0.5
-    _bwd_dq_kernel[(triton.cdiv(t, block_m), b * h)](
-        q, k, v, dout, lse, delta, dq, t, h, hkv, d, scale, gamma, zeta,
-        BLOCK_M=block_m, BLOCK_N=block_n, **meta)
-    _bwd_dkdv_kernel[(triton.cdiv(t, block_n), b * h)](
-        q, k, v, dout, lse, delta, dk_heads, dv_heads, t, h, hkv, d, scale, gamma, zeta,
-        BLOCK_M=block_m, BLOCK_N=block_n, **meta)
+    cfg = _config("dq", q, block_m, block_n)
+    _bwd_dq_kernel[(triton.cdiv(t, cfg["BLOCK_M"]), b * h)](
+        q, k, v, dout, lse, delta, dq, t, h, hkv, d, scale, gamma, zeta, **cfg)
+    cfg = _config("dkdv", q, block_m, block_n)
+    _bwd_dkdv_kernel[(triton.cdiv(t, cfg["BLOCK_N"]), b * h)](
+        q, k, v, dout, lse, delta, dk_heads, dv_heads, t, h, hkv, d, scale, gamma, zeta, **cfg)
     dk = dk_heads.view(b, hkv, h // hkv, t, d).sum(2).to(k.dtype)
     dv = dv_heads.view(b, hkv, h // hkv, t, d).sum(2).to(v.dtype)
     return dq, dk, dv
