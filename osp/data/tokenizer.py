@@ -8,7 +8,11 @@ tokenizer next to the model and the packer separates documents with EOS.
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -106,9 +110,50 @@ def build_tokenizer(spec: str, source: TextSource, vocab_size: int = 4096, *,
             if not (folder / "tokenizer.json").exists():
                 tokenizer = train_bpe(_limit_chars(source.documents("train"), max_train_chars), vocab_size)
                 with atomic_path(folder) as tmp:
-                    tokenizer.save_pretrained(tmp)
+                    save_tokenizer(tokenizer, tmp)
     # Always use the loaded copy, so its fingerprint is the same on the first and on later runs.
     return PreTrainedTokenizerFast.from_pretrained(folder)
+
+
+# Keys that transformers records while loading (where the files came from) and then saves back.
+_LOAD_TIME_KEYS = ("is_local", "local_files_only", "name_or_path", "_commit_hash", "backend")
+_NO_MAX_LENGTH = 10**29  # transformers writes int(1e30) for "no limit"
+MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]  # no token_type_ids: Llama's forward has none
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, folder: str | os.PathLike,
+                   model_max_length: int | None = None) -> Path:
+    """Write `tokenizer` as a folder that transformers 4.4x through 5.x load as `PreTrainedTokenizerFast`.
+
+    transformers 5 saves `"tokenizer_class": "TokenizersBackend"` (unknown to 4.x), no `model_input_names`
+    (so 4.x also returns `token_type_ids`, which `generate` rejects), `model_max_length` 1e30 and the
+    load-time keys of the copy it saved from; this rewrites `tokenizer_config.json` without them.
+    `model_max_length`: the trained context (what truncation should cut to); None keeps a real limit the
+    tokenizer already has and otherwise leaves the key out.
+    Every file is replaced atomically; other files in `folder` are kept. Returns the folder.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", suffix=".tmp", dir=folder))
+    try:
+        tokenizer.save_pretrained(str(tmp))
+        config_path = tmp / "tokenizer_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
+        for key in _LOAD_TIME_KEYS:
+            config.pop(key, None)
+        known = config.pop("model_max_length", None)
+        if model_max_length is None and isinstance(known, int) and known < _NO_MAX_LENGTH:
+            model_max_length = known  # a real limit saved before: keep it
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        config["model_input_names"] = list(MODEL_INPUT_NAMES)
+        if model_max_length is not None:
+            config["model_max_length"] = int(model_max_length)
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        for path in tmp.iterdir():
+            os.replace(path, folder / path.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerFast) -> str:

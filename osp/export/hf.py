@@ -23,6 +23,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 
 import osp
+from osp.data.tokenizer import save_tokenizer
 from osp.model import ModelConfig, Transformer, merge_emb_proj
 
 from .atomic import atomic_directory, check_target
@@ -82,7 +83,7 @@ def export_hf(
             for name in CUSTOM_CODE_FILES:
                 shutil.copyfile(MODELING_DIR / name, tmp / name)
         if tok is not None:
-            tok.save_pretrained(str(tmp))
+            save_tokenizer(tok, tmp, model_max_length=cfg.max_seq_len)
     log.info("osp export: wrote %s folder %s", "Llama" if plain else "osp custom-code", out_dir)
     return out_dir
 

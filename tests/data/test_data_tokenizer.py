@@ -90,3 +90,29 @@ def test_token_dtype():
     assert token_dtype(65536) == np.uint16  # ids 0..65535 fit
     assert token_dtype(65537) == np.uint32
     assert token_dtype(128256) == np.uint32
+
+
+def test_saved_tokenizer_files_load_as_a_plain_fast_tokenizer(bpe, tmp_path):
+    import json
+
+    from transformers import AutoTokenizer
+
+    from osp.data.tokenizer import save_tokenizer
+
+    save_tokenizer(bpe, tmp_path / "a", model_max_length=64)
+    config = json.loads((tmp_path / "a" / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"  # transformers 4.x knows no TokenizersBackend
+    assert config["model_input_names"] == ["input_ids", "attention_mask"]
+    assert config["model_max_length"] == 64
+    assert not {"is_local", "local_files_only", "name_or_path", "_commit_hash", "backend"} & set(config)
+    assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".")]  # no temporary left
+
+    loaded = AutoTokenizer.from_pretrained(str(tmp_path / "a"))
+    assert isinstance(loaded, PreTrainedTokenizerFast) and loaded.eos_token_id == bpe.eos_token_id
+    encoded = loaded("word " * 500, truncation=True)
+    assert set(encoded) == {"input_ids", "attention_mask"} and len(encoded["input_ids"]) == 64
+    text = "The lady said: a visit, at ten."
+    assert loaded(text)["input_ids"] == bpe(text)["input_ids"]
+
+    save_tokenizer(loaded, tmp_path / "b")  # a re-save keeps the limit and stays clean
+    assert json.loads((tmp_path / "b" / "tokenizer_config.json").read_text()) == config
