@@ -27,6 +27,9 @@ def test_llama_round_trip_matches_transformers(tmp_path, tokenizer, input_ids):
     assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
     assert config["tie_word_embeddings"] is False and config["eos_token_id"] == tokenizer.eos_token_id
     assert config["osp"]["trained_config"] == model.cfg.to_dict()
+    tok_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert tok_config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert tok_config["model_max_length"] == model.cfg.max_seq_len == config["max_position_embeddings"]
 
     hf = load_hf(out)
     assert type(hf) is LlamaForCausalLM
