@@ -8,7 +8,6 @@ equals the last in-training values.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -17,6 +16,8 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+
+from osp.precision import autocast_for, resolve_precision
 
 DEMO_DATA = {"_target_": "osp.data.datamodule.PretrainDataModule", "source": "demo", "seq_len": 256}
 
@@ -31,21 +32,22 @@ def find_run_config(model_path: Path) -> Path | None:
     return None
 
 
-def run_precision(model_path: Path, data_config: str | None) -> str:
-    """The trainer precision of the run that produced MODEL ("32-true" when unknown)."""
+def run_precision(model_path: Path, data_config: str | None, device: str) -> str:
+    """The trainer precision of the run that produced MODEL ("32-true" when unknown).
+
+    A run's summary records the precision it ran; a run still going (no summary yet) says what its config
+    says, with `auto` resolved for `device` as training resolves it.
+    """
     config_file = Path(data_config) if data_config else find_run_config(model_path)
     if config_file is None:
         return "32-true"
-    return str(OmegaConf.load(config_file).get("trainer", {}).get("precision", "32-true"))
-
-
-def autocast_for(precision: str, device: str) -> contextlib.AbstractContextManager:
-    """The same autocast Lightning applies for `precision`, so eval numbers equal the in-training ones."""
-    if precision in ("bf16-mixed", "bf16"):
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-    if precision in ("16-mixed", "16"):
-        return torch.autocast(torch.device(device).type, dtype=torch.float16)
-    return contextlib.nullcontext()
+    summary = config_file.parent.parent / "summary.json"
+    if summary.is_file():
+        recorded = json.loads(summary.read_text()).get("precision")
+        if recorded:
+            return str(recorded)
+    precision = OmegaConf.load(config_file).get("trainer", {}).get("precision", "32-true")
+    return resolve_precision(precision, "gpu" if torch.device(device).type == "cuda" else "cpu")
 
 
 def build_datamodule(model_path: Path, data_config: str | None, tokenizer_dir: Path | None, seq_len: int | None):
@@ -105,7 +107,7 @@ def main(argv: list[str]) -> None:
                          f"{model.cfg.vocab_size}; pass the model's --tokenizer")
     do_quant = not args.kurtosis or bool(args.quant)
     do_kurtosis = not args.quant or args.kurtosis
-    precision = args.precision or run_precision(model_path, args.data_config)
+    precision = args.precision or run_precision(model_path, args.data_config, args.device)
     results: dict[str, Any] = {"model": str(model_path), "precision": precision}
     with autocast_for(precision, args.device):
         _evaluate(args, model, dm, do_quant, do_kurtosis, results)

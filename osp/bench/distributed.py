@@ -58,7 +58,8 @@ def _worker(args: argparse.Namespace) -> None:
 
     from osp.optim.distributed import local
     from osp.training.parallel import fsdp_options_of
-    from osp.training.train import build_module, build_trainer, register_resolvers
+    from osp.conf.resolvers import register_resolvers
+    from osp.training.train import build_module, build_trainer
 
     trainer_name, ranks, threads = MODES[args.worker]
     torch.set_num_threads(threads)
@@ -112,19 +113,15 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 def _compose(args: argparse.Namespace, trainer_name: str, ranks: int) -> Any:
-    from hydra import compose, initialize_config_dir
+    from osp.conf import compose
 
-    from osp.training.train import CONFIG_DIR, register_resolvers
-
-    register_resolvers()
     overrides = [f"recipe={args.recipe}", f"trainer={trainer_name}", "trainer.accelerator=cpu",
                  f"trainer.max_steps={args.warmup + args.steps}", "optim.warmup_steps=1",
                  "trainer.limit_val_batches=0", "+trainer.enable_checkpointing=false",
                  "+trainer.enable_progress_bar=false", f"data.batch_size={args.global_batch // ranks}"]
     if args.seq_len:
         overrides.append(f"data.seq_len={args.seq_len}")
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+    return compose(overrides)
 
 
 # Driver: start the runs, print the table -------------------------------------------------------------------

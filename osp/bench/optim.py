@@ -17,13 +17,13 @@ import random
 import statistics
 import time
 import warnings
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
 from osp.model import ModelConfig, Transformer
 from osp.optim import build_optimizer
+from osp.precision import autocast_for
 
 OPTIMIZERS = ("adamw", "muon", "root")
 
@@ -110,9 +110,7 @@ def main(argv: list[str]) -> None:
     opts = {
         name: build_optimizer(models[name], {"name": name, "ns_dtype": args.ns_dtype}) for name in OPTIMIZERS
     }
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16-mixed" else nullcontext()
-    )
+    autocast = autocast_for(args.precision, device)
     order_rng = random.Random(args.seed)
     n_params = sum(p.numel() for p in base.parameters())
     print(f"machine: {machine(device)}")

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from osp.bench.optim import machine
+from osp.conf import compose
 
 # Quantization modes evaluated at the end of every arm (QuantEval presets); the summary keys they produce.
 QUANT_PRESETS = ("w4a4kv4+had", "w4a16")
@@ -160,20 +161,9 @@ def merge_overrides(base: list[str], extra: list[str]) -> list[str]:
     return [o for o in base if _override_key(o) not in replaced] + list(extra)
 
 
-def compose(overrides: list[str]) -> Any:
-    """The `osp train` config for these overrides (Hydra's compose API on osp's config directory)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from osp.training.train import CONFIG_DIR, register_resolvers
-
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=overrides)
-
-
 def run_arm(arm: str, overrides: list[str], run_dir: Path, reuse: bool) -> dict[str, Any]:
     """Train one arm in this process (or read its summary back with --reuse); returns the summary."""
+    from osp.model import ConfigError
     from osp.training.callbacks.stability import NonFiniteLossError
     from osp.training.train import train
 
@@ -188,6 +178,8 @@ def run_arm(arm: str, overrides: list[str], run_dir: Path, reuse: bool) -> dict[
         # An unstable arm is a result (Muon-Only† is the fragile one), not a reason to lose the others.
         print(f"[paper-table] {arm}: diverged: {error}", flush=True)
         return {"diverged": str(error)}
+    except ConfigError as error:  # e.g. the arm's run dir holds an earlier run: never overwritten
+        raise SystemExit(f"[paper-table] {arm}: {error} (or pass --reuse to take its summary)") from None
 
 
 # Table ---------------------------------------------------------------------------------------------------

@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from osp.bench.optim import machine
-from osp.bench.paper_table import compose
+from osp.conf import compose
 from osp.model import ModelConfig, Transformer
+from osp.precision import autocast_for
 from osp.training.module import LanguageModelModule, next_token_loss
 
 LOOPS = ("minimal", "plain", "transformers", "osp step", "osp fit")
@@ -122,9 +123,7 @@ class Setup:
     grad_clip: float | None
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.precision == "bf16-mixed":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast_for(self.precision, self.device)
 
     def sync(self) -> None:
         if self.device.type == "cuda":

@@ -73,7 +73,8 @@ def write_text_atomic(target: Path, text: str) -> None:
 
 
 def write_json_atomic(target: Path, obj: Any) -> None:
-    write_text_atomic(target, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    """Strict JSON (NaN and Infinity refused: other readers reject them), paths and the like as strings."""
+    write_text_atomic(target, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False, default=str) + "\n")
 
 
 @contextlib.contextmanager

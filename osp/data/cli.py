@@ -1,11 +1,11 @@
 """`osp data prepare | info`: build the corpus, tokenizer and token shards ahead of a run, or show the cache.
 
-    osp data prepare                                   # the demo corpus (configs/data/demo.yaml)
+    osp data prepare                                   # the demo corpus (osp/conf/data/demo.yaml)
     osp data prepare --source files paths='/corpus/*.jsonl' vocab_size=8192
     osp data prepare --config my_data.yaml seq_len=1024
     osp data info                                      # what the cache holds
 
-Settings come from `configs/data/<source>.yaml` (or --config), then `key=value` overrides, exactly as
+Settings come from the preset `osp/conf/data/<source>.yaml` (or --config), then `key=value` overrides, exactly as
 `osp train data=<source> data.key=value` would compose them, so a prepared cache is the one training finds.
 """
 
@@ -20,25 +20,38 @@ from typing import Any
 
 from osp.data.cache import cache_root, human_bytes
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "data"
-
 
 def load_data_config(source: str | None, config: str | None, overrides: list[str]) -> dict[str, Any]:
-    """The data config as plain values: the named preset or file, then `key=value` overrides."""
+    """The data config as plain values: the named preset (composed with Hydra, so its `defaults` apply, as
+    in `osp train data=<source>`) or a file, then `key=value` overrides."""
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
-    path = Path(config) if config else CONFIG_DIR / f"{source or 'demo'}.yaml"
-    if not path.exists():
-        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-        raise SystemExit(f"osp data: no data config {str(path)!r} (presets: {', '.join(known)})")
+    from osp.conf import compose, presets
+
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise SystemExit(f"osp data: overrides must look like key=value, got {bad}")
-    # Nested under `data` as in the composed training config, so interpolations such as
-    # ${oc.select:seed,1234} resolve the same way (to the default here: no run-level seed).
-    root = OmegaConf.create({"data": OmegaConf.load(path)})
-    root.data = OmegaConf.merge(root.data, OmegaConf.from_dotlist(overrides))
-    values = OmegaConf.to_container(root.data, resolve=True, throw_on_missing=True)
+    try:
+        if config:
+            if not Path(config).is_file():
+                raise SystemExit(f"osp data: no data config file {config!r}")
+            # Nested under `data` as in the composed training config, so interpolations such as
+            # ${oc.select:seed,1234} resolve the same way (to the default here: no run-level seed).
+            root = OmegaConf.create({"data": OmegaConf.load(config)})
+            if "defaults" in root.data:
+                raise SystemExit(f"osp data: {config} has a defaults list, which only presets can use; "
+                                 "write out the keys it inherits")
+            root.data = OmegaConf.merge(root.data, OmegaConf.from_dotlist(overrides))
+        else:
+            name = source or "demo"
+            if name not in presets("data"):
+                raise SystemExit(f"osp data: no data preset {name!r} (presets: {', '.join(presets('data'))})")
+            root = compose([f"+data={name}", *(f"++data.{o}" for o in overrides)], config_name=None)
+        values = OmegaConf.to_container(root.data, resolve=True, throw_on_missing=True)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise SystemExit(f"osp data: {str(err).strip().splitlines()[0]}") from None
     assert isinstance(values, dict)
     values.pop("_target_", None)
     return values
@@ -123,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     prep = commands.add_parser("prepare",
                                help="build corpus, tokenizer and token shards; print paths and sizes")
-    prep.add_argument("--source", help="preset in configs/data (demo | files | hub); default demo")
+    prep.add_argument("--source", help="data preset (demo | files | hub | smollm); default demo")
     prep.add_argument("--config", help="a data config file instead of a preset")
     prep.add_argument("--json", action="store_true", help="also print the summary as JSON")
     prep.add_argument("overrides", nargs="*",

@@ -257,15 +257,21 @@ class PretrainDataModule(L.LightningDataModule):
         self.tokenizer  # noqa: B018 - built on first access
         return self._vocab_size
 
-    def _source_fingerprint(self) -> str:
+    def source_fingerprint(self) -> str:
+        """A digest of the training text's identity (for local files: their paths, sizes and times)."""
         if not self._source_fp:  # once per module: for local files it stats every file
             self._source_fp = self.source.fingerprint()
         return self._source_fp
 
+    def tokenizer_fingerprint(self) -> str:
+        """A digest of the tokenizer (vocabulary, merges, special tokens); builds it on first use."""
+        self.tokenizer  # noqa: B018 - built on first access
+        return self._tokenizer_fp
+
     def shard_path(self, split: Split) -> Path:
         """Where the token shard of `split` lives: keyed by source content, tokenizer and split."""
         self.tokenizer  # noqa: B018 - sets the tokenizer fingerprint
-        key = fingerprint("shard", self._source_fingerprint(), self._tokenizer_fp, split)[:16]
+        key = fingerprint("shard", self.source_fingerprint(), self._tokenizer_fp, split)[:16]
         return cache_root(self.cache_dir) / "shards" / f"{self.source.kind}-{split}-{key}.bin"
 
     def shard(self, split: Split) -> TokenShard:
@@ -274,7 +280,7 @@ class PretrainDataModule(L.LightningDataModule):
             raise DataError(f"{self.source.describe()} is streamed: its training split has no shard")
         if split not in self._shards:
             tokenizer = self.tokenizer
-            meta = {"source": self.source.describe(), "source_fingerprint": self._source_fingerprint(),
+            meta = {"source": self.source.describe(), "source_fingerprint": self.source_fingerprint(),
                     "tokenizer": self.tokenizer_spec, "tokenizer_fingerprint": self._tokenizer_fp,
                     "vocab_size": self.vocab_size, "split": split}
             docs = self._encoded_documents(split)  # lazy: consumed only on a cache miss

@@ -1,4 +1,4 @@
-"""`osp export CHECKPOINT OUT_DIR`: a training checkpoint (or run dir) -> a Hugging Face folder."""
+"""`osp export CHECKPOINT OUT`: a training checkpoint (or run dir) -> a Hugging Face folder or a GGUF file."""
 
 from __future__ import annotations
 
@@ -7,42 +7,74 @@ import sys
 import warnings
 from pathlib import Path
 
+from .gguf import OUTTYPES, export_gguf
 from .hf import export_hf
 from .layout import LayoutWarning
-from .load import CheckpointError, load_model
+from .load import CheckpointError, load_model, resolve_checkpoint, run_dir_of
 
 DESCRIPTION = """Write a Hugging Face folder (config.json, generation_config.json, safetensors, tokenizer)
-from an osp checkpoint. Models whose blocks all fold (RMSNorm/SSNorm, EmbProj) become a plain LlamaForCausalLM;
-others ship their modeling code (load with trust_remote_code=True)."""
+from an osp checkpoint. Models whose blocks all fold (RMSNorm/SSNorm, EmbProj) become a plain
+LlamaForCausalLM; others ship their modeling code (load with trust_remote_code=True). With --format gguf,
+write one llama.cpp GGUF file instead (foldable models only)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="osp export", description=DESCRIPTION)
     parser.add_argument("checkpoint", help="a Lightning .ckpt, a run dir (uses checkpoints/last.ckpt), "
                                            "or an exported folder")
-    parser.add_argument("out_dir", help="folder to write (must be empty or absent unless --force)")
+    parser.add_argument("out_dir", metavar="out",
+                        help="hf: folder to write (must be empty or absent unless --force); gguf: the .gguf "
+                             "file, or an existing folder that gets <run name>.gguf")
+    parser.add_argument("--format", choices=("hf", "gguf"), default="hf",
+                        help="hf: Hugging Face folder; gguf: llama.cpp file (default: %(default)s)")
+    parser.add_argument("--outtype", choices=tuple(OUTTYPES),
+                        help="gguf only: type of the 2-D weights (default: f16; norms stay f32)")
     parser.add_argument("--tokenizer",
                         help="tokenizer folder (default: <run_dir>/tokenizer, or the exported folder's own)")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR (atomically)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty OUT folder or an existing "
+                                                             "GGUF file (atomically)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                        help="cast the weights (default: as trained)")
-    parser.add_argument("--max-shard-size", default="5GB",
-                        help="split weights into shards of at most this size (default: %(default)s)")
+                        help="hf only: cast the weights (default: as trained)")
+    parser.add_argument("--max-shard-size", default=None,
+                        help="hf only: split weights into shards of at most this size (default: 5GB)")
     return parser
+
+
+def run_name(checkpoint: str) -> str:
+    """The name a GGUF file gets inside a folder: the run dir's (or the exported folder's) name."""
+    path = Path(checkpoint).resolve()
+    if path.is_dir() and (path / "config.json").is_file():
+        return path.name
+    try:
+        return run_dir_of(resolve_checkpoint(path)).name or "model"
+    except (OSError, CheckpointError):
+        return path.stem or "model"
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    if args.format == "gguf" and (args.dtype or args.max_shard_size):
+        raise ValueError("--dtype and --max-shard-size are for --format hf; GGUF takes --outtype")
+    if args.format == "hf" and args.outtype:
+        raise ValueError("--outtype is for --format gguf; the hf format takes --dtype")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        _check_flags(args)
         model, tokenizer = load_model(args.checkpoint, tokenizer=args.tokenizer)
-        if tokenizer is None:
+        if tokenizer is None and args.format == "hf":
             print("osp export: no tokenizer found; writing the model only (pass --tokenizer PATH)",
                   file=sys.stderr)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", LayoutWarning)
-            out = export_hf(model, args.out_dir, tokenizer=tokenizer, force=args.force,
-                            max_shard_size=args.max_shard_size, dtype=args.dtype)
-    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as err:
+            if args.format == "gguf":
+                out = export_gguf(model, args.out_dir, tokenizer, outtype=args.outtype or "f16",
+                                  force=args.force, name=run_name(args.checkpoint))
+            else:
+                out = export_hf(model, args.out_dir, tokenizer=tokenizer, force=args.force,
+                                max_shard_size=args.max_shard_size or "5GB", dtype=args.dtype)
+    except (CheckpointError, OSError, ValueError) as err:
         print(f"osp export: error: {err}", file=sys.stderr)
         raise SystemExit(1) from err
     for warning in caught:
@@ -50,6 +82,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"warning: {warning.message}", file=sys.stderr)
         else:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    if args.format == "gguf":
+        print(f"osp export: wrote {Path(out).resolve()}  (llama.cpp: llama-cli -m {out})")
+        return
     plain, _ = model.llama_compatible()
     how = ("LlamaForCausalLM: AutoModelForCausalLM.from_pretrained(path)" if plain else
            "osp custom code: AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)")

@@ -28,6 +28,7 @@ from osp.model import ModelConfig, Transformer, merge_emb_proj
 
 from .atomic import atomic_directory, check_target
 from .layout import warn_layout
+from .tokenizer import as_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def export_hf(
     out_dir = Path(out_dir)
     check_target(out_dir, force)  # fail before any work
     cfg = model.cfg
-    tok = _as_tokenizer(tokenizer)
+    tok = as_tokenizer(tokenizer)
     if tok is not None and len(tok) > cfg.vocab_size:
         raise ValueError(f"the tokenizer has {len(tok)} tokens but the model's vocab_size is {cfg.vocab_size}")
     plain, reasons = model.llama_compatible()
@@ -254,18 +255,6 @@ def _write_generation_config(out_dir: Path, config: dict[str, Any]) -> None:
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
     path.write_text(json.dumps(payload, indent=2) + "\n")
-
-
-def _as_tokenizer(tokenizer: Any) -> Any:
-    """An HF tokenizer object as is; a path is loaded with AutoTokenizer."""
-    if tokenizer is None or hasattr(tokenizer, "save_pretrained"):
-        return tokenizer
-    from transformers import AutoTokenizer
-
-    path = Path(tokenizer)
-    if not path.is_dir():
-        raise FileNotFoundError(f"tokenizer folder {path} does not exist")
-    return AutoTokenizer.from_pretrained(str(path))
 
 
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

@@ -20,6 +20,7 @@ import torch
 from osp.model import ConfigError, ModelConfig, Transformer
 
 from .hf import CUSTOM_BLOCK_KEYS, OSP_MODEL_TYPE
+from .tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -171,20 +172,6 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], source: Path) 
         raise CheckpointError(f"{source}: weights do not match the model config: " + "; ".join(problems))
     model.load_state_dict(state, strict=True)
     return model
-
-
-def load_tokenizer(folder: Path, required: bool = False) -> Any:
-    """AutoTokenizer from `folder`, or None when the folder has no tokenizer (an error if `required`)."""
-    has_files = folder.is_dir() and any((folder / name).is_file() for name in
-                                        ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-    if not has_files:
-        if required:
-            raise FileNotFoundError(f"no tokenizer files in {folder}")
-        log.info("osp: no tokenizer found in %s", folder)
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(folder))
 
 
 # Helpers ---------------------------------------------------------------------------------------------

@@ -32,8 +32,10 @@ class LanguageModelModule(L.LightningModule):
     """Trains `self.model` (an osp Transformer) on batches of packed blocks (B, seq_len + 1)."""
 
     def __init__(self, model: dict[str, Any] | ModelConfig, optim: dict[str, Any] | DictConfig,
-                 compile: bool = False, activation_checkpointing: bool = False) -> None:
+                 compile: bool = False, activation_checkpointing: bool = False,
+                 run_record: dict[str, Any] | None = None) -> None:
         super().__init__()
+        self.run_record = run_record  # the run's config and data fingerprints (osp.training.run_record)
         model_cfg = model if isinstance(model, ModelConfig) else ModelConfig.from_dict(dict(model))
         optim_cfg = OmegaConf.to_container(optim, resolve=True) if isinstance(optim, DictConfig) else dict(optim)
         self.save_hyperparameters({"model": model_cfg.to_dict(), "optim": optim_cfg, "compile": compile,
@@ -103,7 +105,8 @@ class LanguageModelModule(L.LightningModule):
         # csv_rows: where a resumed run continues metrics.csv (see osp.training.loggers).
         csv_rows = next((lg.rows_logged for lg in self.loggers if isinstance(lg, ResumableCSVLogger)), None)
         checkpoint["osp"] = {"tokens_seen": self.tokens_seen, "model_config": self.model_cfg.to_dict(),
-                             "rng": gather_objects(capture_rng()), "csv_rows": csv_rows}
+                             "rng": gather_objects(capture_rng()), "csv_rows": csv_rows,
+                             "run": self.run_record}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("osp", {})

@@ -22,7 +22,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-SIGNALS = ("SIGTERM", "SIGUSR1")
+SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 
 
 class Preempted(Exception):
@@ -30,8 +30,15 @@ class Preempted(Exception):
 
     def __init__(self, signum: int, step: int, checkpoint: Path, requeue: bool = False) -> None:
         self.signum, self.step, self.checkpoint, self.requeue = signum, step, checkpoint, requeue
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved to "
-                         f"{checkpoint}. Run the same command with resume=auto to continue.")
+        super().__init__(self.describe())
+
+    def describe(self, run_name: str | None = None) -> str:
+        """The stop and the command that continues the run (which must name the run: the default run name
+        is a timestamp, so "the same command" would start a new run)."""
+        how = (f"`osp train ... run_name={run_name} resume=auto` (your overrides, plus these two)" if run_name
+               else "the same command with run_name=<this run> resume=auto")
+        return (f"stopped by {signal.Signals(self.signum).name} after step {self.step}; checkpoint saved to "
+                f"{self.checkpoint}. Continue with {how}")
 
     @property
     def exit_code(self) -> int:
@@ -68,6 +75,8 @@ class Preemption(L.Callback):
     # signal side ---------------------------------------------------------------------------------
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.received is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without waiting for the step to end
         if self.received is None:
             self.received = signum
 

@@ -7,13 +7,12 @@ rank 0 alone writes `.hydra/`, the job log, metrics, plots, the tokenizer, the e
 
 from __future__ import annotations
 
-import json
+import errno
 import math
 import os
 import sys
 import time
 import warnings
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,83 +20,25 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from osp.conf import CONFIG_DIR, TRAIN_CONFIG, compose
+from osp.conf.resolvers import launch_rank, register_resolvers, run_id
+from osp.data.cache import write_json_atomic
+from osp.data.tokenizer import save_tokenizer
 from osp.model import ConfigError, ModelConfig
+from osp.precision import AUTO, resolve_precision
+from osp.training import rundir
 from osp.training.checkpoints import AtomicCheckpointIO, checkpoint_metadata, resolve_resume
-from osp.training.loggers import build_loggers, wandb_mode  # noqa: F401 - wandb_mode: imported from here too
+from osp.training.loggers import build_loggers
 from osp.training.module import LanguageModelModule
 from osp.training.preemption import Preempted, requeue_slurm_job
+from osp.training.rundir import RunLock, recover_checkpoints
+from osp.training.run_record import check_resume, run_record
 
 # Noise that every run would print and no user can act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
-
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-_RUN_ID = time.strftime("%Y%m%d-%H%M%S")
-
-
-def launch_rank() -> int:
-    """This process's global rank as its launcher set it (torchrun: RANK; srun: SLURM_PROCID; Lightning's
-    own launcher: LOCAL_RANK), readable before any process group exists."""
-    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if os.environ.get(key, "").isdigit():
-            return int(os.environ[key])
-    return 0
-
-
-def run_id() -> str:
-    """An id that every rank of one job agrees on.
-
-    In order: the SLURM job (+ array task), the torchrun rendezvous id, OSP_RUN_ID (set by the parent osp
-    process for the processes Lightning starts, or by a launcher), a timestamp. Under torchrun without
-    --rdzv-id (whose run id is the literal "none") rank 0's timestamp reaches the other ranks through
-    torchrun's own store.
-    """
-    if os.environ.get("SLURM_JOB_ID"):
-        task = os.environ.get("SLURM_ARRAY_TASK_ID")
-        return f"slurm{os.environ['SLURM_JOB_ID']}" + (f"_{task}" if task else "")
-    if os.environ.get("TORCHELASTIC_RUN_ID", "none") not in ("", "none"):
-        return os.environ["TORCHELASTIC_RUN_ID"][:12]
-    if os.environ.get("OSP_RUN_ID"):
-        return os.environ["OSP_RUN_ID"]
-    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    if agent_store and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return rank0_value("osp/run_id", _RUN_ID)
-    return _RUN_ID
-
-
-def rank0_value(key: str, value: str) -> str:
-    """Rank 0's `value` on every rank, through the key-value store of torchrun's agent (MASTER_ADDR/PORT).
-
-    That store exists before Hydra composes the config, long before Lightning sets up the process group.
-    The first value set wins, so workers that torchrun restarts rejoin the same run.
-    """
-    from torch.distributed import TCPStore
-
-    store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                     timeout=timedelta(minutes=5))
-    if launch_rank() == 0:
-        store.compare_set(key, "", value)
-    return store.get(key).decode()
-
-
-def local_devices() -> int | str:
-    """Devices per node for trainer=ddp|fsdp: the processes torchrun started on this node, else 'auto'."""
-    return int(os.environ["LOCAL_WORLD_SIZE"]) if os.environ.get("LOCAL_WORLD_SIZE") else "auto"
-
-
-def num_nodes() -> int:
-    """Nodes of a torchrun job (WORLD_SIZE / LOCAL_WORLD_SIZE), else 1."""
-    world, per_node = os.environ.get("WORLD_SIZE"), os.environ.get("LOCAL_WORLD_SIZE")
-    return max(1, int(world) // int(per_node)) if world and per_node else 1
-
-
-def register_resolvers() -> None:
-    resolvers = {"osp_run_id": run_id, "osp_devices": local_devices, "osp_num_nodes": num_nodes}
-    for name, resolver in resolvers.items():
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, resolver)
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
@@ -137,10 +78,12 @@ def preflight(cfg: DictConfig) -> None:
         raise ConfigError(str(err)) from None
 
 
-def build_module(cfg: DictConfig, vocab_size: int) -> LanguageModelModule:
-    """The LightningModule of a composed config, for the data's vocabulary size."""
+def build_module(cfg: DictConfig, vocab_size: int, record: dict[str, Any] | None = None) -> LanguageModelModule:
+    """The LightningModule of a composed config, for the data's vocabulary size; `record` (see
+    osp.training.run_record) travels in its checkpoints."""
     return LanguageModelModule(build_model_config(cfg, vocab_size), cfg.optim, compile=bool(cfg.compile),
-                               activation_checkpointing=bool(cfg.get("activation_checkpointing", False)))
+                               activation_checkpointing=bool(cfg.get("activation_checkpointing", False)),
+                               run_record=record)
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback],
@@ -150,6 +93,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback],
     strategy = kwargs.pop("strategy", "auto")
     if isinstance(strategy, dict):
         strategy = instantiate(strategy)
+    kwargs["precision"] = resolve_precision(kwargs.get("precision", AUTO), str(kwargs.get("accelerator", "auto")))
     return L.Trainer(
         **kwargs,
         strategy=strategy,
@@ -162,27 +106,52 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback],
     )
 
 
+def read_resume_checkpoint(ckpt_path: str) -> dict[str, Any]:
+    """The metadata of the checkpoint to resume from, or one line saying why it cannot be used."""
+    try:
+        return checkpoint_metadata(Path(ckpt_path))
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a damaged file
+        raise ConfigError(f"resume={ckpt_path}: the checkpoint cannot be read ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else 'truncated or not a checkpoint'}); "
+                          "resume from another checkpoint of the run (resume=PATH) or start a new run") from None
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job described by a composed config; returns the end-of-run summary.
 
-    Raises `Preempted` when a signal stopped the run (after its checkpoint was saved).
+    Raises `Preempted` when a signal stopped the run (after its checkpoint and a summary were saved).
     """
     run_dir = Path(cfg.run_dir)
     preflight(cfg)
+    with open_dict(cfg):  # the precision this machine runs, as recorded in checkpoints and the summary
+        cfg.trainer.precision = resolve_precision(cfg.trainer.get("precision", AUTO),
+                                                  str(cfg.trainer.get("accelerator", "auto")))
+    for line in recover_checkpoints(run_dir / "checkpoints") if launch_rank() == 0 else []:
+        print(f"osp: {line}")
     ckpt_path = resolve_resume(cfg.resume, run_dir)
+    if ckpt_path is None and launch_rank() == 0:
+        rundir.check_fresh(run_dir, str(cfg.run_name), cfg.resume)
+    resumed = read_resume_checkpoint(ckpt_path) if ckpt_path else None
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
-    module = build_module(cfg, datamodule.vocab_size)
-    resumed = checkpoint_metadata(Path(ckpt_path)) if ckpt_path else None
+    record = run_record(cfg, datamodule.source_fingerprint(), datamodule.tokenizer_fingerprint())
+    accepted = []
+    if resumed is not None:
+        accepted = check_resume(resumed.get("osp", {}).get("run"), record, list(cfg.get("resume_allow") or []),
+                                ckpt_path, str(run_dir / "tokenizer"))
+    module = build_module(cfg, datamodule.vocab_size, record)
     trainer = build_trainer(cfg, run_dir, build_callbacks(cfg), build_loggers(cfg, run_dir, resumed))
     if trainer.is_global_zero:
         # Beside the checkpoints, so export and eval find the tokenizer from the run dir alone.
-        datamodule.tokenizer.save_pretrained(str(run_dir / "tokenizer"))
+        save_tokenizer(datamodule.tokenizer, run_dir / "tokenizer", model_max_length=int(cfg.model.max_seq_len))
         n = module.model.num_params()
         print(f"osp: run {cfg.run_name} -> {run_dir}  |  model {n / 1e6:.2f}M params "
               f"({module.model.num_params(exclude_embedding=True) / 1e6:.2f}M non-embedding)"
+              f"  |  {cfg.trainer.precision}"
               + (f"  |  {trainer.world_size} ranks" if trainer.world_size > 1 else "")
               + (f"  |  resuming from {ckpt_path} (step {resumed['global_step']})" if resumed else ""))
+        for line in accepted:
+            print(f"osp: resume accepts {line}")
         if cfg.resume == "auto" and ckpt_path is None:
             print(f"osp: resume=auto: no checkpoint in {run_dir / 'checkpoints'} yet; starting at step 0")
     started = time.perf_counter()
@@ -192,12 +161,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except Preempted as stop:
+        if trainer.is_global_zero:
+            summary = collect_summary(cfg, trainer, module, time.perf_counter() - started, status="stopped")
+            write_json_atomic(run_dir / "summary.json", summary)
         if stop.requeue and trainer.is_global_zero:  # last: SLURM ends the job as soon as it is requeued
             requeue_slurm_job()
         raise
     if "val/loss" not in trainer.callback_metrics or trainer.global_step % int(cfg.trainer.val_check_interval):
         trainer.validate(module, datamodule=datamodule, verbose=False)
-    summary = collect_summary(cfg, trainer, module, time.perf_counter() - started)
+    summary = collect_summary(cfg, trainer, module, time.perf_counter() - started, status="finished")
     if trainer.is_global_zero:
         write_json_atomic(run_dir / "summary.json", summary)
         if cfg.summary:
@@ -205,18 +177,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def collect_summary(cfg: DictConfig, trainer: L.Trainer, module: LanguageModelModule, wall: float) -> dict[str, Any]:
+def finite_or_none(value: Any) -> Any:
+    """JSON has no NaN or Infinity: a non-finite metric is recorded as null ("n/a" when printed)."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def collect_summary(cfg: DictConfig, trainer: L.Trainer, module: LanguageModelModule, wall: float,
+                    status: str) -> dict[str, Any]:
+    """The end-of-run record: status (finished | stopped), losses, outlier and W4A4 numbers, where things are."""
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    val_loss = finite_or_none(metrics.get("val/loss"))
     summary: dict[str, Any] = {
+        "status": status,
         "run_name": str(cfg.run_name),
         "run_dir": str(Path(cfg.run_dir).resolve()),
         "recipe": str(cfg.name),
         "steps": int(trainer.global_step),
+        "max_steps": int(cfg.trainer.max_steps),
         "tokens_seen": int(module.tokens_seen),
         "wall_seconds": wall,
+        "precision": str(cfg.trainer.precision),
         "train_loss": metrics.get("train/loss"),
-        "val_loss": metrics.get("val/loss"),
-        "val_ppl": math.exp(min(metrics["val/loss"], 50.0)) if "val/loss" in metrics else None,
+        "val_loss": val_loss,
+        "val_ppl": math.exp(min(val_loss, 50.0)) if val_loss is not None else None,
         "ln_vocab": math.log(module.model_cfg.vocab_size),
         "d_model": module.model_cfg.d_model,
         "params": module.model.num_params(),
@@ -228,7 +211,7 @@ def collect_summary(cfg: DictConfig, trainer: L.Trainer, module: LanguageModelMo
     ckpt = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
     summary["checkpoint"] = str(ckpt.resolve()) if ckpt.exists() else None
     summary["logs"] = str((Path(cfg.run_dir) / "csv" / "metrics.csv").resolve())
-    return summary
+    return {key: finite_or_none(value) for key, value in summary.items()}
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -243,6 +226,8 @@ def format_summary(s: dict[str, Any]) -> str:
         f"val loss       {fmt('val_loss')}   (ln vocab = {s['ln_vocab']:.2f})",
         f"val ppl        {fmt('val_ppl', '.2f')}",
     ]
+    if s.get("skipped_steps"):
+        lines.append(f"skipped steps  {s['skipped_steps']} (non-finite loss or gradient)")
     if "kurtosis" in s:
         lines.append(f"kurtosis       {fmt('kurtosis')}   (Gaussian floor at d={s['d_model']}: "
                      f"{fmt('kurtosis_floor', '.3f')}; osp_exact {fmt('kurtosis_exact')})")
@@ -261,14 +246,34 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join([bar, "osp summary".center(width), bar, *lines, bar])
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
+def fault_message(err: BaseException) -> str | None:
+    """One line for an environment fault (disk full, read-only or missing permissions), else None."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on the device writing {err.filename or 'a file'}; free space (or move "
+                "runs_root / OSP_CACHE_DIR) and continue with resume=auto: earlier checkpoints are intact")
+    if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        return (f"cannot write {err.filename or 'a file'} ({os.strerror(err.errno)}); choose a writable "
+                "runs_root=PATH (or OSP_CACHE_DIR for the data cache)")
+    if isinstance(err, RuntimeError) and "size mismatch" in str(err):
+        first = next(line.strip() for line in str(err).splitlines() if "size mismatch" in line)
+        return (f"the checkpoint does not fit this model ({first}); resume with the model settings it was "
+                "trained with, or start a new run")
+    return None
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def one_line(err: BaseException) -> str:
+    """An error's message on one line (Hydra lists the available options on lines of their own)."""
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip()).replace(": ", ": ", 1)
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The innermost exception of a chain (Lightning and Hydra wrap the one that names the fault)."""
+    while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    return err
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=TRAIN_CONFIG)
 def _hydra_main(cfg: DictConfig) -> None:
     from osp.data.sources import DataError
     from osp.training.callbacks.stability import NonFiniteLossError
@@ -282,21 +287,56 @@ def _hydra_main(cfg: DictConfig) -> None:
     except Preempted as stop:
         # Neither success (a scheduler must not mark the job done) nor a crash: one line, no traceback.
         if launch_rank() == 0:
-            print(f"osp train: {stop}", file=sys.stderr)
+            print(f"osp train: {stop.describe(str(cfg.run_name))}", file=sys.stderr)
         raise SystemExit(stop.exit_code) from None
+    except (OSError, RuntimeError) as err:
+        message = fault_message(root_cause(err)) or fault_message(err)
+        if message is None:
+            raise
+        print(f"osp train: error: {message}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def start_checks(args: list[str]) -> RunLock | None:
+    """Before Hydra creates anything: compose, check the settings and the run dir, lock it (rank 0).
+
+    A config that fails here leaves no run folder behind, and a second run with the name of a live one
+    stops before it writes a byte there (Hydra would overwrite the first run's .hydra/ at start).
+    Multirun sweeps (-m) compose per job, so they are checked inside each job instead.
+    """
+    if launch_rank() > 0 or any(a in ("-m", "--multirun") or a.startswith("-") for a in args):
+        return None
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = compose(args)
+        preflight(cfg)
+        run_dir = Path(cfg.run_dir)
+        if resolve_resume(cfg.resume, run_dir) is None:
+            rundir.check_fresh(run_dir, str(cfg.run_name), cfg.resume)
+        lock = RunLock(run_dir)
+        lock.acquire()
+    except (HydraException, OmegaConfBaseException, ConfigError, FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"osp train: error: {one_line(err)}") from None
+    except OSError as err:
+        raise SystemExit(f"osp train: error: {fault_message(err) or err}") from None
+    return lock
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run training with Hydra overrides (argv defaults to sys.argv[1:])."""
-    if not (CONFIG_DIR / "train.yaml").exists():
-        raise SystemExit(f"osp: config directory {CONFIG_DIR} not found; install osp from a checkout "
-                         "with `pip install -e .`")
     register_resolvers()
     # Pinned for this process and inherited by the ones Lightning starts for the other devices.
     os.environ["OSP_RUN_ID"] = run_id()
     args = list(sys.argv[1:] if argv is None else argv)
+    lock = start_checks(args)
     if launch_rank() > 0:
         # Only rank 0 writes .hydra/ and the job log; the other ranks log to their console.
         args += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
     sys.argv = [sys.argv[0], *args]
-    _hydra_main()
+    try:
+        _hydra_main()
+    finally:
+        if lock is not None:
+            lock.release()

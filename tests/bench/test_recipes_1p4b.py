@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from osp.export.layout import layout_problems
 from osp.model import Transformer
 from osp.optim.config import optim_config
-from osp.training.train import CONFIG_DIR, build_model_config, register_resolvers
+from osp.conf import CONFIG_DIR, compose
+from osp.training.train import build_model_config
 
 SMOLLM_VOCAB = 49152
 GLOBAL_BATCH_TOKENS = 1024 * 2048  # stated in the recipe headers: 4 per GPU x 8 accumulation x 32 GPUs x 2048
@@ -26,9 +26,7 @@ RECIPES = {
 
 
 def compose_recipe(name):
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=[f"recipe={name}"])
+    return compose([f"recipe={name}"])
 
 
 def test_recipe_files_start_with_the_global_package_header():

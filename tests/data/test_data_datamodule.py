@@ -10,14 +10,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf.errors import MissingMandatoryValue
 
+from osp.conf import compose
 from osp.data.datamodule import BatchSchedule, PretrainDataModule
 from osp.data.sources import DataError
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def make_dm(corpus_files: Path, cache: Path, **overrides) -> PretrainDataModule:
@@ -195,12 +194,11 @@ def test_streamed_source_packs_resumes_and_splits_by_rank(tmp_path, corpus_files
 
 
 def test_hydra_configs_instantiate(tmp_path):
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
-        demo = compose(config_name=None, overrides=["+data=demo"])
-        seeded = compose(config_name=None, overrides=["+data=demo", "+seed=5"])
-        hub = compose(config_name=None, overrides=["+data=hub"])
-        files = compose(config_name=None, overrides=["+data=files"])
-        files_set = compose(config_name=None, overrides=["+data=files", f"data.paths={tmp_path}/*.txt"])
+    demo = compose(["+data=demo"], config_name=None)
+    seeded = compose(["+data=demo", "+seed=5"], config_name=None)
+    hub = compose(["+data=hub"], config_name=None)
+    files = compose(["+data=files"], config_name=None)
+    files_set = compose(["+data=files", f"data.paths={tmp_path}/*.txt"], config_name=None)
     dm = instantiate(demo.data)  # building is lazy: nothing is fetched here
     assert isinstance(dm, PretrainDataModule)
     settings = (dm.source.kind, dm.bpe_vocab_size, dm.seq_len, dm.batch_size, dm.seed)

@@ -1,6 +1,7 @@
 """Plain-Llama export: folders that transformers loads as LlamaForCausalLM, computing what osp computes."""
 
 import json
+import re
 import warnings
 
 import pytest
@@ -92,18 +93,34 @@ def test_tokenizer_larger_than_vocab_is_refused(tmp_path, tokenizer):
     assert not (tmp_path / "hf").exists()
 
 
-def test_non_empty_target_is_refused_unless_forced(tmp_path):
+def test_an_earlier_export_is_replaced_only_when_forced(tmp_path):
     target = tmp_path / "hf"
-    target.mkdir()
-    (target / "keep.txt").write_text("precious")
     model = trained_like(tiny_config())
+    export_hf(model, target)
     with pytest.raises(FileExistsError, match="not empty"):
         export_hf(model, target)
-    assert (target / "keep.txt").read_text() == "precious"
-
     export_hf(model, target, force=True)
-    assert not (target / "keep.txt").exists() and (target / "config.json").exists()
+    assert (target / "config.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temporary or old folder left behind
+
+
+@pytest.mark.parametrize("precious", ["keep.txt", "checkpoints", "summary.json", ".hydra"])
+def test_force_never_replaces_what_is_not_an_export(tmp_path, precious):
+    """A run dir, a folder holding the source run, any user folder: refused even with --force."""
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "config.json").write_text("{}")  # looks half like an export
+    keep = target / precious
+    if "." in precious and precious != ".hydra":
+        keep.write_text("precious")
+    else:
+        keep.mkdir()
+        (keep / "last.ckpt").write_text("precious")
+    model = trained_like(tiny_config())
+    with pytest.raises(FileExistsError, match=rf"not an export \({re.escape(precious)}\).*even with --force"):
+        export_hf(model, target, force=True)
+    assert sorted(p.name for p in target.iterdir()) == sorted(["config.json", precious])
+    assert [p.name for p in tmp_path.iterdir()] == ["target"]
 
 
 def test_failed_export_leaves_target_untouched(tmp_path, monkeypatch):

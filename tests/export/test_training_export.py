@@ -12,7 +12,6 @@ import lightning as L
 import pytest
 import torch
 from export_helpers import VOCAB, assert_same_function, make_tokenizer, tiny_config, trained_like
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
@@ -22,7 +21,7 @@ from osp.export import export_hf, load_model
 from osp.export.cli import main as export_main
 from osp.training.callbacks.export import Export
 from osp.training.module import LanguageModelModule
-from osp.training.train import CONFIG_DIR, register_resolvers
+from osp.conf import compose
 
 SEQ = 16
 OPTIM = {"name": "adamw", "lr": 1e-2, "weight_decay": 0.0, "betas": [0.9, 0.95], "eps": 1e-8,
@@ -108,9 +107,7 @@ def test_cli_prints_layout_warnings(tmp_path, capsys):
 
 
 def test_export_callback_config_instantiates():
-    register_resolvers()
-    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
-        cfg = compose("train", overrides=["+callbacks@callbacks.export=export", "run_dir=/tmp/osp-run"])
+    cfg = compose(["+callbacks@callbacks.export=export", "run_dir=/tmp/osp-run"])
     callback = instantiate(cfg.callbacks.export)
     assert isinstance(callback, Export)
     assert Path(callback.out_dir) == Path("/tmp/osp-run/export") and callback.force is True

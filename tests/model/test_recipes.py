@@ -2,10 +2,10 @@
 `# @package _global_` header is not the first line would silently land under `recipe.` instead)."""
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from osp.model import Transformer
-from osp.training.train import CONFIG_DIR, build_model_config, register_resolvers
+from osp.conf import compose
+from osp.training.train import build_model_config
 
 EXPECTED = {
     "ssnorm": dict(norm="ss"),
@@ -23,9 +23,7 @@ EXPECTED = {
 
 @pytest.mark.parametrize("recipe", list(EXPECTED))
 def test_mitigation_recipe_reaches_the_model(recipe):
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"recipe={recipe}"])
+    cfg = compose([f"recipe={recipe}"])
     assert cfg.name == recipe and "recipe" not in cfg
     model_cfg = build_model_config(cfg, vocab_size=512)
     for key, value in EXPECTED[recipe].items():

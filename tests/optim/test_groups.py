@@ -7,10 +7,10 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from osp.conf import compose
 from osp.model import ModelConfig, Transformer
 from osp.optim import ROOT, Muon, build_optimizer, describe_groups
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "optim"
 
 
 def tiny_model(**overrides) -> Transformer:
@@ -25,7 +25,7 @@ def by_name(opt):
 @pytest.mark.parametrize("name, cls", [("adamw", torch.optim.AdamW), ("muon", Muon), ("root", ROOT)])
 def test_config_files_build_and_route(name, cls):
     model = tiny_model()
-    opt = build_optimizer(model, OmegaConf.load(CONFIGS / f"{name}.yaml"))
+    opt = build_optimizer(model, compose([f"optim={name}"]).optim)
     assert type(opt) is cls
     groups = by_name(opt)
     matrix_algorithm = "adamw" if name == "adamw" else name

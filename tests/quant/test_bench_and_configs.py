@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from osp.conf import compose
 from osp.bench.quant import main as bench_main
 from osp.training.callbacks.quant_eval import QuantEval
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def test_bench_prints_a_table(capsys):
@@ -23,7 +22,6 @@ def test_bench_prints_a_table(capsys):
 
 
 def test_callback_config_instantiates():
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
-        node = compose("callbacks/quant_eval").callbacks
+    node = compose([], config_name="callbacks/quant_eval").callbacks
     callback = instantiate(node)
     assert isinstance(callback, QuantEval) and list(callback.modes) == ["w4a4"]

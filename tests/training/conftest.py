@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-
-from osp.training.train import CONFIG_DIR, register_resolvers
+from osp.conf import compose
 
 from .synthetic_text import write_corpus
 
@@ -40,9 +38,7 @@ def tiny_overrides(corpus: dict[str, str], runs_root: Path, *extra: str) -> list
 
 
 def compose_train(overrides: list[str]):
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+    return compose(overrides)
 
 
 @pytest.fixture

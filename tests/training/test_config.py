@@ -4,20 +4,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+from osp.conf import CONFIG_DIR, compose, presets
 from osp.model import ConfigError, Transformer
-from osp.training.train import CONFIG_DIR, build_model_config, register_resolvers, run_id
+from osp.conf.resolvers import run_id
+from osp.training.train import build_model_config
 
-RECIPES = sorted(p.stem for p in (CONFIG_DIR / "recipe").glob("*.yaml"))
+RECIPES = presets("recipe")
 
 
 def compose_train(overrides: list[str]):
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+    return compose(overrides)
 
 
 def test_default_is_the_tiny_recipe_on_the_demo_corpus_on_cpu():
@@ -70,5 +69,39 @@ def test_run_dir_is_derived_from_the_run_name(monkeypatch):
     assert run_id() == "slurm42"
 
 
-def test_recipe_group_is_the_recipes_folder():
-    assert (CONFIG_DIR / "recipe").resolve() == (Path(CONFIG_DIR).parent / "recipes").resolve()
+def test_every_yaml_is_package_data():
+    """A wheel ships what pyproject's package-data globs match: every config file must be among them."""
+    import tomllib
+
+    globs = tomllib.loads((CONFIG_DIR.parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["osp"]
+    package = CONFIG_DIR.parent
+    shipped = {path for pattern in globs for path in package.glob(pattern)}
+    yamls = set(package.rglob("*.yaml"))
+    assert yamls and yamls <= shipped, sorted(str(p.relative_to(package)) for p in yamls - shipped)
+
+
+@pytest.mark.parametrize("group", ["recipe", "model", "optim", "data", "trainer", "logger"])
+def test_every_preset_composes(group):
+    """Every option a CLI lists composes into a train config (`osp train <group>=<option>`)."""
+    options = presets(group)
+    assert options
+    for option in options:
+        cfg = compose_train([f"{group}={option}"])
+        assert cfg.trainer.max_steps > 0 and cfg.data.seq_len > 0, option
+
+
+@pytest.mark.parametrize("source", presets("data"))
+def test_every_data_preset_loads_for_osp_data(source):
+    from osp.data.cli import load_data_config
+
+    overrides = ["seq_len=32"] + (["paths=/corpus/*.txt"] if source == "files" else [])
+    values = load_data_config(source, None, overrides)
+    assert values["seq_len"] == 32 and "defaults" not in values and "_target_" not in values
+
+
+def test_osp_data_names_a_missing_mandatory_key():
+    from osp.data.cli import load_data_config
+
+    with pytest.raises(SystemExit, match=r"^osp data: .*paths"):
+        load_data_config("files", None, [])

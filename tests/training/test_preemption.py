@@ -52,12 +52,14 @@ def test_sigterm_saves_a_checkpoint_and_resume_auto_finishes(corpus, tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
-    assert "osp train: stopped by SIGTERM after step" in err and "resume=auto" in err
+    assert "osp train: stopped by SIGTERM after step" in err and "run_name=preempted resume=auto" in err
     assert "Traceback" not in err
     last = run_dir / "checkpoints" / "last.ckpt"
     step = checkpoint_step(last)
     assert 2 <= step < STEPS
-    assert not (run_dir / "summary.json").exists() and not (run_dir / "export").exists()
+    stopped = json.loads((run_dir / "summary.json").read_text())  # strict JSON: no NaN
+    assert stopped["status"] == "stopped" and stopped["steps"] == step and stopped["checkpoint"] == str(last)
+    assert not (run_dir / "export").exists()
     model, tokenizer = load_model(run_dir)  # usable as it is: osp eval / osp export read it
     assert tokenizer is not None and model.cfg.d_model == 64
 
@@ -66,6 +68,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_auto_finishes(corpus, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resuming from {last} (step {step})" in done.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished"
     assert summary["steps"] == STEPS and summary["tokens_seen"] == STEPS * 8 * 64
 
 

@@ -16,7 +16,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch.distributed import TCPStore
 
 from osp.model import ConfigError, ModelConfig, Transformer
-from osp.training import train as train_module
+from osp.conf import resolvers as resolvers_module
 from osp.training.callbacks.stability import StabilityGuard
 from osp.training.checkpoints import (AtomicCheckpointIO, latest_checkpoint, replace_path, resolve_resume)
 from osp.training.loggers import ContinuedExperimentWriter, wandb_run_id
@@ -146,11 +146,11 @@ def test_torchrun_ranks_agree_on_rank0s_run_id(monkeypatch):
     for key in ("SLURM_JOB_ID", "OSP_RUN_ID"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("RANK", "0")
-    monkeypatch.setattr(train_module, "_RUN_ID", "20300101-000000")
-    assert train_module.run_id() == "20300101-000000"
+    monkeypatch.setattr(resolvers_module, "_RUN_ID", "20300101-000000")
+    assert resolvers_module.run_id() == "20300101-000000"
     monkeypatch.setenv("RANK", "1")
-    monkeypatch.setattr(train_module, "_RUN_ID", "20300101-000001")  # rank 1 started a second later
-    assert train_module.run_id() == "20300101-000000"
+    monkeypatch.setattr(resolvers_module, "_RUN_ID", "20300101-000001")  # rank 1 started a second later
+    assert resolvers_module.run_id() == "20300101-000000"
     assert wandb_run_id("osp/run 1") == "osp-run-1"
 
 

@@ -1,0 +1,41 @@
+"""Loading the tokenizer that goes into an export: an object as it is, or a folder read without remote code.
+
+osp writes tokenizer folders with a `tokenizer.json` (osp.data.tokenizer.save_tokenizer), which
+PreTrainedTokenizerFast reads directly. AutoTokenizer would look at a custom-code export's config.json
+first, and transformers then asks on stdin whether to run that code; the tokenizer never needs it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def load_tokenizer(folder: str | Path, required: bool = False) -> Any:
+    """The tokenizer in `folder`, or None when it has none (FileNotFoundError if `required`)."""
+    folder = Path(folder)
+    if not (folder.is_dir() and any((folder / name).is_file() for name in TOKENIZER_FILES)):
+        if required:
+            raise FileNotFoundError(f"no tokenizer files in {folder}")
+        log.info("osp: no tokenizer found in %s", folder)
+        return None
+    if (folder / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(folder))
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+
+
+def as_tokenizer(tokenizer: Any) -> Any:
+    """An HF tokenizer object as it is; a folder path is loaded (it must hold a tokenizer); None stays None."""
+    if tokenizer is None or hasattr(tokenizer, "save_pretrained"):
+        return tokenizer
+    if not Path(tokenizer).is_dir():
+        raise FileNotFoundError(f"tokenizer folder {tokenizer} does not exist")
+    return load_tokenizer(tokenizer, required=True)

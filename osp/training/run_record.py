@@ -1,0 +1,92 @@
+"""What a checkpoint remembers about the run that wrote it, and the check that a resume continues that run.
+
+Every checkpoint stores the run's resolved config and the fingerprints of its data source and tokenizer
+(`checkpoint["osp"]["run"]`). Resuming compares them with the run about to start: any difference (another
+optimizer, a changed rope_theta, appended training text, ...) stops the run with one message listing
+them all, unless the user names it in `resume_allow` (a key or a prefix: `optim.lr`, `trainer.max_steps`,
+`optim`, or `data` for changed data).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from osp.model import ConfigError
+
+# Keys that say where and how verbosely a run goes, not what it computes: free to change on resume.
+FREE = ("run_name", "run_dir", "runs_root", "resume", "resume_allow", "summary", "callbacks", "logger",
+        "trainer.enable_progress_bar", "trainer.log_every_n_steps", "data.num_workers", "data.cache_dir")
+DATA = "data"  # the resume_allow entry that accepts changed data (the source fingerprint)
+
+
+def run_record(cfg: DictConfig, source_fingerprint: str, tokenizer_fingerprint: str | None) -> dict[str, Any]:
+    """The record a checkpoint carries: flattened resolved config and data fingerprints."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(config, dict)
+    config.pop("hydra", None)
+    return {"config": flatten(config), "source_fingerprint": source_fingerprint,
+            "tokenizer_fingerprint": tokenizer_fingerprint}
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"optim.lr": 1e-3, ...}; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _matches(key: str, prefixes: tuple[str, ...] | list[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def differences(stored: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, stored value, current value) for every config key that differs, FREE keys left out."""
+    missing = object()
+    rows = []
+    for key in sorted(set(stored) | set(current)):
+        if _matches(key, FREE):
+            continue
+        before, after = stored.get(key, missing), current.get(key, missing)
+        if before != after:
+            rows.append((key, "(absent)" if before is missing else before, "(absent)" if after is missing else after))
+    return rows
+
+
+def check_resume(stored: dict[str, Any] | None, current: dict[str, Any], allow: list[str],
+                 checkpoint: str, run_tokenizer: str) -> list[str]:
+    """Raise ConfigError listing what differs between the checkpoint's run and this one (minus `allow`).
+
+    Returns one line per accepted difference, for the log. A checkpoint from before osp recorded runs
+    (no record) is accepted as it is.
+    """
+    if not stored:
+        return []
+    unknown_allow = [a for a in allow if not isinstance(a, str)]
+    if unknown_allow:
+        raise ConfigError(f"resume_allow takes config keys (e.g. [optim.lr,trainer.max_steps]), got {allow!r}")
+    rows = differences(stored.get("config", {}), current["config"])
+    if stored.get("source_fingerprint") != current["source_fingerprint"]:
+        rows.append((DATA, "the data the run started with", "changed files or dataset"))
+    tok_stored, tok_now = stored.get("tokenizer_fingerprint"), current.get("tokenizer_fingerprint")
+    if tok_stored == tok_now:  # the same tokenizer, however it is named (e.g. the run's saved copy)
+        rows = [row for row in rows if row[0] != "data.tokenizer"]
+    refused = [row for row in rows if not _matches(row[0], allow)]
+    if refused:
+        listing = "; ".join(f"{key}: {before!r} -> {after!r}" for key, before, after in refused)
+        keys = ",".join(key for key, _, _ in refused)
+        hint = (f" (changed data: continue on it with the run's tokenizer, data.tokenizer={run_tokenizer})"
+                if any(key == DATA for key, _, _ in refused) else "")
+        raise ConfigError(f"resume from {checkpoint}: this run differs from the checkpoint's: {listing}. "
+                          f"Restore those settings, or accept them with resume_allow=[{keys}]{hint}")
+    if tok_stored and tok_now and tok_stored != tok_now:
+        raise ConfigError(f"resume from {checkpoint}: the tokenizer differs from the one the checkpoint was "
+                          "trained with (token ids would change meaning); resume with the run's own tokenizer "
+                          f"(data.tokenizer={run_tokenizer}) or start a new run")
+    return [f"{key}: {before!r} -> {after!r} (resume_allow)" for key, before, after in rows]
