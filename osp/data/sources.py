@@ -26,6 +26,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,16 @@ SOURCE_KINDS = ("demo", "files", "hub")
 
 class DataError(RuntimeError):
     """Missing, empty or unusable data, with a message that says what to do."""
+
+
+class DataWarning(UserWarning):
+    """Usable but suspect input (a text file with some bytes that are not UTF-8), or a damaged cache
+    entry that is being rebuilt."""
+
+
+def warn_damaged(path: Path, why: str) -> None:
+    """One warning for a cache entry that fails its check and is rebuilt from the source."""
+    warnings.warn(f"{path}: damaged cache entry ({why}); rebuilding it", DataWarning, stacklevel=3)
 
 
 def _check_split(split: str) -> None:
@@ -167,6 +178,7 @@ class DemoCorpus(TextSource):
     cache_dir: str | None = None
     deb_dir: str | None = None  # folder with the .deb files, for machines where apt-get cannot fetch them
     kind: str = field(default="demo", init=False)
+    _verified: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
 
     def _components(self) -> list[_DemoComponent]:
         return [_AUSTEN, _BIBLE] if self.include_bible else [_AUSTEN]
@@ -174,23 +186,32 @@ class DemoCorpus(TextSource):
     def _folder(self, component: _DemoComponent) -> Path:
         return cache_root(self.cache_dir) / "corpus" / component.name
 
-    def _manifest(self, component: _DemoComponent) -> dict[str, Any] | None:
+    def _manifest(self, component: _DemoComponent, quiet: bool = False) -> dict[str, Any] | None:
         path = self._folder(component) / "manifest.json"
         if not path.exists():
             return None
-        manifest = json.loads(path.read_text())
-        if manifest.get("extractor_version") != EXTRACTOR_VERSION:
+        try:
+            manifest = json.loads(path.read_text())
+        except (ValueError, OSError):  # damaged cache entry: extract again
+            return None
+        if not isinstance(manifest, dict) or manifest.get("extractor_version") != EXTRACTOR_VERSION:
             return None
         folder = self._folder(component)
-        if any(not (folder / d["file"]).exists() or (folder / d["file"]).stat().st_size != d["bytes"]
-               for d in manifest["documents"]):
-            return None
+        hashed = component.name in self._verified  # sha256 once per instance, sizes every time
+        for d in manifest["documents"]:
+            path = folder / d["file"]
+            if not path.exists() or path.stat().st_size != d["bytes"] or (
+                    not hashed and file_sha256(path) != d["sha256"]):
+                if not quiet:
+                    warn_damaged(path, "missing, or its size or sha256 differs from manifest.json")
+                return None
+        self._verified.add(component.name)
         return manifest
 
     def _build(self, component: _DemoComponent) -> dict[str, Any]:
         folder = self._folder(component)
         with file_lock(folder.parent / f".{component.name}.lock"):
-            manifest = self._manifest(component)
+            manifest = self._manifest(component, quiet=True)
             if manifest is not None:  # another process finished it while we waited
                 return manifest
             deb_dir = self.deb_dir or os.environ.get("OSP_DEMO_DEB_DIR")
@@ -252,10 +273,53 @@ def _suffix(path: Path) -> str:
     return Path(name[:-3]).suffix if name.endswith(".gz") else path.suffix.lower()
 
 
-def _open_text(path: Path):  # noqa: ANN202 - a text file handle
-    if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
+def _open_bytes(path: Path):  # noqa: ANN202 - a binary file handle
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
+MAX_UNDECODABLE = 0.10  # a file with more than this fraction of non-UTF-8 bytes is refused
+_warned_files: set[tuple[str, int, int]] = set()
+
+
+class _Utf8Reader:
+    """Decodes one local file's bytes as UTF-8 and enforces the text-file rule.
+
+    Rule: a file that contains a NUL byte is binary (or UTF-16) and is refused at once; a file whose
+    undecodable bytes exceed MAX_UNDECODABLE (10%) of its bytes is refused when it has been read;
+    a file with fewer is used with U+FFFD in place of the bad bytes, and one DataWarning per file
+    (per process) gives their count. Clean text pays one strict decode; the counting fallback runs
+    only for a block that fails it, and the NUL test is a memchr-speed `in` on the bytes.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.total, self.bad = path, 0, 0
+
+    def decode(self, raw: bytes) -> str:
+        self.total += len(raw)
+        if b"\0" in raw:
+            raise DataError(f"{self.path}: contains NUL bytes, so it is a binary file or not UTF-8 text "
+                            "(UTF-16?): remove it from data.paths or convert it to UTF-8")
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            # Bytes that survive neither decoding: exact, and independent of real U+FFFD in the text.
+            self.bad += len(raw) - len(raw.decode("utf-8", "ignore").encode("utf-8"))
+            return raw.decode("utf-8", "replace")
+
+    def finish(self) -> None:
+        if not self.bad:
+            return
+        share = self.bad / self.total
+        what = f"{self.bad:,} of its {self.total:,} bytes ({share:.1%}) are not valid UTF-8"
+        if share > MAX_UNDECODABLE:
+            raise DataError(f"{self.path}: {what}; it is not UTF-8 text: remove it from data.paths or "
+                            "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+        stat = self.path.stat()
+        key = (str(self.path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if key not in _warned_files:
+            _warned_files.add(key)
+            warnings.warn(f"{self.path}: {what}; training on it with U+FFFD in their place",
+                          DataWarning, stacklevel=2)
 
 
 def _expand(patterns: str | Sequence[str]) -> list[Path]:
@@ -275,7 +339,10 @@ def _expand(patterns: str | Sequence[str]) -> list[Path]:
 
 def read_documents(path: Path, text_field: str = "text",
                    txt_documents: Literal["file", "paragraphs"] = "file") -> Iterator[str]:
-    """Documents of one local file (empty documents are skipped)."""
+    """Documents of one local file (empty documents are skipped).
+
+    .txt and .jsonl bytes must be UTF-8 text: see `_Utf8Reader` for what is refused and what warned.
+    """
     suffix = _suffix(path)
     if suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -287,23 +354,29 @@ def read_documents(path: Path, text_field: str = "text",
         for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
             yield from (text for text in batch.column(0).to_pylist() if text)
     elif suffix in _JSONL_SUFFIXES:
-        with _open_text(path) as f:
-            for line_no, line in enumerate(f, 1):
+        reader = _Utf8Reader(path)
+        with _open_bytes(path) as f:
+            for line_no, raw in enumerate(f, 1):
+                line = reader.decode(raw)
                 if not line.strip():
                     continue
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{line_no}: not a JSON object per line ({err})") from err
+                    hint = "; the file is not UTF-8 text either" if reader.bad else ""
+                    raise DataError(f"{path}:{line_no}: not a JSON object per line ({err}){hint}") from err
                 if not isinstance(record, dict) or text_field not in record:
                     keys = list(record) if isinstance(record, dict) else type(record).__name__
                     raise DataError(f"{path}:{line_no}: no field {text_field!r} (found {keys}); "
                                     "set data.text_field")
                 if record[text_field]:
                     yield str(record[text_field])
+        reader.finish()
     else:
-        with _open_text(path) as f:
-            text = f.read()
+        reader = _Utf8Reader(path)
+        with _open_bytes(path) as f:
+            text = reader.decode(f.read())
+        reader.finish()
         if txt_documents == "paragraphs":
             yield from (p.strip() for p in re.split(r"\n\s*\n", text) if p.strip())
         elif text.strip():

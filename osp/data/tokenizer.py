@@ -20,8 +20,8 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from osp.data.cache import atomic_path, cache_root, file_lock, fingerprint
-from osp.data.sources import DataError, TextSource
+from osp.data.cache import atomic_path, cache_root, file_lock, file_sha256, fingerprint, write_json_atomic
+from osp.data.sources import DataError, TextSource, warn_damaged
 
 EOS_TOKEN = "<|endoftext|>"
 BPE = "bpe"  # the `tokenizer` config value that selects a BPE trained on the corpus
@@ -47,6 +47,21 @@ def _pieces(text: str, size: int = _PIECE_CHARS) -> list[str]:
     return pieces
 
 
+def _training_pieces(text: str, size: int = _PIECE_CHARS) -> Iterator[str]:
+    """`_pieces` of `text`, none longer than twice `size` characters, for BPE training.
+
+    The BPE trainer's time grows faster than linearly with the length of one pre-token (a 400k-character
+    line without whitespace takes 10 s, a few million take many minutes), so a piece that found no
+    neutral cut point near `size` is cut hard every `size` characters. Ordinary text never needs that
+    (its pieces end within a word of `size`); encoding is unaffected (it cuts only at neutral points).
+    """
+    for piece in _pieces(text, size):
+        if len(piece) <= 2 * size:
+            yield piece
+        else:
+            yield from (piece[i : i + size] for i in range(0, len(piece), size))
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int = 4096) -> PreTrainedTokenizerFast:
     """A byte-level BPE (GPT-2 style, no prefix space) with `<|endoftext|>` as EOS, trained on `texts`.
 
@@ -61,7 +76,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 4096) -> PreTrainedTokeniz
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS_TOKEN],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    pieces = (piece for text in texts for piece in _pieces(text))
+    pieces = (piece for text in texts for piece in _training_pieces(text))
     tokenizer.train_from_iterator(pieces, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
                                    pad_token=EOS_TOKEN)
@@ -105,14 +120,30 @@ def build_tokenizer(spec: str, source: TextSource, vocab_size: int = 4096, *,
     if spec != BPE:
         return load_pretrained(spec)
     folder = bpe_cache_dir(source.fingerprint(), vocab_size, max_train_chars, cache_dir)
-    if not (folder / "tokenizer.json").exists():
+    if not _intact(folder):
         with file_lock(folder.parent / f".{folder.name}.lock"):
-            if not (folder / "tokenizer.json").exists():
+            if not _intact(folder):
+                if (folder / _CHECKSUMS).exists():
+                    warn_damaged(folder, f"a file is missing or differs from {_CHECKSUMS}")
+                shutil.rmtree(folder, ignore_errors=True)  # damaged, or from a version without checksums
                 tokenizer = train_bpe(_limit_chars(source.documents("train"), max_train_chars), vocab_size)
                 with atomic_path(folder) as tmp:
                     save_tokenizer(tokenizer, tmp)
+                    write_json_atomic(tmp / _CHECKSUMS, {p.name: file_sha256(p) for p in tmp.iterdir()})
     # Always use the loaded copy, so its fingerprint is the same on the first and on later runs.
     return PreTrainedTokenizerFast.from_pretrained(folder)
+
+
+_CHECKSUMS = "checksums.json"  # {file name: sha256} of a cached tokenizer folder, written with it
+
+
+def _intact(folder: Path) -> bool:
+    """Whether a cached tokenizer folder is complete and every file matches its recorded sha256."""
+    try:
+        sums = json.loads((folder / _CHECKSUMS).read_text())
+        return bool(sums) and all(file_sha256(folder / name) == digest for name, digest in sums.items())
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 # Keys that transformers records while loading (where the files came from) and then saves back.
