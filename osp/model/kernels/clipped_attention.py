@@ -174,21 +174,21 @@ def launch_config(kernel: str, dtype: torch.dtype, head_dim: int, interpreted: b
     """Constexprs and launch options of one kernel ("fwd", "dq" or "dkdv") for inputs of dtype and head_dim.
 
     The only place tile sizes are chosen: `forward`/`backward` launch with it and the ahead-of-time compile
-    gate (`osp.model.kernels.aot`, tests/kernels) compiles exactly what it returns for sm_80 and sm_90.
-    64 x 64 tiles with 2 pipeline stages fit 16-bit inputs at head_dim 128; fp32 tiles are twice the bytes
-    and the dq kernel keeps q, dO and its dq accumulator live, so fp32 at head_dim > 64 takes 32-row query
-    tiles and a single stage (the two-stage 64 x 64 dq needs 262,144 B of shared memory, over an H100's
-    232,448 B per block). Few large tiles suit the interpreter (~1 ms per program)."""
+    gate (`osp.aot`, tests/kernels) compiles exactly what it returns for sm_80 and sm_90.
+    64 x 64 tiles with 2 pipeline stages fit 16-bit inputs at head_dim 128. fp32 inputs take exact FMA dots
+    (input_precision="ieee", no TF32), whose operands live in registers: 64 x 64 fp32 tiles spill kilobytes
+    to the stack and the two-stage dq needs 262,144 B of shared memory (over an H100's 232,448 B), so on a
+    GPU fp32 takes 32 x 32 tiles, one stage, and 8 warps above head_dim 64 (at most 32 B of stack, 74 KB of
+    shared memory on sm_80/sm_90). Few large tiles suit the interpreter (~1 ms per program)."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown clipped-attention kernel {kernel!r}; expected one of {KERNELS}")
     block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16 on a GPU
     dot_fp32 = interpreted or dtype == torch.float32
     block_m = block_n = 64
     num_warps, num_stages = 4, 2
-    if dtype == torch.float32 and block_d > 64:
-        block_m = 32 if kernel in ("fwd", "dq") else 64
-        block_n = 64 if kernel in ("fwd", "dq") else 32
-        num_stages = 1
+    if dtype == torch.float32 and not interpreted:
+        block_m = block_n = 32
+        num_warps, num_stages = (8 if block_d > 64 else 4), 1
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_FP32=dot_fp32,
                 num_warps=num_warps, num_stages=num_stages)
 

@@ -18,6 +18,18 @@ def store_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if INTERPRET and dtype == torch.bfloat16 else dtype
 
 
+def rows_launch(m: int, n: int) -> tuple[int, int]:
+    """(rows per program, num_warps) of the row kernels (quant+pack, FWHT) for m rows of n (padded) columns.
+
+    Interpreter: ~1 ms per program, so as many rows as fit a 64K-element tile. GPU: one tile stays in
+    registers (8K fp32 elements), at least one row; 8 warps from 4K elements. The ahead-of-time compile gate
+    (`osp.aot`) compiles what this returns.
+    """
+    budget = 1 << 16 if INTERPRET else 1 << 13
+    rows = max(1, min(triton.next_power_of_2(m), budget // n))
+    return rows, 8 if rows * n >= 4096 else 4
+
+
 def pick_configs(configs: list[triton.Config]) -> list[triton.Config]:
     """Autotuning needs a GPU driver: the interpreter gets the first config only (spec: environment.md §2)."""
     return configs[:1] if INTERPRET else configs

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, fwht_rows, store_dtype
+from .common import fwht_rows, rows_launch, store_dtype
 
 
 @triton.jit
@@ -33,10 +33,9 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
         x2 = x2.contiguous()
     m = x2.shape[0]
     y = torch.empty((m, n), device=x.device, dtype=store_dtype(x.dtype))
-    budget = 1 << 16 if INTERPRET else 1 << 13
-    bm = max(1, min(triton.next_power_of_2(m), budget // n))
+    bm, num_warps = rows_launch(m, n)
     _fwht_kernel[(triton.cdiv(m, bm),)](
         x2, y, m, x2.stride(0), y.stride(0), 1.0 / math.sqrt(n), BM=bm, N=n, LOG_N=n.bit_length() - 1,
-        num_warps=8 if bm * n >= 4096 else 4,
+        num_warps=num_warps,
     )  # fmt: skip
     return y.to(x.dtype).reshape(shape)

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, fwht_rows, round_half_even, store_dtype
+from .common import fwht_rows, round_half_even, rows_launch, store_dtype
 
 
 @triton.jit
@@ -88,13 +88,6 @@ def _quant_rows_kernel(
         tl.store(zero_ptr + offs, zero, mask=gmask)
 
 
-def _rows_per_program(m: int, bk: int) -> int:
-    # Interpreter: ~1 ms per program, so as many rows as fit a 64K-element tile. GPU: keep a tile in
-    # registers (8K fp32 elements), at least one row.
-    budget = 1 << 16 if INTERPRET else 1 << 13
-    return max(1, min(triton.next_power_of_2(m), budget // bk))
-
-
 def quant_rows(
     x: torch.Tensor,
     bits: int = 4,
@@ -128,7 +121,7 @@ def quant_rows(
         raise ValueError(f"the fused Hadamard needs a power-of-two row length, got {k}")
     if out == "packed" and bits == 4 and k % 2:
         raise ValueError(f"4-bit packing needs an even row length, got {k}")
-    bm = _rows_per_program(m, bk)
+    bm, num_warps = rows_launch(m, bk)
     fake = out == "fake"
     dev = x.device
     if fake:
@@ -145,7 +138,7 @@ def quant_rows(
         float(clip), 1.0 / math.sqrt(k),
         BM=bm, BK=bk, G=g, LOG_K=bk.bit_length() - 1,
         BITS=bits, SYM=sym, ZERO_INCLUSIVE=zero_inclusive, HADAMARD=hadamard, FAKE=fake,
-        num_warps=8 if bm * bk >= 4096 else 4,
+        num_warps=num_warps,
     )  # fmt: skip
     if fake:
         return y.to(x.dtype).reshape(shape)
