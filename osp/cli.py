@@ -1,4 +1,4 @@
-"""`osp` command line: train | export | eval | report | data | bench."""
+"""`osp` command line: train | export | eval | report | data | bench | plan."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ commands:
   report  RUN_DIR [RUN_DIR ...]    compare runs: table + plots
   data    prepare|info             build or inspect the corpus, tokenizer and token shards
   bench   NAME                     benchmarks (osp bench --help lists them)
+  plan    [overrides] [--gpu ...]   memory per device, FLOPs and time of a config on GPUs (no GPU needed)
 
 `osp <command> --help` describes a command."""
 
@@ -24,6 +25,7 @@ COMMANDS = {
     "report": "osp.metrics.report",
     "data": "osp.data.cli",
     "bench": "osp.bench.cli",
+    "plan": "osp.plan",
 }
 
 

@@ -54,6 +54,7 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.ffn_hidden is None:
@@ -63,6 +64,18 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    def _check_types(self) -> None:
+        """ConfigError naming the key whose value is not of its declared kind (`model.d_model=abc`, a list)."""
+        kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+        for f in fields(self):
+            kind, optional = str(f.type).replace(" | None", ""), "None" in str(f.type)
+            value = getattr(self, f.name)
+            if kind not in kinds or (value is None and optional):
+                continue
+            if not isinstance(value, kinds[kind]) or (isinstance(value, bool) and kind != "bool"):
+                what = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}[kind]
+                raise ConfigError(f"model.{f.name} must be {what}{' or null' if optional else ''}, got {value!r}")
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad key."""

@@ -7,19 +7,8 @@ from collections import deque
 from typing import Any
 
 import lightning as L
-import torch
 
-# Dense bf16 peak FLOP/s per device, for MFU. Unknown devices get no MFU rather than a wrong one.
-PEAK_BF16_FLOPS = {
-    "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "RTX 4090": 165e12,
-}
-
-
-def device_peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+from osp.hardware import device_peak_flops
 
 
 class Throughput(L.Callback):
