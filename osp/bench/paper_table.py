@@ -1,7 +1,7 @@
 """`osp bench paper-table`: the OSP paper's ablation table (arXiv 2506.19697), re-run at small scale.
 
-Every arm is one of the paper recipes (osp/conf/recipe/adam_1p4b.yaml, muon_only, muon, muon_ssnorm, muon_embproj,
-osp_1p4b) with the model shrunk and the data, token budget and learning rate of the chosen `--scale`; the
+Every arm is one of the paper recipes (osp/conf/recipe/adam_1p4b.yaml, muon_only, muon, muon_ssnorm,
+muon_embproj, osp_1p4b) with the model shrunk and the data, token budget and learning rate of the chosen `--scale`; the
 arms differ only in what the recipe ablates. Each arm is a real `osp train` run (same config composition,
 same callbacks: OutlierMonitor during training, QuantEval at the end), so its run directory works with
 `osp report` and `osp eval`. The table puts our kurtosis (both modes, with the Gaussian floor), max|h|,
