@@ -31,8 +31,36 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NGPU > 0 ? $(nproc) / N
 # export NCCL_P2P_DISABLE=1                      # consumer GPUs without working peer-to-peer
 
 echo "osp launch: ${NGPU} workers, recipe=${RECIPE} trainer=${TRAINER} run_name=${RUN_NAME}"
+
+# torchrun's agent answers a signal it forwarded with a Python traceback (SignalException) once the
+# workers have stopped cleanly: that one traceback is dropped from stderr, every other line is kept.
+quiet_signal_traceback() {
+    awk '/^Traceback \(most recent call last\):/ { held = $0; holding = 1; next }
+         holding && /^[ \t]/ { held = held "\n" $0; next }
+         holding { holding = 0; if ($0 ~ /SignalException/) next; print held; fflush() }
+         { print; fflush() }'
+}
+exec 3> >(trap '' TERM INT HUP QUIT USR1; quiet_signal_traceback >&2)  # outlives a signal to the group
+filter=$!
+
+# A signal to this script goes to torchrun, which forwards it to every worker; the script then exits
+# 128 + the signal number (143 SIGTERM, 138 SIGUSR1, 130 SIGINT), as the workers do, not torchrun's 1.
+signalled=0
+forward() { signalled=$(( 128 + $(kill -l "$1") )); kill -s "$1" "${pid}" 2>/dev/null || true; }
+for sig in TERM INT HUP QUIT USR1; do trap "forward ${sig}" "${sig}"; done
+
 # --standalone: a private rendezvous on a free local port. SIGTERM to torchrun reaches every worker,
 # which saves checkpoints/last.ckpt at the next step and exits; --shutdown-timeout gives it the time.
-exec ${TORCHRUN} --standalone --nproc-per-node="${NGPU}" \
+${TORCHRUN} --standalone --nproc-per-node="${NGPU}" \
     --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout=120 \
-    -m osp.train recipe="${RECIPE}" trainer="${TRAINER}" run_name="${RUN_NAME}" resume=auto "$@"
+    -m osp.train recipe="${RECIPE}" trainer="${TRAINER}" run_name="${RUN_NAME}" resume=auto "$@" 2>&3 &
+pid=$!
+status=0
+while true; do  # `wait` returns early when a trapped signal arrives; torchrun is still shutting down then
+    wait "${pid}" && status=0 || status=$?
+    kill -0 "${pid}" 2>/dev/null || break
+done
+exec 3>&-
+wait "${filter}" 2>/dev/null || true
+if (( signalled )); then exit "${signalled}"; fi
+exit "${status}"

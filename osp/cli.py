@@ -38,8 +38,6 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         print(f"osp: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)
-    if command == "train":
-        sys.argv = ["osp train", *rest]
     module = importlib.import_module(COMMANDS[command])
     module.main(rest)
 

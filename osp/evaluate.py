@@ -93,7 +93,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> None:
     from osp.export import CheckpointError, load_model
 
+    from osp.quant import QuantConfig, QuantConfigError
+
     args = parse_args(argv)
+    if args.quant:  # a typo fails in a second, before the model and the data are loaded
+        try:
+            QuantConfig.from_preset(args.quant)
+        except QuantConfigError as err:
+            print(f"osp eval: error: --quant {args.quant}: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
     model_path = Path(args.model)
     try:
         model, tokenizer = load_model(model_path, device=args.device, tokenizer=args.tokenizer)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -74,7 +76,14 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 out = export_hf(model, args.out_dir, tokenizer=tokenizer, force=args.force,
                                 max_shard_size=args.max_shard_size or "5GB", dtype=args.dtype)
+    except PermissionError as err:  # EACCES / EPERM; writes go to a staging sibling of OUT, in its folder
+        where = Path(err.filename).parent if err.filename else Path(args.out_dir).parent
+        print(f"osp export: error: cannot write in {where} ({os.strerror(err.errno)}); choose a writable OUT",
+              file=sys.stderr)
+        raise SystemExit(1) from err
     except (CheckpointError, OSError, ValueError) as err:
+        if isinstance(err, OSError) and err.errno == errno.EROFS:
+            err = f"cannot write {err.filename} (read-only file system); choose a writable OUT"
         print(f"osp export: error: {err}", file=sys.stderr)
         raise SystemExit(1) from err
     for warning in caught:

@@ -12,6 +12,7 @@ import logging
 import os
 import pickle
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +179,9 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], source: Path) 
 
 
 def _torch_load(path: Path) -> Any:
+    if path.is_file() and not zipfile.is_zipfile(path):  # torch's own error would be about mmap
+        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint (truncated, or not a file "
+                              "torch.save wrote)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError:

@@ -13,6 +13,7 @@ import pickle
 import random
 import shutil
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +72,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
-        except BaseException:
+        except BaseException as err:
             staging.unlink(missing_ok=True)
+            # A failed write() (disk full, quota) names no file; torch.save may wrap it in a RuntimeError.
+            fault = err if isinstance(err, OSError) else err.__context__
+            if isinstance(fault, OSError) and fault.filename is None and fault.errno is not None:
+                raise OSError(fault.errno, os.strerror(fault.errno), str(final)) from None
             raise
         replace_path(staging, final)
 
@@ -86,6 +91,9 @@ def checkpoint_metadata(path: Path) -> dict[str, Any]:
     """Everything but the tensors of a Lightning checkpoint (file or distributed folder): global_step,
     loops, callbacks, osp's extras. Files are memory-mapped, so their tensors are not read."""
     target = path / DISTRIBUTED_META if path.is_dir() else path
+    if target.is_file() and not zipfile.is_zipfile(target):  # torch's own error would be about mmap
+        raise ValueError(f"{target} is truncated or not a PyTorch checkpoint (not a complete torch.save "
+                         "archive)")
     try:
         return torch.load(target, map_location="cpu", weights_only=True, mmap=target.is_file())
     except pickle.UnpicklingError:  # objects the safe loader refuses; osp only reads its own runs' files

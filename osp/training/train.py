@@ -7,6 +7,7 @@ rank 0 alone writes `.hydra/`, the job log, metrics, plots, the tokenizer, the e
 
 from __future__ import annotations
 
+import copy
 import errno
 import math
 import os
@@ -66,11 +67,25 @@ def preflight(cfg: DictConfig) -> None:
     max_steps = cfg.trainer.get("max_steps")
     if not isinstance(max_steps, int) or max_steps <= 0:
         raise ConfigError(f"trainer.max_steps must be a positive integer (the schedule spans it), got {max_steps!r}")
+    for key in ("val_check_interval", "accumulate_grad_batches"):  # Lightning would divide by zero
+        value = cfg.trainer.get(key)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if value is not None and (not number or value <= 0):
+            raise ConfigError(f"trainer.{key} must be a positive number, got {value!r}")
     if cfg.trainer.get("strategy") in ("fsdp", "fsdp_cpu_offload"):
         raise ConfigError(f"trainer.strategy={cfg.trainer.strategy!r} is Lightning's FSDP1 wrapper, which "
                           "osp does not support; use trainer=fsdp (FSDP2)")
     build_model_config(cfg, vocab_size=1)
+    seq_len, max_seq_len = cfg.data.get("seq_len"), cfg.model.get("max_seq_len")
+    if isinstance(seq_len, int) and isinstance(max_seq_len, int) and seq_len > max_seq_len:
+        raise ConfigError(f"data.seq_len={seq_len} exceeds model.max_seq_len={max_seq_len}; lower "
+                          "data.seq_len or raise model.max_seq_len")
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={accelerator} but this machine has no usable CUDA GPU; "
+                          "train on the CPU with trainer=cpu")
     try:
+        resolve_precision(cfg.trainer.get("precision", AUTO), accelerator)
         optim_config(cfg.optim)
         dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
         build_scheduler(dummy, cfg.optim, max_steps)
@@ -116,6 +131,36 @@ def read_resume_checkpoint(ckpt_path: str) -> dict[str, Any]:
                           "resume from another checkpoint of the run (resume=PATH) or start a new run") from None
 
 
+def check_resume_config(cfg: DictConfig, ckpt_path: str) -> None:
+    """The config half of `check_resume`, before Hydra starts: a refused resume must not replace the run's
+    .hydra/ record with the refused settings. The data fingerprints are compared in `train`."""
+    stored = read_resume_checkpoint(ckpt_path).get("osp", {}).get("run")
+    if not stored:
+        return
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):  # as `train` records it
+        cfg.trainer.precision = resolve_precision(cfg.trainer.get("precision", AUTO),
+                                                  str(cfg.trainer.get("accelerator", "auto")))
+    record = run_record(cfg, stored.get("source_fingerprint"), stored.get("tokenizer_fingerprint"))
+    check_resume(stored, record, list(cfg.get("resume_allow") or []), ckpt_path,
+                 str(Path(cfg.run_dir) / "tokenizer"))
+
+
+def check_shapes(module: LanguageModelModule, resumed: dict[str, Any], ckpt_path: str) -> None:
+    """Refuse a checkpoint whose weights do not fit the model before anything of the run is written (a
+    resume's CSV logger trims metrics.csv to the checkpoint's step as it starts)."""
+    own = module.state_dict()
+    stored = resumed.get("state_dict") or {}  # empty for a distributed checkpoint's meta.pt
+    mismatched = [f"size mismatch for {key}: {tuple(value.shape)} in the checkpoint, {tuple(own[key].shape)} "
+                  "in this model" for key, value in stored.items()
+                  if key in own and torch.is_tensor(value) and value.shape != own[key].shape]
+    if mismatched:
+        more = f" and {len(mismatched) - 1} more" if len(mismatched) > 1 else ""
+        raise ConfigError(f"resume from {ckpt_path}: the checkpoint does not fit this model "
+                          f"({mismatched[0]}{more}); resume with the model settings it was trained with, or "
+                          "start a new run")
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job described by a composed config; returns the end-of-run summary.
 
@@ -140,6 +185,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         accepted = check_resume(resumed.get("osp", {}).get("run"), record, list(cfg.get("resume_allow") or []),
                                 ckpt_path, str(run_dir / "tokenizer"))
     module = build_module(cfg, datamodule.vocab_size, record)
+    if resumed is not None:
+        check_shapes(module, resumed, ckpt_path)
     trainer = build_trainer(cfg, run_dir, build_callbacks(cfg), build_loggers(cfg, run_dir, resumed))
     if trainer.is_global_zero:
         # Beside the checkpoints, so export and eval find the tokenizer from the run dir alone.
@@ -197,7 +244,10 @@ def collect_summary(cfg: DictConfig, trainer: L.Trainer, module: LanguageModelMo
         "tokens_seen": int(module.tokens_seen),
         "wall_seconds": wall,
         "precision": str(cfg.trainer.precision),
-        "train_loss": metrics.get("train/loss"),
+        # The logged mean over ranks is gone once the end-of-run validation resets the metrics; then
+        # the last step's loss on this rank.
+        "train_loss": metrics.get("train/loss",
+                                  None if module.last_loss is None else float(module.last_loss)),
         "val_loss": val_loss,
         "val_ppl": math.exp(min(val_loss, 50.0)) if val_loss is not None else None,
         "ln_vocab": math.log(module.model_cfg.vocab_size),
@@ -273,8 +323,15 @@ def root_cause(err: BaseException) -> BaseException:
     return err
 
 
+_LAUNCH_ARGV: list[str] = []  # the command line as started (`osp train ...`), set by main
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=TRAIN_CONFIG)
 def _hydra_main(cfg: DictConfig) -> None:
+    if _LAUNCH_ARGV:
+        sys.argv = list(_LAUNCH_ARGV)  # what Lightning re-runs for the other devices' processes
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     from osp.data.sources import DataError
     from osp.training.callbacks.stability import NonFiniteLossError
 
@@ -289,6 +346,9 @@ def _hydra_main(cfg: DictConfig) -> None:
         if launch_rank() == 0:
             print(f"osp train: {stop.describe(str(cfg.run_name))}", file=sys.stderr)
         raise SystemExit(stop.exit_code) from None
+    except MisconfigurationException as err:  # a trainer setting Lightning refuses
+        print(f"osp train: error: {one_line(err)} (check the trainer.* settings)", file=sys.stderr)
+        raise SystemExit(1) from None
     except (OSError, RuntimeError) as err:
         message = fault_message(root_cause(err)) or fault_message(err)
         if message is None:
@@ -313,8 +373,11 @@ def start_checks(args: list[str]) -> RunLock | None:
         cfg = compose(args)
         preflight(cfg)
         run_dir = Path(cfg.run_dir)
-        if resolve_resume(cfg.resume, run_dir) is None:
+        ckpt_path = resolve_resume(cfg.resume, run_dir)
+        if ckpt_path is None:
             rundir.check_fresh(run_dir, str(cfg.run_name), cfg.resume)
+        else:
+            check_resume_config(cfg, ckpt_path)
         lock = RunLock(run_dir)
         lock.acquire()
     except (HydraException, OmegaConfBaseException, ConfigError, FileNotFoundError, ValueError) as err:
@@ -334,9 +397,16 @@ def main(argv: list[str] | None = None) -> None:
     if launch_rank() > 0:
         # Only rank 0 writes .hydra/ and the job log; the other ranks log to their console.
         args += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    # Hydra reads its overrides from sys.argv; _hydra_main puts the real command line back for Lightning,
+    # which starts the processes of other devices (trainer.devices > 1 without torchrun) by re-running it.
+    _LAUNCH_ARGV[:] = sys.argv
     sys.argv = [sys.argv[0], *args]
     try:
         _hydra_main()
     finally:
         if lock is not None:
             lock.release()
+
+
+if __name__ == "__main__":  # python -m osp.training.train (Lightning re-runs it so, see main)
+    main()

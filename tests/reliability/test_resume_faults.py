@@ -1,0 +1,124 @@
+"""Resuming a run: changed settings, shapes and data are refused in one line; allowed changes, a killed
+checkpoint write and a new checkpoint interval resume from the last good checkpoint."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from osp.export import load_model
+from osp.training.checkpoints import checkpoint_step
+from osp.training.rundir import ARTEFACTS
+
+from .conftest import RUN, error_line, osp, snapshot, strict_json, tiny_overrides, train_args
+
+
+def test_changed_config_lists_every_difference_and_names_resume_allow(corpus, run_copy):
+    before = snapshot(run_copy)
+    proc = osp(*train_args(corpus, run_copy.parent, "resume=auto", "optim=muon", "model.rope_theta=500.0"))
+    line = error_line(proc)
+    assert "this run differs from the checkpoint's" in line
+    assert "model.rope_theta: 10000.0 -> 500.0" in line and "optim.name: 'adamw' -> 'muon'" in line
+    assert "resume_allow=[" in line and "model.rope_theta" in line.split("resume_allow=[")[1]
+    assert snapshot(run_copy) == before
+
+
+def test_resume_allow_accepts_the_named_change(corpus, run_copy):
+    proc = osp(*train_args(corpus, run_copy.parent, "resume=auto", "optim.lr=1e-3",
+                           "resume_allow=[optim.lr]"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resume accepts optim.lr: 0.003 -> 0.001 (resume_allow)" in proc.stdout
+    assert f"resuming from {run_copy / 'checkpoints' / 'last.ckpt'} (step 4)" in proc.stdout
+    assert strict_json(run_copy / "summary.json")["status"] == "finished"
+
+
+def test_changed_shape_is_one_line_not_a_size_mismatch_traceback(corpus, run_copy):
+    """Accepted by resume_allow, the new shape fails when the weights load: .hydra/ then holds the new
+    settings (as for any resume that got that far), the run's artefacts stay as they were."""
+    before = snapshot(run_copy, ARTEFACTS)
+    proc = osp(*train_args(corpus, run_copy.parent, "resume=auto", "model.d_model=32",
+                           "resume_allow=[model]"))
+    line = error_line(proc)
+    assert "the checkpoint does not fit this model" in line and "size mismatch" in line
+    assert "model settings it was trained with" in line
+    assert snapshot(run_copy, ARTEFACTS) == before
+
+
+def test_appended_training_text_refuses_resume_and_keeps_the_run_tokenizer(corpus, tmp_path):
+    folder = tmp_path / "corpus"
+    shutil.copytree(corpus["paths"].rsplit("/", 1)[0], folder)
+    data = {"paths": str(folder / "*.txt"), "cache": corpus["cache"]}
+    args = ["train", *tiny_overrides(data, tmp_path / "runs", "trainer.max_steps=4", "run_name=data",
+                                     "~callbacks.export", "~callbacks.quant_eval", "~callbacks.outliers")]
+    assert osp(*args).returncode == 0
+    run_dir = tmp_path / "runs" / "data"
+    # .hydra/ is rewritten (it records resume=auto); the artefacts must not be
+    tokenizer, before = snapshot(run_dir / "tokenizer"), snapshot(run_dir, ARTEFACTS)
+    with open(folder / "doc000.txt", "a") as handle:
+        handle.write("\nthe cat sat on the mat. " * 20)
+    line = error_line(osp(*args, "resume=auto"))
+    assert "data: 'the data the run started with' -> 'changed files or dataset'" in line
+    assert "resume_allow=[data]" in line and f"data.tokenizer={run_dir / 'tokenizer'}" in line
+    assert snapshot(run_dir / "tokenizer") == tokenizer and snapshot(run_dir, ARTEFACTS) == before
+
+
+def test_kill_9_during_a_checkpoint_write_resumes_from_the_last_good_one(corpus, run_copy):
+    """A real SIGKILL while torch.save writes step0000006.ckpt.tmp; resume=auto removes it."""
+    more = ["resume=auto", "trainer.max_steps=8", "resume_allow=[trainer.max_steps]"]
+    killed = osp(*train_args(corpus, run_copy.parent, *more,
+                             "+callbacks.fail._target_=tests.training.helpers.FailSaveAt",
+                             "+callbacks.fail.step=6", "+callbacks.fail.fault=kill"))
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    checkpoints = run_copy / "checkpoints"
+    assert (checkpoints / "step0000006.ckpt.tmp").exists() and not (checkpoints / "step0000006.ckpt").exists()
+    good = {name: snapshot(checkpoints)[name] for name in ("step0000002.ckpt", "step0000004.ckpt")}
+    proc = osp(*train_args(corpus, run_copy.parent, *more))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "osp: removed step0000006.ckpt.tmp" in proc.stdout and "interrupted" in proc.stdout
+    assert "(step 4)" in proc.stdout  # resumed from the last complete checkpoint
+    assert not list(checkpoints.glob("*.tmp"))
+    assert checkpoint_step(checkpoints / "last.ckpt") == 8
+    assert {name: snapshot(checkpoints)[name] for name in good} == good
+
+
+def test_new_checkpoint_interval_keeps_last_ckpt_the_newest(corpus, run_copy):
+    proc = osp(*train_args(corpus, run_copy.parent, "resume=auto", "trainer.max_steps=6",
+                           "resume_allow=[trainer.max_steps]", "callbacks.checkpoint.every_n_train_steps=3"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    checkpoints = run_copy / "checkpoints"
+    names = sorted(p.name for p in checkpoints.iterdir())
+    assert names == ["last.ckpt", "step0000002.ckpt", "step0000004.ckpt", "step0000006.ckpt"], names
+    last = checkpoints / "last.ckpt"
+    assert checkpoint_step(last) == 6
+    summary = strict_json(run_copy / "summary.json")
+    assert summary["checkpoint"] == str(last.resolve()) and summary["steps"] == 6
+    exported, _ = load_model(run_copy / "export")
+    trained, _ = load_model(last)
+    for name, tensor in trained.state_dict().items():
+        assert torch.equal(exported.state_dict()[name], tensor), name
+
+
+@pytest.fixture(params=["truncated", "random"])
+def damaged(request, trained, tmp_path):
+    path = tmp_path / f"{request.param}.ckpt"
+    data = (trained / "checkpoints" / "last.ckpt").read_bytes()
+    noise = torch.randint(0, 256, (50_000,), dtype=torch.uint8).numpy().tobytes()
+    path.write_bytes(data[: len(data) // 2] if request.param == "truncated" else noise)
+    return path
+
+
+@pytest.mark.parametrize("command", ["train", "export", "eval"])
+def test_damaged_checkpoint_is_one_line_naming_the_file(corpus, damaged, command, tmp_path):
+    if command == "train":
+        proc = osp(*train_args(corpus, tmp_path / "runs", f"resume={damaged}"))
+    elif command == "export":
+        proc = osp("export", str(damaged), str(tmp_path / "out"))
+    else:
+        proc = osp("eval", str(damaged))
+    line = error_line(proc, f"osp {command}: error: ")
+    assert str(damaged) in line and "truncated" in line and "PyTorch checkpoint" in line
+    assert "mmap" not in line and "zipfile" not in line
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "runs" / RUN / "checkpoints").exists()
