@@ -252,6 +252,9 @@ def collect_summary(cfg: DictConfig, trainer: L.Trainer, module: LanguageModelMo
         "val_ppl": math.exp(min(val_loss, 50.0)) if val_loss is not None else None,
         "ln_vocab": math.log(module.model_cfg.vocab_size),
         "d_model": module.model_cfg.d_model,
+        "optimizer": str(cfg.optim.name),
+        "norm": module.model_cfg.norm,
+        "emb_proj": module.model_cfg.emb_proj,
         "params": module.model.num_params(),
         "world_size": trainer.world_size,
     }
@@ -279,13 +282,14 @@ def format_summary(s: dict[str, Any]) -> str:
     if s.get("skipped_steps"):
         lines.append(f"skipped steps  {s['skipped_steps']} (non-finite loss or gradient)")
     if "kurtosis" in s:
-        lines.append(f"kurtosis       {fmt('kurtosis')}   (Gaussian floor at d={s['d_model']}: "
-                     f"{fmt('kurtosis_floor', '.3f')}; osp_exact {fmt('kurtosis_exact')})")
+        lines.append(f"kurtosis       {fmt('kurtosis')} = {fmt('kurtosis_floor_ratio', '.3g')}x the Gaussian floor "
+                     f"{fmt('kurtosis_floor', '.3f')} at d={s['d_model']}   (osp_exact {fmt('kurtosis_exact')})")
     if "max_abs" in s:
         lines.append(f"max |h|        {fmt('max_abs', '.1f')}")
     if "ppl_w4a4" in s:
         lines.append(f"W4A4 ppl       {fmt('ppl_w4a4', '.2f')}   (fp {fmt('ppl_fp', '.2f')}, "
                      f"ratio {fmt('quant_ratio', '.3f')})")
+    lines += outlier_story(s)
     lines.append(f"checkpoint     {s['checkpoint'] or 'none'}")
     if s.get("export_dir"):
         lines.append(f"export         {s['export_dir']}")
@@ -294,6 +298,34 @@ def format_summary(s: dict[str, Any]) -> str:
     width = max(len(line) for line in lines)
     bar = "=" * width
     return "\n".join([bar, "osp summary".center(width), bar, *lines, bar])
+
+
+# Kurtosis as a multiple of the Gaussian floor (what Gaussian activations of this width give): up to
+# OUTLIER_FREE the activations look Gaussian (OSP's 1.4B model: 1x); beyond HEAVY_OUTLIERS they have the
+# heavy tails that break 4-bit activations (OSP's AdamW 1.4B model: 4.4e4x; the tiny AdamW demo: ~80x).
+OUTLIER_FREE, HEAVY_OUTLIERS = 3.0, 10.0
+
+
+def outlier_story(s: dict[str, Any]) -> list[str]:
+    """The verdict on the run's activations and the command that trains the other arm of the A/B."""
+    ratio = s.get("kurtosis_floor_ratio")
+    if ratio is None:
+        return []
+    if ratio <= OUTLIER_FREE:
+        verdict = f"outlier-free: activations are Gaussian-like (kurtosis within {OUTLIER_FREE:g}x the floor)"
+    elif ratio < HEAVY_OUTLIERS:
+        verdict = f"some outliers: kurtosis {ratio:.3g}x the floor"
+    else:
+        verdict = (f"heavy outliers: kurtosis {ratio:.3g}x the floor, max |h| {s.get('max_abs') or 0:.0f}; "
+                   "4-bit activations clip or lose these tails")
+    lines = [f"verdict        {verdict}"]
+    baseline = s.get("optimizer") == "adamw" and s.get("norm") == "rms" and not s.get("emb_proj")
+    other = "osp" if baseline else "tiny"
+    if s.get("recipe") in ("tiny", "osp"):  # the demo A/B: the other arm, same data, budget and lr
+        what = "the outlier-safe arm (Muon + SSNorm + EmbProj)" if baseline else "the AdamW baseline arm"
+        lines.append(f"A/B            {what}: osp train recipe={other}")
+        lines.append(f"               then: osp report {s['run_dir']} {Path(s['run_dir']).parent / other}-*")
+    return lines
 
 
 def fault_message(err: BaseException) -> str | None:
