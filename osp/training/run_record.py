@@ -50,8 +50,11 @@ def differences(stored: dict[str, Any], current: dict[str, Any]) -> list[tuple[s
     """(key, stored value, current value) for every config key that differs, FREE keys left out."""
     missing = object()
     rows = []
+    # data.vocab_size sizes a BPE trained on the corpus; a pretrained tokenizer ignores it (its own size is
+    # compared through the tokenizer fingerprint).
+    ignored = () if current.get("data.tokenizer", "bpe") == "bpe" else ("data.vocab_size",)
     for key in sorted(set(stored) | set(current)):
-        if _matches(key, FREE):
+        if _matches(key, FREE) or key in ignored:
             continue
         before, after = stored.get(key, missing), current.get(key, missing)
         if before != after:

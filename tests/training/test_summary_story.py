@@ -34,3 +34,4 @@ def test_thresholds_and_runs_outside_the_demo():
     s = {**BASE, "recipe": "muon", "kurtosis_floor_ratio": between, "max_abs": 10.0}
     assert outlier_story(s) == [f"verdict        some outliers: kurtosis {between:.3g}x the floor"]  # no A/B
     assert outlier_story({**BASE}) == []  # no outlier measurement: nothing to say
+
