@@ -316,8 +316,8 @@ def outlier_story(s: dict[str, Any]) -> list[str]:
     elif ratio < HEAVY_OUTLIERS:
         verdict = f"some outliers: kurtosis {ratio:.3g}x the floor"
     else:
-        verdict = (f"heavy outliers: kurtosis {ratio:.3g}x the floor, max |h| {s.get('max_abs') or 0:.0f}; "
-                   "4-bit activations clip or lose these tails")
+        verdict = (f"heavy outliers: kurtosis {ratio:.3g}x the floor, max |h| {s.get('max_abs') or 0:.0f} "
+                   "(at 1B scale such tails wreck 4-bit activations)")
     lines = [f"verdict        {verdict}"]
     baseline = s.get("optimizer") == "adamw" and s.get("norm") == "rms" and not s.get("emb_proj")
     other = "osp" if baseline else "tiny"
