@@ -10,6 +10,8 @@ from osp.optim.schedules import DECAY_SHAPES, SCHEDULES
 OPTIMIZERS = ("adamw", "muon", "root")
 ROLES = ("embedding", "head", "matrix", "gain", "bias")
 UPDATE_SCALES = ("moonlight", "keller")
+# ROOT, shapes without a published entry: osp's fitted Newton-Schulz coefficients, or Muon's (ROOT's own code)
+NS_FITS = ("fitted", "muon")
 NS_DTYPES = ("bf16", "fp32", "fp16", "bfloat16", "float32", "float16")
 
 # Defaults of every key; a config file only needs the keys it changes.
@@ -32,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "update_scale": "moonlight",
     "clip_quantile": 0.9,
     "clip_eps": 1e-9,
+    "ns_fit": "fitted",
     "adamw_lr": None,
     "adamw_betas": None,
     "adamw_weight_decay": None,
@@ -96,6 +99,7 @@ def optim_config(cfg: Any) -> dict[str, Any]:
     _choice(c, "decay_shape", DECAY_SHAPES)
     _choice(c, "update_scale", UPDATE_SCALES)
     _choice(c, "ns_dtype", NS_DTYPES)
+    _choice(c, "ns_fit", NS_FITS)
     if not isinstance(c["nesterov"], bool):
         raise ValueError(f"optim.nesterov={c['nesterov']!r} must be true or false")
     _number(c, "lr", 0.0, float("inf"))

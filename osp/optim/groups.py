@@ -74,7 +74,8 @@ def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
     if c["name"] == "adamw":
         # Extra group keys (name, algorithm) are kept by torch optimizers and read by describe_groups.
         return torch.optim.AdamW(groups, lr=c["lr"], betas=c["betas"], eps=c["eps"], weight_decay=c["weight_decay"])
-    return MATRIX_OPTIMIZERS[c["name"]](groups, lr=c["lr"], weight_decay=c["weight_decay"])
+    extra = {"fit_missing": c["ns_fit"] == "fitted"} if c["name"] == "root" else {}
+    return MATRIX_OPTIMIZERS[c["name"]](groups, lr=c["lr"], weight_decay=c["weight_decay"], **extra)
 
 
 def describe_groups(optimizer: torch.optim.Optimizer) -> str:

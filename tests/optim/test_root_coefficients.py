@@ -102,3 +102,24 @@ def test_fit_missing_false_is_the_official_code_muon_fallback():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert ROOT([nn.Parameter(torch.zeros(2, 2))])._coefficients(torch.Size([256, 768])) == ns_coefficients(256, 768)
+
+
+def test_ns_fit_config_chooses_fitted_or_muon_coefficients_for_unlisted_shapes():
+    from torch import nn
+
+    from osp.optim import build_optimizer
+    from osp.optim.root import ROOT
+
+    class Tiny(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(24, 40, bias=False)
+
+        def parameter_roles(self):
+            return {"proj.weight": "matrix"}
+
+    fitted = build_optimizer(Tiny(), {"name": "root"})
+    fallback = build_optimizer(Tiny(), {"name": "root", "ns_fit": "muon"})
+    assert isinstance(fitted, ROOT) and fitted.fit_missing and not fallback.fit_missing
+    with pytest.raises(ValueError, match="optim.ns_fit='exact' is not supported; allowed: fitted, muon"):
+        build_optimizer(Tiny(), {"name": "root", "ns_fit": "exact"})
