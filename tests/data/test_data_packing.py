@@ -11,7 +11,7 @@ import torch
 
 from osp.data.packing import (PackedBlocks, cached_shard, load_shard, pack_stream, require_blocks, sidecar,
                               write_shard)
-from osp.data.sources import DataError
+from osp.data.sources import DataError, DataWarning
 
 EOS = 0
 
@@ -53,7 +53,8 @@ def test_incomplete_shards_are_not_loaded(tmp_path):
     write_shard(tmp_path / "s.bin", _docs([8]), dtype=np.dtype(np.uint16), eos_id=EOS)
     with open(tmp_path / "s.bin", "r+b") as f:
         f.truncate(6)
-    assert load_shard(tmp_path / "s.bin") is None
+    with pytest.warns(DataWarning, match="damaged cache entry"):
+        assert load_shard(tmp_path / "s.bin") is None
     sidecar(tmp_path / "s.bin").unlink()
     assert load_shard(tmp_path / "s.bin") is None
 

@@ -11,7 +11,7 @@ import pytest
 from data_builders import generated_documents
 
 from osp.data import sources
-from osp.data.sources import DataError, DemoCorpus, HubDataset, LocalFiles, build_source
+from osp.data.sources import DataError, DataWarning, DemoCorpus, HubDataset, LocalFiles, build_source
 
 
 def test_demo_corpus_extracts_splits_and_caches(tmp_path, demo_debs):
@@ -47,7 +47,8 @@ def test_demo_corpus_rebuilds_a_damaged_cache(tmp_path, demo_debs):
     corpus = DemoCorpus(cache_dir=str(tmp_path / "c"), deb_dir=str(demo_debs))
     emma = corpus.files("train")[0]
     emma.write_text("truncated")
-    assert corpus.files("train")[0].read_text().startswith("EMMA")
+    with pytest.warns(DataWarning, match=r"emma\.txt: damaged cache entry"):
+        assert corpus.files("train")[0].read_text().startswith("EMMA")
 
 
 def test_demo_corpus_missing_debs_explain_what_to_do(tmp_path):
