@@ -103,13 +103,13 @@ def divisible(fn, names) -> dict:
 
 # --- clipped attention -------------------------------------------------------------------------------
 
-_TRITON_DTYPE = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 _ATTN_POINTERS = {
     "fwd": ("Q", "K", "V", "O", "LSE"),
     "dq": ("Q", "K", "V", "DO", "LSE", "DELTA", "DQ"),
     "dkdv": ("Q", "K", "V", "DO", "LSE", "DELTA", "DK", "DV"),
 }
 _FP32_POINTERS = {"LSE", "DELTA", "DK", "DV"}  # always fp32, whatever the input dtype
+# Dtypes are named as Triton's signature types ("bf16", "fp16", "fp32"): "*" + dtype is a pointer to one.
 
 
 def _record(out: Compiled, **case) -> dict:
@@ -133,7 +133,7 @@ def attention_case(kernel: str, dtype: str, head_dim: int, arch: int) -> dict:
     cfg = ca.launch_config(kernel, torch_dtype, head_dim, interpreted=False)
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     pointers = _ATTN_POINTERS[kernel]
-    signature = {p: "*fp32" if p in _FP32_POINTERS else "*" + _TRITON_DTYPE[dtype] for p in pointers}
+    signature = {p: "*fp32" if p in _FP32_POINTERS else "*" + dtype for p in pointers}
     signature.update(T="i32", H="i32", HKV="i32", D="i32", scale="fp32", gamma="fp32", zeta="fp32")
     out = compile_kernel(fn, signature, cfg, arch, num_warps, num_stages,
                          attrs=divisible(fn, (*pointers, "T", "D")))
@@ -186,7 +186,7 @@ def quant_case(mode: str, dtype: str, arch: int) -> dict:
     bk = triton.next_power_of_2(k)
     g, num_g = (bk, 1) if group is None else (group, k // group)
     bm, num_warps = rows_launch(TOKENS, bk)
-    x = "*" + _TRITON_DTYPE[dtype]
+    x = "*" + dtype
     pointers = ("x_ptr", "codes_ptr", "scale_ptr", "zero_ptr", "fake_ptr")
     signature = dict(zip(pointers, (x, x, x, x, x) if fake else (x, "*i8", "*fp32", "*fp32", "*fp32")))
     signature.update(M="i32", K="i32", stride_x="i32", stride_c="i32", clip="fp32", had_scale="fp32")
@@ -215,7 +215,7 @@ def fwht_case(n: int, dtype: str, arch: int) -> dict:
     fk = importlib.import_module("osp.quant.kernels.fwht")  # the package exports the function `fwht`
 
     bm, num_warps = rows_launch(TOKENS, n)
-    x = "*" + _TRITON_DTYPE[dtype]
+    x = "*" + dtype
     fn = fk._fwht_kernel
     out = compile_kernel(fn, dict(x_ptr=x, y_ptr=x, M="i32", stride_x="i32", stride_y="i32", scale="fp32"),
                          dict(BM=bm, N=n, LOG_N=n.bit_length() - 1), arch, num_warps, 1,
@@ -233,7 +233,7 @@ def gemm_case(config: int, group_size: int | None, out_dtype: str, arch: int) ->
     cfg = configs[config]
     grouped = group_size is not None
     pointers = ("a_ptr", "w_ptr", "sa_ptr", "za_ptr", "sw_ptr", "ws_ptr", "bias_ptr", "out_ptr")
-    types = ("*i8", "*i8", "*fp32", "*fp32", "*fp32", "*i32", "*fp32", "*" + _TRITON_DTYPE[out_dtype])
+    types = ("*i8", "*i8", "*fp32", "*fp32", "*fp32", "*i32", "*fp32", "*" + out_dtype)
     signature = dict(zip(pointers, types))
     signature.update(M="i32", N="i32", KP="i32", stride_am="i32", stride_wn="i32", stride_om="i32")
     constexprs = dict(cfg.kwargs, HAS_BIAS=False, GROUPED=grouped)

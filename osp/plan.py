@@ -235,13 +235,14 @@ def make_plan(cfg: DictConfig, gpu: str = "h100", gpus_per_node: int = 8, mfu: f
     with torch.device("meta"):
         model = Transformer(model_cfg)
     n_params = model.num_params()
-    optimizer_states = sum(STATES_PER_PARAM[g["algorithm"]] * sum(p.numel() for p in g["params"])
-                           for g in param_groups(model, cfg.optim))
-    adam_params = sum(sum(p.numel() for p in g["params"]) for g in param_groups(model, cfg.optim)
-                      if g["algorithm"] == "adamw")
+    numels: dict[str, list[int]] = {}  # parameter sizes by the algorithm that updates them
+    for group in param_groups(model, cfg.optim):
+        numels.setdefault(group["algorithm"], []).extend(p.numel() for p in group["params"])
+    optimizer_states = sum(STATES_PER_PARAM[algorithm] * sum(sizes) for algorithm, sizes in numels.items())
+    adam_numels = numels.get("adamw", [])
     # Muon/ROOT orthogonalize whole matrices (gathered under FSDP2): scratch of the largest one
-    matrix_numel = max((p.numel() for g in param_groups(model, cfg.optim) if g["algorithm"] != "adamw"
-                        for p in g["params"]), default=0)
+    matrix_numel = max((n for algorithm, sizes in numels.items() if algorithm != "adamw" for n in sizes),
+                       default=0)
     flops_per_token = model.flops_per_token(seq_len)
     activations = measure_activations(model.to(compute_dtype), batch, seq_len)
 
@@ -264,10 +265,8 @@ def make_plan(cfg: DictConfig, gpu: str = "h100", gpus_per_node: int = 8, mfu: f
         shard_b = (2 * max(block_sizes) + rest) * compute_dtype.itemsize + max(block_sizes) * 4
     # Adam's step temporaries: a whole group's worth where it runs foreach (osp's Adam inside Muon/ROOT
     # always; torch.optim.AdamW on CUDA), else one tensor's. Newton-Schulz: a few copies of the largest matrix.
-    adam_numels = [p.numel() for g in param_groups(model, cfg.optim) if g["algorithm"] == "adamw"
-                   for p in g["params"]]
     foreach = device_type == "cuda" or cfg.optim.get("name") != "adamw"
-    adam_scratch = adam_params if foreach else max(adam_numels, default=0)
+    adam_scratch = sum(adam_numels) if foreach else max(adam_numels, default=0)
     scratch_b = math.ceil(adam_scratch * stored_bytes / shards) + 4 * matrix_numel * 4
     checkpointing = bool(cfg.get("activation_checkpointing", False))
 

@@ -302,7 +302,7 @@ def format_summary(s: dict[str, Any]) -> str:
 
 # Kurtosis as a multiple of the Gaussian floor (what Gaussian activations of this width give): up to
 # OUTLIER_FREE the activations look Gaussian (OSP's 1.4B model: 1x); beyond HEAVY_OUTLIERS they have the
-# heavy tails that break 4-bit activations (OSP's AdamW 1.4B model: 4.4e4x; the tiny AdamW demo: ~80x).
+# heavy tails that break 4-bit activations (OSP's AdamW 1.4B model: 4.4e4x; the tiny AdamW demo: ~70x).
 OUTLIER_FREE, HEAVY_OUTLIERS = 3.0, 10.0
 
 
