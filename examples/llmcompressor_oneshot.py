@@ -87,7 +87,7 @@ def calibration_ids(args: argparse.Namespace, tokenizer, seq_len: int) -> list[l
     """Sequences of seq_len token ids: the texts packed end to end (EOS between them), or a run's blocks."""
     if args.calib_run is not None:
         try:
-            from osp.evaluate import build_datamodule
+            from osp.cli.eval import build_datamodule
         except ImportError:
             raise SystemExit("llmcompressor_oneshot: --calib-run needs osp importable here (pip install -e "
                              "<osp checkout>, or PYTHONPATH=<osp checkout>); or pass --calib-file") from None

@@ -10,7 +10,7 @@
 #   TRAINER    trainer=<name> (ddp | fsdp)   default: fsdp
 #   RUN_NAME   run dir under runs_root       default: <RECIPE>-<date>-<time>, fixed here once for all ranks
 #   TORCHRUN   the torchrun command          default: torchrun
-# Every argument is passed through to `python -m osp.train` after the launcher's own overrides, so it
+# Every argument is passed through to `python -m osp train` after the launcher's own overrides, so it
 # wins over them (e.g. `resume=null`, `trainer.precision=32-true`).
 # The run always starts with resume=auto: a fresh RUN_NAME starts at step 0, an existing one continues
 # from its newest checkpoint (after a crash, a SIGTERM, or a finished run given more trainer.max_steps).
@@ -53,7 +53,7 @@ for sig in TERM INT HUP QUIT USR1; do trap "forward ${sig}" "${sig}"; done
 # which saves checkpoints/last.ckpt at the next step and exits; --shutdown-timeout gives it the time.
 ${TORCHRUN} --standalone --nproc-per-node="${NGPU}" \
     --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout=120 \
-    -m osp.train recipe="${RECIPE}" trainer="${TRAINER}" run_name="${RUN_NAME}" resume=auto "$@" 2>&3 &
+    -m osp train recipe="${RECIPE}" trainer="${TRAINER}" run_name="${RUN_NAME}" resume=auto "$@" 2>&3 &
 pid=$!
 status=0
 while true; do  # `wait` returns early when a trapped signal arrives; torchrun is still shutting down then

@@ -24,12 +24,9 @@ tests/training/test_plan.py checks the estimate against torch's MemTracker on re
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import math
-import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 from unittest import mock
 
@@ -212,7 +209,7 @@ def make_plan(cfg: DictConfig, gpu: str = "h100", gpus_per_node: int = 8, mfu: f
     device_type "cpu" models the CPU's optimizer step (torch's AdamW runs per tensor there), for the test
     that checks the estimate against real CPU steps."""
     from osp.optim import param_groups
-    from osp.training.train import build_model_config
+    from osp.training.run import build_model_config
 
     if gpu not in GPUS:
         raise ConfigError(f"--gpu {gpu!r} is not known; choose one of {', '.join(GPUS)}")
@@ -347,32 +344,3 @@ def format_plan(p: Plan, cfg: DictConfig) -> str:
                      f"try {hint}a smaller data.batch_size (with more trainer.accumulate_grad_batches), "
                      "or trainer=fsdp on more GPUs")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    from osp.conf import compose
-
-    parser = argparse.ArgumentParser(
-        prog="osp plan", description="Parameters, memory per device, FLOPs and time of a train config on GPUs "
-        "(model built on the meta device; nothing is allocated).")
-    parser.add_argument("overrides", nargs="*", help="train config overrides, as for osp train")
-    parser.add_argument("--gpu", default="h100", choices=sorted(GPUS))
-    parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization assumed (default 0.4)")
-    parser.add_argument("--vocab-size", type=int, help="the model's vocabulary, if the tokenizer is not at hand")
-    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
-    args = parser.parse_intermixed_args(argv)
-    try:
-        cfg = compose(args.overrides)
-        p = make_plan(cfg, args.gpu, args.gpus_per_node, args.mfu, args.vocab_size)
-    except (ConfigError, ValueError, KeyError) as err:
-        print(f"osp plan: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except Exception as err:  # noqa: BLE001 - Hydra/OmegaConf errors: one line
-        print(f"osp plan: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(json.dumps({**asdict(p), "fits": p.fits}, indent=2) if args.json else format_plan(p, cfg))
-
-
-if __name__ == "__main__":
-    main()

@@ -100,7 +100,7 @@ def format_result(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from osp.data.cli import load_data_config
+    from osp.cli.data import load_data_config
 
     parser = argparse.ArgumentParser(prog="osp bench data", description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", default="demo", help="data preset (osp/conf/data): demo | files | ...")

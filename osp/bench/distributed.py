@@ -59,7 +59,7 @@ def _worker(args: argparse.Namespace) -> None:
     from osp.optim.distributed import local
     from osp.training.parallel import fsdp_options_of
     from osp.conf.resolvers import register_resolvers
-    from osp.training.train import build_module, build_trainer
+    from osp.training.run import build_module, build_trainer
 
     trainer_name, ranks, threads = MODES[args.worker]
     torch.set_num_threads(threads)

@@ -165,7 +165,7 @@ def run_arm(arm: str, overrides: list[str], run_dir: Path, reuse: bool) -> dict[
     """Train one arm in this process (or read its summary back with --reuse); returns the summary."""
     from osp.model import ConfigError
     from osp.training.callbacks.stability import NonFiniteLossError
-    from osp.training.train import train
+    from osp.training.run import train
 
     summary_path = run_dir / "summary.json"
     if reuse and summary_path.is_file():

@@ -1,6 +1,6 @@
 """Outlier metrics: OSP per-token kurtosis, per-channel kurtosis, max|h|, max/median (spec §6)."""
 
-from osp.metrics.evaluate import (
+from osp.metrics.activations import (
     MODES,
     Mode,
     evaluate_kurtosis,

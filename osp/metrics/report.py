@@ -7,7 +7,6 @@ writes comparison plots (kurtosis mean and max|h| against step) and the table to
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -15,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["RunDirError", "Run", "load_run", "format_table", "write_report", "main"]
+__all__ = ["RunDirError", "Run", "load_run", "format_table", "write_report", "check_unique_names"]
 
 # Column label, format, then where to find the value: summary.json keys first (the final numbers),
 # then metrics.csv keys (last logged value), so a run that is still going can be compared too.
@@ -112,7 +111,7 @@ def load_run(path: Path | str) -> Run:
     return Run(name=name, path=path, summary=summary, series=series)
 
 
-def _unique_names(runs: list[Run]) -> None:
+def check_unique_names(runs: list[Run]) -> None:
     seen: dict[str, int] = {}
     for run in runs:
         seen[run.name] = seen.get(run.name, 0) + 1
@@ -184,27 +183,3 @@ def write_report(runs: Sequence[Run], out_dir: Path) -> list[Path]:
         written.append(run_curves(peaks, out_dir / "max_abs.png", ylabel="max |h| (over taps)",
                                   title="max |h| vs step"))
     return written
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `osp report`."""
-    parser = argparse.ArgumentParser(
-        prog="osp report",
-        description="Compare osp runs: final perplexity, W4A4 perplexity and outlier metrics, plus plots.",
-    )
-    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
-                        help="run directories (runs/<run_name>)")
-    parser.add_argument("--out", type=Path, default=Path("osp_report"),
-                        help="where to write comparison.md and the PNG plots (default: ./osp_report)")
-    args = parser.parse_args(argv)
-    try:
-        runs = [load_run(path) for path in args.runs]
-    except RunDirError as error:
-        parser.error(str(error))
-    _unique_names(runs)
-    print(format_table(runs))
-    written = write_report(runs, args.out)
-    if len(written) == 1:
-        print("(no outlier curves in csv/metrics.csv of these runs: table only)")
-    print("\nwritten: " + ", ".join(str(path) for path in written))
-    return 0

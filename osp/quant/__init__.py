@@ -9,7 +9,7 @@ quantized view of a live model, perplexity and GPTQ.
 """
 
 from .config import OFF, PRESETS, QuantConfig, QuantConfigError
-from .evaluate import evaluate_quant
+from .perplexity import evaluate_quant
 from .hadamard import fwht, hadamard_matrix, hadamard_transform
 from .quantizers import (
     QuantizedWeight,

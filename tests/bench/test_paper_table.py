@@ -12,7 +12,7 @@ from osp.bench import paper_table
 from osp.bench.paper_table import (ARMS, HEADER, SCALES, arm_overrides, compose, kendall_tau,
                                    merge_overrides, result_row, table_rows)
 from osp.optim.config import optim_config
-from osp.training.train import build_model_config
+from osp.training.run import build_model_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 from synthetic_text import write_corpus  # noqa: E402

@@ -7,7 +7,7 @@ from osp.export.layout import layout_problems
 from osp.model import Transformer
 from osp.optim.config import optim_config
 from osp.conf import CONFIG_DIR, compose
-from osp.training.train import build_model_config
+from osp.training.run import build_model_config
 
 SMOLLM_VOCAB = 49152
 GLOBAL_BATCH_TOKENS = 1024 * 2048  # stated in the recipe headers: 4 per GPU x 8 accumulation x 32 GPUs x 2048

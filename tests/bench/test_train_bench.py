@@ -2,8 +2,8 @@
 
 import math
 
-from osp.bench import train as bench_train
-from osp.bench.train import LOOPS, MiniLlama, hf_llama
+from osp.bench import training_loops as bench_train
+from osp.bench.training_loops import LOOPS, MiniLlama, hf_llama
 from osp.model import ModelConfig, Transformer
 
 TINY = ModelConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=2, ffn_hidden=96, max_seq_len=16)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from osp.data.cli import load_data_config, main
+from osp.cli.data import load_data_config, main
 
 
 def test_prepare_files_then_info(tmp_path, corpus_files, capsys):

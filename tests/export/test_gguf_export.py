@@ -13,7 +13,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from osp.data.tokenizer import train_bpe
 from osp.export import export_hf
-from osp.export.cli import main as export_main
+from osp.cli.export import main as export_main
 from osp.export.gguf import GGUFExportError, export_gguf, permute_qk
 
 VOCAB = 320  # > the tokenizer's 302 ids: the tail is written as [PADi] tokens

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
 from osp.export import export_hf, load_model
-from osp.export.cli import main as export_main
+from osp.cli.export import main as export_main
 from osp.training.callbacks.export import Export
 from osp.training.module import LanguageModelModule
 from osp.conf import compose

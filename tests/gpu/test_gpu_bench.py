@@ -46,7 +46,7 @@ def speed_ratios(rows: dict[tuple[str, str], float]) -> list[str]:
 
 
 def test_bench_quant_prints_the_w4a4_gemm_table():
-    proc = subprocess.run([sys.executable, "-m", "osp.cli", "bench", "quant", "--repeats", "2"], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "osp", "bench", "quant", "--repeats", "2"], cwd=REPO,
                           env=gpu_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     out = proc.stdout

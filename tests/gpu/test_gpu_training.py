@@ -58,7 +58,7 @@ def block_recipes() -> list[str]:
 
 def osp(*args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
     """`osp ARGS` (the console script's entry point) in a subprocess from the repo root."""
-    return subprocess.run([sys.executable, "-m", "osp.cli", *args], cwd=REPO, env=gpu_env(),
+    return subprocess.run([sys.executable, "-m", "osp", *args], cwd=REPO, env=gpu_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 

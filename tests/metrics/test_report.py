@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from osp.cli import report as report_cli
 from osp.metrics import report
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -39,7 +40,7 @@ def test_report_compares_two_runs(tmp_path, capsys):
                                                             "kurtosis_floor": 0.106, "max_abs": 117.0})
     osp_run = make_run(tmp_path, "osp", [0.1, 0.09, 0.09], None)  # still running: no summary yet
     out = tmp_path / "report"
-    assert report.main([str(adamw), str(osp_run), "--out", str(out)]) == 0
+    assert report_cli.main([str(adamw), str(osp_run), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     header = printed.splitlines()[0]
     for column in ("run", "val ppl", "W4A4 ppl", "kurt mean", "kurt exact", "max|h|"):
@@ -59,7 +60,7 @@ def test_report_compares_two_runs(tmp_path, capsys):
 
 def test_report_errors_name_the_problem(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        report.main([str(tmp_path / "nope")])
+        report_cli.main([str(tmp_path / "nope")])
     assert exit_info.value.code == 2
     assert "no such run directory" in capsys.readouterr().err
 
@@ -67,7 +68,7 @@ def test_report_errors_name_the_problem(tmp_path, capsys):
     foreign.mkdir()
     (foreign / "notes.txt").write_text("hello")
     with pytest.raises(SystemExit):
-        report.main([str(foreign)])
+        report_cli.main([str(foreign)])
     assert "not an osp run directory" in capsys.readouterr().err
 
     broken = tmp_path / "broken"
@@ -82,6 +83,6 @@ def test_report_without_curves_writes_table_only(tmp_path, capsys):
     run.mkdir()
     (run / "summary.json").write_text(json.dumps({"steps": 10, "val_ppl": 80.0}))
     out = tmp_path / "out"
-    report.main([str(run), "--out", str(out)])
+    report_cli.main([str(run), "--out", str(out)])
     assert "80.00" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["comparison.md"]

@@ -5,7 +5,7 @@ import pytest
 
 from osp.model import Transformer
 from osp.conf import compose
-from osp.training.train import build_model_config
+from osp.training.run import build_model_config
 
 EXPECTED = {
     "ssnorm": dict(norm="ss"),

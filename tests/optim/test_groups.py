@@ -1,10 +1,8 @@
 """Routing by role, config validation, describe_groups, on the real Transformer and on a fake module."""
 
-from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from osp.conf import compose

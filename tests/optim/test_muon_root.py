@@ -1,6 +1,5 @@
 """Muon and ROOT steps against hand computations; AdamW groups against torch; exact resume."""
 
-import copy
 import io
 import math
 import warnings

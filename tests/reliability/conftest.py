@@ -26,7 +26,7 @@ BASE = ["trainer.max_steps=4", "trainer.val_check_interval=2", "callbacks.checkp
 
 def osp(*args: str, timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
     """`osp <args>` in a subprocess (one thread, offline), output captured."""
-    return subprocess.run([sys.executable, "-m", "osp.cli", *args], cwd=REPO, env=subprocess_env(**env),
+    return subprocess.run([sys.executable, "-m", "osp", *args], cwd=REPO, env=subprocess_env(**env),
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from osp.training.train import main
+from osp.cli.train import main
 
 from .conftest import error_line, osp, train_args
 

@@ -13,7 +13,7 @@ from osp.training.callbacks.stability import NonFiniteLossError, StabilityGuard
 from osp.training.callbacks.throughput import Throughput
 from osp.training.module import LanguageModelModule, next_token_loss
 from osp.training.loggers import wandb_mode
-from osp.training.train import format_summary
+from osp.training.summary import format_summary
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, ffn_hidden=64, max_seq_len=16)
 OPTIM = {"name": "adamw", "lr": 1e-2, "warmup_steps": 2, "schedule": "constant"}

@@ -1,6 +1,5 @@
 """Hydra composition: every recipe composes into a valid model; bad input names the problem."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from omegaconf import OmegaConf
 from osp.conf import CONFIG_DIR, compose, presets
 from osp.model import ConfigError, Transformer
 from osp.conf.resolvers import run_id
-from osp.training.train import build_model_config
+from osp.training.run import build_model_config
 
 RECIPES = presets("recipe")
 
@@ -93,7 +92,7 @@ def test_every_preset_composes(group):
 
 @pytest.mark.parametrize("source", presets("data"))
 def test_every_data_preset_loads_for_osp_data(source):
-    from osp.data.cli import load_data_config
+    from osp.cli.data import load_data_config
 
     overrides = ["seq_len=32"] + (["paths=/corpus/*.txt"] if source == "files" else [])
     values = load_data_config(source, None, overrides)
@@ -101,7 +100,7 @@ def test_every_data_preset_loads_for_osp_data(source):
 
 
 def test_osp_data_names_a_missing_mandatory_key():
-    from osp.data.cli import load_data_config
+    from osp.cli.data import load_data_config
 
     with pytest.raises(SystemExit, match=r"^osp data: .*paths"):
         load_data_config("files", None, [])

@@ -1,6 +1,6 @@
 """2-rank gloo training through torchrun (DDP and FSDP2) against a 1-process run with the same global batch.
 
-Ranks run `python -m osp.train` under `python -m torch.distributed.run` (never Lightning's `ddp` launcher
+Ranks run `python -m osp train` under `python -m torch.distributed.run` (never Lightning's `ddp` launcher
 inside pytest). The 1-process reference trains on batch B = 8; the 2-rank runs on B/2 = 4 per rank, so
 every optimizer step sees the same 8 blocks. Both use Muon with fp32 Newton-Schulz and fp32 FSDP
 parameters: the only differences are float summation orders (gradient all-reduce / reduce-scatter and
@@ -24,7 +24,7 @@ import torch
 
 from osp.export import load_model
 from osp.training.checkpoints import checkpoint_step, is_distributed_checkpoint
-from osp.training.train import train
+from osp.training.run import train
 
 from .conftest import compose_train, subprocess_env, tiny_overrides
 
@@ -52,7 +52,7 @@ def free_port() -> int:
 def torchrun(args: list[str], rendezvous: list[str] | None = None,
              check: bool = True) -> subprocess.CompletedProcess:
     launch = rendezvous or ["--standalone"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", *launch, "-m", "osp.train",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", *launch, "-m", "osp", "train",
            *args]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     if check and proc.returncode != 0:

@@ -18,7 +18,7 @@ from osp.optim import build_optimizer
 from osp.plan import make_plan, measure_activations
 from osp.training.module import next_token_loss
 from osp.training.parallel import apply_activation_checkpointing
-from osp.training.train import build_model_config
+from osp.training.run import build_model_config
 
 HUNDRED_M = ["model.d_model=768", "model.n_layers=12", "model.n_heads=12", "model.ffn_hidden=2048",
              "data.vocab_size=8192", "data.batch_size=2", "data.seq_len=256"]
@@ -97,19 +97,19 @@ def test_sharding_time_and_budget_arithmetic():
 
 
 def test_adam_1p4b_on_one_gpu_does_not_fit_and_says_so():
-    out = subprocess.run([sys.executable, "-m", "osp.plan", "recipe=adam_1p4b", "--gpus-per-node", "1",
+    out = subprocess.run([sys.executable, "-m", "osp", "plan", "recipe=adam_1p4b", "--gpus-per-node", "1",
                           "--gpu", "a100-40gb"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "WARNING: does not fit" in out.stdout and "trainer=fsdp" in out.stdout
 
 
 def test_json_output_and_one_line_errors():
-    out = subprocess.run([sys.executable, "-m", "osp.plan", "--json", "--gpus-per-node", "1"],
+    out = subprocess.run([sys.executable, "-m", "osp", "plan", "--json", "--gpus-per-node", "1"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     plan = json.loads(out.stdout)
     assert plan["fits"] and plan["world_size"] == 1 and plan["parameters"] > 5e6
-    bad = subprocess.run([sys.executable, "-m", "osp.plan", "model.d_model=abc"], capture_output=True,
+    bad = subprocess.run([sys.executable, "-m", "osp", "plan", "model.d_model=abc"], capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.startswith("osp plan: error:") and "d_model" in bad.stderr

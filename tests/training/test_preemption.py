@@ -16,7 +16,7 @@ import pytest
 from osp.export import load_model
 from osp.training.checkpoints import checkpoint_step
 from osp.training.preemption import Preempted
-from osp.training.train import train
+from osp.training.run import train
 
 from .conftest import compose_train, subprocess_env, tiny_overrides
 
@@ -27,7 +27,7 @@ STEPS = 30
 
 
 def osp_train(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "osp.train", *args], cwd=REPO, env=subprocess_env(),
+    return subprocess.Popen([sys.executable, "-m", "osp", "train", *args], cwd=REPO, env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -63,7 +63,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_auto_finishes(corpus, tmp_path):
     model, tokenizer = load_model(run_dir)  # usable as it is: osp eval / osp export read it
     assert tokenizer is not None and model.cfg.d_model == 64
 
-    done = subprocess.run([sys.executable, "-m", "osp.train", *args, "resume=auto"], cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "osp", "train", *args, "resume=auto"], cwd=REPO,
                           env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resuming from {last} (step {step})" in done.stdout

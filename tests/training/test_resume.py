@@ -16,7 +16,7 @@ import torch
 
 from osp.training.checkpoints import checkpoint_step, latest_checkpoint
 from osp.training.preemption import Preempted
-from osp.training.train import train
+from osp.training.run import train
 
 from .conftest import compose_train, tiny_overrides
 

@@ -21,7 +21,7 @@ from osp.training.callbacks.stability import StabilityGuard
 from osp.training.checkpoints import (AtomicCheckpointIO, latest_checkpoint, replace_path, resolve_resume)
 from osp.training.loggers import ContinuedExperimentWriter, wandb_run_id
 from osp.training.parallel import FSDP2Strategy, apply_activation_checkpointing
-from osp.training.train import preflight
+from osp.training.run import preflight
 
 from .conftest import compose_train
 
@@ -192,7 +192,7 @@ def test_torchrun_launcher_passes_overrides_after_its_own(tmp_path):
     out = subprocess.run(["bash", str(LAUNCH / "torchrun.sh"), "trainer.max_steps=7", "resume=null"], env=env,
                          capture_output=True, text=True, check=True).stdout.splitlines()[-1].split()
     assert out[:2] == ["--standalone", "--nproc-per-node=4"]
-    assert out[out.index("-m"):] == ["-m", "osp.train", "recipe=osp", "trainer=fsdp", "run_name=osp-x",
+    assert out[out.index("-m"):] == ["-m", "osp", "train", "recipe=osp", "trainer=fsdp", "run_name=osp-x",
                                      "resume=auto", "trainer.max_steps=7", "resume=null"]
 
 
@@ -206,7 +206,7 @@ def test_slurm_script_starts_one_torchrun_per_node_with_a_c10d_rendezvous(tmp_pa
                          capture_output=True, text=True, check=True).stdout.splitlines()[-1]
     for part in ("--kill-on-bad-exit=1 torchrun", "--nnodes=2", "--nproc-per-node=8", "--rdzv-id=77",
                  "--rdzv-backend=c10d", "--rdzv-endpoint=node-a:29500", "SIGUSR1",
-                 "-m osp.train recipe=osp trainer=fsdp run_name=osp-slurm77 resume=auto model.d_model=512"):
+                 "-m osp train recipe=osp trainer=fsdp run_name=osp-slurm77 resume=auto model.d_model=512"):
         assert part in out, part
     script = (LAUNCH / "slurm.sbatch").read_text()
     assert "#SBATCH --requeue" in script and "#SBATCH --signal=USR1@" in script

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from osp.training.train import HEAVY_OUTLIERS, OUTLIER_FREE, format_summary, outlier_story
+from osp.training.summary import HEAVY_OUTLIERS, OUTLIER_FREE, format_summary, outlier_story
 
 BASE = {"run_name": "tiny-1", "run_dir": "/r/tiny-1", "steps": 300, "wall_seconds": 250.0, "tokens_seen": 10,
         "train_loss": 5.0, "val_loss": 5.4, "val_ppl": 221.4, "ln_vocab": 8.32, "d_model": 256,

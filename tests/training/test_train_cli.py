@@ -23,7 +23,7 @@ TINY = [
 
 def run_osp(args, tmp_path, check=True):
     env = dict(os.environ, OSP_CACHE_DIR=str(tmp_path / "cache"))
-    proc = subprocess.run([sys.executable, "-m", "osp.cli", *args], capture_output=True, text=True, env=env,
+    proc = subprocess.run([sys.executable, "-m", "osp", *args], capture_output=True, text=True, env=env,
                           timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"osp {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

@@ -13,12 +13,12 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from osp.metrics.evaluate import evaluate_kurtosis, outlier_log_dict, outlier_stats
+from osp.metrics.activations import evaluate_kurtosis, outlier_log_dict, outlier_stats
 from osp.metrics.plots import kurtosis_heatmap, layer_curves
 
 ALARM_ACTIONS = ("warn", "stop")
 PREFIX = "outliers"
-# End-of-run summary key <- logged key of the last measurement (names as osp.training.train prints them).
+# End-of-run summary key <- logged key of the last measurement (names as osp.training.summary prints them).
 FINAL_KEYS = {
     "kurtosis": "kurtosis_mean",
     "kurtosis_exact": "kurtosis_exact_mean",

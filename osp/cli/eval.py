@@ -126,7 +126,7 @@ def main(argv: list[str]) -> None:
 def _evaluate(args: argparse.Namespace, model: torch.nn.Module, dm: Any, do_quant: bool, do_kurtosis: bool,
               results: dict[str, Any]) -> None:
     from osp.metrics import evaluate_kurtosis, format_kurtosis
-    from osp.quant.evaluate import evaluate_quant
+    from osp.quant.perplexity import evaluate_quant
 
     if do_quant:
         blocks = dm.heldout_blocks(args.quant_blocks).to(args.device)

@@ -9,10 +9,10 @@ import sys
 import warnings
 from pathlib import Path
 
-from .gguf import OUTTYPES, export_gguf
-from .hf import export_hf
-from .layout import LayoutWarning
-from .load import CheckpointError, load_model, resolve_checkpoint, run_dir_of
+from osp.export.gguf import OUTTYPES, export_gguf
+from osp.export.hf import export_hf
+from osp.export.layout import LayoutWarning
+from osp.export.load import CheckpointError, load_model, resolve_checkpoint, run_dir_of
 
 DESCRIPTION = """Write a Hugging Face folder (config.json, generation_config.json, safetensors, tokenizer)
 from an osp checkpoint. Models whose blocks all fold (RMSNorm/SSNorm, EmbProj) become a plain

@@ -1,4 +1,4 @@
-"""`osp` command line: train | export | eval | report | data | bench | plan."""
+"""`osp` command line: train | export | eval | report | data | bench | plan, one module per subcommand here."""
 
 from __future__ import annotations
 
@@ -18,15 +18,7 @@ commands:
 
 `osp <command> --help` describes a command."""
 
-COMMANDS = {
-    "train": "osp.training.train",
-    "export": "osp.export.cli",
-    "eval": "osp.evaluate",
-    "report": "osp.metrics.report",
-    "data": "osp.data.cli",
-    "bench": "osp.bench.cli",
-    "plan": "osp.plan",
-}
+COMMANDS = ("train", "export", "eval", "report", "data", "bench", "plan")  # modules osp.cli.<command>
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,9 +30,6 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         print(f"osp: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)
-    module = importlib.import_module(COMMANDS[command])
+    module = importlib.import_module(f"osp.cli.{command}")
     module.main(rest)
 
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,141 @@
+"""`osp train [overrides]`: compose and check the config before Hydra writes anything, lock the run dir,
+run `osp.training.run.train` under Hydra, and turn input errors and environment faults into one line.
+
+`python -m osp train`, `python -m osp.cli.train` (torchrun) and the processes Lightning starts for
+`trainer.devices > 1` all land in `main`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from osp.conf import CONFIG_DIR, TRAIN_CONFIG, compose
+from osp.conf.resolvers import launch_rank, register_resolvers, run_id
+from osp.model import ConfigError
+from osp.training import rundir
+from osp.training.checkpoints import resolve_resume
+from osp.training.preemption import Preempted
+from osp.training.run import check_resume_config, preflight, train
+from osp.training.rundir import RunLock
+
+
+def fault_message(err: BaseException) -> str | None:
+    """One line for an environment fault (disk full, read-only or missing permissions), else None."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on the device writing {err.filename or 'a file'}; free space (or move "
+                "runs_root / OSP_CACHE_DIR) and continue with resume=auto: earlier checkpoints are intact")
+    if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        return (f"cannot write {err.filename or 'a file'} ({os.strerror(err.errno)}); choose a writable "
+                "runs_root=PATH (or OSP_CACHE_DIR for the data cache)")
+    if isinstance(err, RuntimeError) and "size mismatch" in str(err):
+        first = next(line.strip() for line in str(err).splitlines() if "size mismatch" in line)
+        return (f"the checkpoint does not fit this model ({first}); resume with the model settings it was "
+                "trained with, or start a new run")
+    return None
+
+
+def one_line(err: BaseException) -> str:
+    """An error's message on one line (Hydra lists the available options on lines of their own)."""
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip()).replace(": ", ": ", 1)
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The innermost exception of a chain (Lightning and Hydra wrap the one that names the fault)."""
+    while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    return err
+
+
+_LAUNCH_ARGV: list[str] = []  # the command line as started (`osp train ...`), set by main
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=TRAIN_CONFIG)
+def _hydra_main(cfg: DictConfig) -> None:
+    if _LAUNCH_ARGV:
+        sys.argv = list(_LAUNCH_ARGV)  # what Lightning re-runs for the other devices' processes
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from osp.data.sources import DataError
+    from osp.training.callbacks.stability import NonFiniteLossError
+
+    try:
+        train(cfg)
+    except (ConfigError, DataError, FileNotFoundError, NonFiniteLossError) as err:
+        # Problems with the user's input get one clear line, not a traceback.
+        print(f"osp train: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except Preempted as stop:
+        # Neither success (a scheduler must not mark the job done) nor a crash: one line, no traceback.
+        if launch_rank() == 0:
+            print(f"osp train: {stop.describe(str(cfg.run_name))}", file=sys.stderr)
+        raise SystemExit(stop.exit_code) from None
+    except MisconfigurationException as err:  # a trainer setting Lightning refuses
+        print(f"osp train: error: {one_line(err)} (check the trainer.* settings)", file=sys.stderr)
+        raise SystemExit(1) from None
+    except (OSError, RuntimeError) as err:
+        message = fault_message(root_cause(err)) or fault_message(err)
+        if message is None:
+            raise
+        print(f"osp train: error: {message}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def start_checks(args: list[str]) -> RunLock | None:
+    """Before Hydra creates anything: compose, check the settings and the run dir, lock it (rank 0).
+
+    A config that fails here leaves no run folder behind, and a second run with the name of a live one
+    stops before it writes a byte there (Hydra would overwrite the first run's .hydra/ at start).
+    Multirun sweeps (-m) compose per job, so they are checked inside each job instead.
+    """
+    if launch_rank() > 0 or any(a in ("-m", "--multirun") or a.startswith("-") for a in args):
+        return None
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = compose(args)
+        preflight(cfg)
+        run_dir = Path(cfg.run_dir)
+        ckpt_path = resolve_resume(cfg.resume, run_dir)
+        if ckpt_path is None:
+            rundir.check_fresh(run_dir, str(cfg.run_name), cfg.resume)
+        else:
+            check_resume_config(cfg, ckpt_path)
+        lock = RunLock(run_dir)
+        lock.acquire()
+    except (HydraException, OmegaConfBaseException, ConfigError, FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"osp train: error: {one_line(err)}") from None
+    except OSError as err:
+        raise SystemExit(f"osp train: error: {fault_message(err) or err}") from None
+    return lock
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run training with Hydra overrides (argv defaults to sys.argv[1:])."""
+    register_resolvers()
+    # Pinned for this process and inherited by the ones Lightning starts for the other devices.
+    os.environ["OSP_RUN_ID"] = run_id()
+    args = list(sys.argv[1:] if argv is None else argv)
+    lock = start_checks(args)
+    if launch_rank() > 0:
+        # Only rank 0 writes .hydra/ and the job log; the other ranks log to their console.
+        args += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    # Hydra reads its overrides from sys.argv; _hydra_main puts the real command line back for Lightning,
+    # which starts the processes of other devices (trainer.devices > 1 without torchrun) by re-running it.
+    _LAUNCH_ARGV[:] = sys.argv
+    sys.argv = [sys.argv[0], *args]
+    try:
+        _hydra_main()
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+if __name__ == "__main__":  # python -m osp.cli.train (Lightning re-runs it so, see main)
+    main()

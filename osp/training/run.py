@@ -1,0 +1,219 @@
+"""One training job from a composed config: check it, build data, model, callbacks and loggers, fit, summarise.
+
+`train(cfg)` is what `osp train` runs (osp.cli.train parses the command line and turns faults into one
+line). Every rank composes the same config and agrees on one run directory; rank 0 alone writes `.hydra/`,
+the job log, metrics, plots, the tokenizer, the export and `summary.json`.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from osp.conf.resolvers import launch_rank
+from osp.data.cache import write_json_atomic
+from osp.data.tokenizer import save_tokenizer
+from osp.model import ConfigError, ModelConfig
+from osp.precision import AUTO, resolve_precision
+from osp.training import rundir
+from osp.training.checkpoints import AtomicCheckpointIO, checkpoint_metadata, resolve_resume
+from osp.training.loggers import build_loggers
+from osp.training.module import LanguageModelModule
+from osp.training.preemption import Preempted, requeue_slurm_job
+from osp.training.rundir import recover_checkpoints
+from osp.training.run_record import check_resume, run_record
+from osp.training.summary import collect_summary, format_summary
+
+# Noise that every run would print and no user can act on.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
+
+
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    callbacks = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None:
+            continue
+        if "_target_" not in node:
+            raise ConfigError(f"callbacks.{name} needs a _target_ (the callback class)")
+        callbacks.append(instantiate(node))
+    return callbacks
+
+
+def build_model_config(cfg: DictConfig, vocab_size: int) -> ModelConfig:
+    values = OmegaConf.to_container(cfg.model, resolve=True)
+    values["vocab_size"] = vocab_size
+    return ModelConfig.from_dict(values)
+
+
+def preflight(cfg: DictConfig) -> None:
+    """Check the optimizer and schedule settings before any data is touched, so a typo fails in a second."""
+    from osp.optim import build_scheduler
+    from osp.optim.config import optim_config
+
+    max_steps = cfg.trainer.get("max_steps")
+    if not isinstance(max_steps, int) or max_steps <= 0:
+        raise ConfigError(f"trainer.max_steps must be a positive integer (the schedule spans it), got {max_steps!r}")
+    for key in ("val_check_interval", "accumulate_grad_batches"):  # Lightning would divide by zero
+        value = cfg.trainer.get(key)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if value is not None and (not number or value <= 0):
+            raise ConfigError(f"trainer.{key} must be a positive number, got {value!r}")
+    if cfg.trainer.get("strategy") in ("fsdp", "fsdp_cpu_offload"):
+        raise ConfigError(f"trainer.strategy={cfg.trainer.strategy!r} is Lightning's FSDP1 wrapper, which "
+                          "osp does not support; use trainer=fsdp (FSDP2)")
+    build_model_config(cfg, vocab_size=1)
+    seq_len, max_seq_len = cfg.data.get("seq_len"), cfg.model.get("max_seq_len")
+    if isinstance(seq_len, int) and isinstance(max_seq_len, int) and seq_len > max_seq_len:
+        raise ConfigError(f"data.seq_len={seq_len} exceeds model.max_seq_len={max_seq_len}; lower "
+                          "data.seq_len or raise model.max_seq_len")
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={accelerator} but this machine has no usable CUDA GPU; "
+                          "train on the CPU with trainer=cpu")
+    try:
+        resolve_precision(cfg.trainer.get("precision", AUTO), accelerator)
+        optim_config(cfg.optim)
+        dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        build_scheduler(dummy, cfg.optim, max_steps)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def build_module(cfg: DictConfig, vocab_size: int, record: dict[str, Any] | None = None) -> LanguageModelModule:
+    """The LightningModule of a composed config, for the data's vocabulary size; `record` (see
+    osp.training.run_record) travels in its checkpoints."""
+    return LanguageModelModule(build_model_config(cfg, vocab_size), cfg.optim, compile=bool(cfg.compile),
+                               activation_checkpointing=bool(cfg.get("activation_checkpointing", False)),
+                               run_record=record)
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback],
+                  loggers: list[Any]) -> L.Trainer:
+    """L.Trainer from `cfg.trainer`; a strategy given as a `_target_` node (trainer=ddp|fsdp) is built."""
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    strategy = kwargs.pop("strategy", "auto")
+    if isinstance(strategy, dict):
+        strategy = instantiate(strategy)
+    kwargs["precision"] = resolve_precision(kwargs.get("precision", AUTO), str(kwargs.get("accelerator", "auto")))
+    return L.Trainer(
+        **kwargs,
+        strategy=strategy,
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=str(run_dir),
+        callbacks=callbacks,
+        logger=loggers,
+        gradient_clip_val=cfg.optim.get("grad_clip"),
+        enable_model_summary=False,
+    )
+
+
+def read_resume_checkpoint(ckpt_path: str) -> dict[str, Any]:
+    """The metadata of the checkpoint to resume from, or one line saying why it cannot be used."""
+    try:
+        return checkpoint_metadata(Path(ckpt_path))
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a damaged file
+        raise ConfigError(f"resume={ckpt_path}: the checkpoint cannot be read ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else 'truncated or not a checkpoint'}); "
+                          "resume from another checkpoint of the run (resume=PATH) or start a new run") from None
+
+
+def check_resume_config(cfg: DictConfig, ckpt_path: str) -> None:
+    """The config half of `check_resume`, before Hydra starts: a refused resume must not replace the run's
+    .hydra/ record with the refused settings. The data fingerprints are compared in `train`."""
+    stored = read_resume_checkpoint(ckpt_path).get("osp", {}).get("run")
+    if not stored:
+        return
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):  # as `train` records it
+        cfg.trainer.precision = resolve_precision(cfg.trainer.get("precision", AUTO),
+                                                  str(cfg.trainer.get("accelerator", "auto")))
+    record = run_record(cfg, stored.get("source_fingerprint"), stored.get("tokenizer_fingerprint"))
+    check_resume(stored, record, list(cfg.get("resume_allow") or []), ckpt_path,
+                 str(Path(cfg.run_dir) / "tokenizer"))
+
+
+def check_shapes(module: LanguageModelModule, resumed: dict[str, Any], ckpt_path: str) -> None:
+    """Refuse a checkpoint whose weights do not fit the model before anything of the run is written (a
+    resume's CSV logger trims metrics.csv to the checkpoint's step as it starts)."""
+    own = module.state_dict()
+    stored = resumed.get("state_dict") or {}  # empty for a distributed checkpoint's meta.pt
+    mismatched = [f"size mismatch for {key}: {tuple(value.shape)} in the checkpoint, {tuple(own[key].shape)} "
+                  "in this model" for key, value in stored.items()
+                  if key in own and torch.is_tensor(value) and value.shape != own[key].shape]
+    if mismatched:
+        more = f" and {len(mismatched) - 1} more" if len(mismatched) > 1 else ""
+        raise ConfigError(f"resume from {ckpt_path}: the checkpoint does not fit this model "
+                          f"({mismatched[0]}{more}); resume with the model settings it was trained with, or "
+                          "start a new run")
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one training job described by a composed config; returns the end-of-run summary.
+
+    Raises `Preempted` when a signal stopped the run (after its checkpoint and a summary were saved).
+    """
+    run_dir = Path(cfg.run_dir)
+    preflight(cfg)
+    with open_dict(cfg):  # the precision this machine runs, as recorded in checkpoints and the summary
+        cfg.trainer.precision = resolve_precision(cfg.trainer.get("precision", AUTO),
+                                                  str(cfg.trainer.get("accelerator", "auto")))
+    for line in recover_checkpoints(run_dir / "checkpoints") if launch_rank() == 0 else []:
+        print(f"osp: {line}")
+    ckpt_path = resolve_resume(cfg.resume, run_dir)
+    if ckpt_path is None and launch_rank() == 0:
+        rundir.check_fresh(run_dir, str(cfg.run_name), cfg.resume)
+    resumed = read_resume_checkpoint(ckpt_path) if ckpt_path else None
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    datamodule = instantiate(cfg.data)
+    record = run_record(cfg, datamodule.source_fingerprint(), datamodule.tokenizer_fingerprint())
+    accepted = []
+    if resumed is not None:
+        accepted = check_resume(resumed.get("osp", {}).get("run"), record, list(cfg.get("resume_allow") or []),
+                                ckpt_path, str(run_dir / "tokenizer"))
+    module = build_module(cfg, datamodule.vocab_size, record)
+    if resumed is not None:
+        check_shapes(module, resumed, ckpt_path)
+    trainer = build_trainer(cfg, run_dir, build_callbacks(cfg), build_loggers(cfg, run_dir, resumed))
+    if trainer.is_global_zero:
+        # Beside the checkpoints, so export and eval find the tokenizer from the run dir alone.
+        save_tokenizer(datamodule.tokenizer, run_dir / "tokenizer", model_max_length=int(cfg.model.max_seq_len))
+        n = module.model.num_params()
+        print(f"osp: run {cfg.run_name} -> {run_dir}  |  model {n / 1e6:.2f}M params "
+              f"({module.model.num_params(exclude_embedding=True) / 1e6:.2f}M non-embedding)"
+              f"  |  {cfg.trainer.precision}"
+              + (f"  |  {trainer.world_size} ranks" if trainer.world_size > 1 else "")
+              + (f"  |  resuming from {ckpt_path} (step {resumed['global_step']})" if resumed else ""))
+        for line in accepted:
+            print(f"osp: resume accepts {line}")
+        if cfg.resume == "auto" and ckpt_path is None:
+            print(f"osp: resume=auto: no checkpoint in {run_dir / 'checkpoints'} yet; starting at step 0")
+    started = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            if ckpt_path:  # the run's own checkpoints are expected there
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except Preempted as stop:
+        if trainer.is_global_zero:
+            summary = collect_summary(cfg, trainer, module, time.perf_counter() - started, status="stopped")
+            write_json_atomic(run_dir / "summary.json", summary)
+        if stop.requeue and trainer.is_global_zero:  # last: SLURM ends the job as soon as it is requeued
+            requeue_slurm_job()
+        raise
+    if "val/loss" not in trainer.callback_metrics or trainer.global_step % int(cfg.trainer.val_check_interval):
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    summary = collect_summary(cfg, trainer, module, time.perf_counter() - started, status="finished")
+    if trainer.is_global_zero:
+        write_json_atomic(run_dir / "summary.json", summary)
+        if cfg.summary:
+            print(format_summary(summary))
+    return summary

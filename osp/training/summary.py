@@ -1,0 +1,117 @@
+"""The end-of-run summary: what `summary.json` records, how `osp train` prints it, and the outlier verdict."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+
+from osp.training.module import LanguageModelModule
+
+
+def finite_or_none(value: Any) -> Any:
+    """JSON has no NaN or Infinity: a non-finite metric is recorded as null ("n/a" when printed)."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def collect_summary(cfg: DictConfig, trainer: L.Trainer, module: LanguageModelModule, wall: float,
+                    status: str) -> dict[str, Any]:
+    """The end-of-run record: status (finished | stopped), losses, outlier and W4A4 numbers, where things are."""
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    val_loss = finite_or_none(metrics.get("val/loss"))
+    summary: dict[str, Any] = {
+        "status": status,
+        "run_name": str(cfg.run_name),
+        "run_dir": str(Path(cfg.run_dir).resolve()),
+        "recipe": str(cfg.name),
+        "steps": int(trainer.global_step),
+        "max_steps": int(cfg.trainer.max_steps),
+        "tokens_seen": int(module.tokens_seen),
+        "wall_seconds": wall,
+        "precision": str(cfg.trainer.precision),
+        # The logged mean over ranks is gone once the end-of-run validation resets the metrics; then
+        # the last step's loss on this rank.
+        "train_loss": metrics.get("train/loss",
+                                  None if module.last_loss is None else float(module.last_loss)),
+        "val_loss": val_loss,
+        "val_ppl": math.exp(min(val_loss, 50.0)) if val_loss is not None else None,
+        "ln_vocab": math.log(module.model_cfg.vocab_size),
+        "d_model": module.model_cfg.d_model,
+        "optimizer": str(cfg.optim.name),
+        "norm": module.model_cfg.norm,
+        "emb_proj": module.model_cfg.emb_proj,
+        "params": module.model.num_params(),
+        "world_size": trainer.world_size,
+    }
+    for callback in trainer.callbacks:
+        if hasattr(callback, "final_metrics"):
+            summary.update(callback.final_metrics())
+    ckpt = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    summary["checkpoint"] = str(ckpt.resolve()) if ckpt.exists() else None
+    summary["logs"] = str((Path(cfg.run_dir) / "csv" / "metrics.csv").resolve())
+    return {key: finite_or_none(value) for key, value in summary.items()}
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    def fmt(key: str, spec: str = ".4g") -> str:
+        value = s.get(key)
+        return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+    lines = [
+        f"run            {s['run_name']}  ({s['steps']} steps, {s['wall_seconds']:.0f} s)",
+        f"tokens seen    {s['tokens_seen']:,}   ({fmt('tokens_per_s', ',.0f')} tokens/s)",
+        f"train loss     {fmt('train_loss')}",
+        f"val loss       {fmt('val_loss')}   (ln vocab = {s['ln_vocab']:.2f})",
+        f"val ppl        {fmt('val_ppl', '.2f')}",
+    ]
+    if s.get("skipped_steps"):
+        lines.append(f"skipped steps  {s['skipped_steps']} (non-finite loss or gradient)")
+    if "kurtosis" in s:
+        lines.append(f"kurtosis       {fmt('kurtosis')} = {fmt('kurtosis_floor_ratio', '.3g')}x the Gaussian floor "
+                     f"{fmt('kurtosis_floor', '.3f')} at d={s['d_model']}   (osp_exact {fmt('kurtosis_exact')})")
+    if "max_abs" in s:
+        lines.append(f"max |h|        {fmt('max_abs', '.1f')}")
+    if "ppl_w4a4" in s:
+        lines.append(f"W4A4 ppl       {fmt('ppl_w4a4', '.2f')}   (fp {fmt('ppl_fp', '.2f')}, "
+                     f"ratio {fmt('quant_ratio', '.3f')})")
+    lines += outlier_story(s)
+    lines.append(f"checkpoint     {s['checkpoint'] or 'none'}")
+    if s.get("export_dir"):
+        lines.append(f"export         {s['export_dir']}")
+    lines.append(f"logs           {s['logs']}")
+    lines.append(f"summary        {Path(s['run_dir']) / 'summary.json'}")
+    width = max(len(line) for line in lines)
+    bar = "=" * width
+    return "\n".join([bar, "osp summary".center(width), bar, *lines, bar])
+
+
+# Kurtosis as a multiple of the Gaussian floor (what Gaussian activations of this width give): up to
+# OUTLIER_FREE the activations look Gaussian (OSP's 1.4B model: 1x); beyond HEAVY_OUTLIERS they have the
+# heavy tails that break 4-bit activations (OSP's AdamW 1.4B model: 4.4e4x; the tiny AdamW demo: ~70x).
+OUTLIER_FREE, HEAVY_OUTLIERS = 3.0, 10.0
+
+
+def outlier_story(s: dict[str, Any]) -> list[str]:
+    """The verdict on the run's activations and the command that trains the other arm of the A/B."""
+    ratio = s.get("kurtosis_floor_ratio")
+    if ratio is None:
+        return []
+    if ratio <= OUTLIER_FREE:
+        verdict = f"outlier-free: activations are Gaussian-like (kurtosis within {OUTLIER_FREE:g}x the floor)"
+    elif ratio < HEAVY_OUTLIERS:
+        verdict = f"some outliers: kurtosis {ratio:.3g}x the floor"
+    else:
+        verdict = (f"heavy outliers: kurtosis {ratio:.3g}x the floor, max |h| {s.get('max_abs') or 0:.0f} "
+                   "(at 1B scale such tails wreck 4-bit activations)")
+    lines = [f"verdict        {verdict}"]
+    baseline = s.get("optimizer") == "adamw" and s.get("norm") == "rms" and not s.get("emb_proj")
+    other = "osp" if baseline else "tiny"
+    if s.get("recipe") in ("tiny", "osp"):  # the demo A/B: the other arm, same data, budget and lr
+        what = "the outlier-safe arm (Muon + SSNorm + EmbProj)" if baseline else "the AdamW baseline arm"
+        lines.append(f"A/B            {what}: osp train recipe={other}")
+        lines.append(f"               then: osp report {s['run_dir']} {Path(s['run_dir']).parent / other}-*")
+    return lines
