@@ -208,7 +208,7 @@ def make_plan(cfg: DictConfig, gpu: str = "h100", gpus_per_node: int = 8, mfu: f
 
     device_type "cpu" models the CPU's optimizer step (torch's AdamW runs per tensor there), for the test
     that checks the estimate against real CPU steps."""
-    from osp.optim import param_groups
+    from osp.optim import OptimConfig
     from osp.training.run import build_model_config
 
     if gpu not in GPUS:
@@ -233,7 +233,7 @@ def make_plan(cfg: DictConfig, gpu: str = "h100", gpus_per_node: int = 8, mfu: f
         model = Transformer(model_cfg)
     n_params = model.num_params()
     numels: dict[str, list[int]] = {}  # parameter sizes by the algorithm that updates them
-    for group in param_groups(model, cfg.optim):
+    for group in OptimConfig.from_dict(cfg.optim).param_groups(model):
         numels.setdefault(group["algorithm"], []).extend(p.numel() for p in group["params"])
     optimizer_states = sum(STATES_PER_PARAM[algorithm] * sum(sizes) for algorithm, sizes in numels.items())
     adam_numels = numels.get("adamw", [])

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from osp.model import ModelConfig, Transformer
-from osp.optim import build_optimizer
+from osp.optim import OptimConfig
 from osp.precision import autocast_for
 
 OPTIMIZERS = ("adamw", "muon", "root")
@@ -108,7 +108,7 @@ def main(argv: list[str]) -> None:
     base = Transformer(cfg).to(device)
     models = {name: copy.deepcopy(base) for name in OPTIMIZERS}
     opts = {
-        name: build_optimizer(models[name], {"name": name, "ns_dtype": args.ns_dtype}) for name in OPTIMIZERS
+        name: OptimConfig(name=name, ns_dtype=args.ns_dtype).build(models[name]) for name in OPTIMIZERS
     }
     autocast = autocast_for(args.precision, device)
     order_rng = random.Random(args.seed)

@@ -268,14 +268,13 @@ class FitLoop:
 
 def build_loops(setup: Setup, names: list[str]) -> tuple[dict[str, Any], dict[str, int]]:
     """The selected loops (name -> object with run(steps) -> step seconds) and their parameter counts."""
-    from osp.optim import build_optimizer, build_scheduler
-    from osp.optim.config import optim_config
+    from osp.optim import OptimConfig
 
-    c = optim_config(setup.optim_cfg)
+    c = OptimConfig.from_dict(setup.optim_cfg)
 
     def torch_adamw(model: nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(model.parameters(), lr=c["adamw_lr"], betas=c["adamw_betas"], eps=c["eps"],
-                                 weight_decay=c["adamw_weight_decay"])
+        return torch.optim.AdamW(model.parameters(), lr=c.adamw_lr, betas=c.adamw_betas, eps=c.eps,
+                                 weight_decay=c.adamw_weight_decay)
 
     loops, params = {}, {}
     for name in names:
@@ -291,8 +290,8 @@ def build_loops(setup: Setup, names: list[str]) -> tuple[dict[str, Any], dict[st
         elif name == "osp step":
             module = LanguageModelModule(setup.model_cfg, setup.optim_cfg).to(setup.device)
             model = module.model
-            optimizer = build_optimizer(model, setup.optim_cfg)
-            scheduler = build_scheduler(optimizer, setup.optim_cfg, total_steps=10**6)
+            optimizer = c.build(model)
+            scheduler = c.build_scheduler(optimizer, total_steps=10**6)
             loops[name] = BareLoop(setup, model, optimizer, module, scheduler)
         else:
             module = LanguageModelModule(setup.model_cfg, setup.optim_cfg)

@@ -1,128 +1,185 @@
-"""The `optim` config node: defaults, and validation with messages that name the key and the allowed values."""
+"""OptimConfig: the `optim` config node as one frozen dataclass that validates itself and builds the
+optimizer (`build`) and its LR schedule (`build_scheduler`).
+
+Every error names the key and the allowed values (`optim.lr=-1.0 must be a number in [0.0, inf]`).
+The defaults are those of `osp/conf/optim/adamw.yaml`; a config file only needs the keys it changes.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import Any
 
-from osp.optim.schedules import DECAY_SHAPES, SCHEDULES
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from osp.optim.groups import DECAYED_ROLES, ROLES, params_by_role
+from osp.optim.muon import Muon
+from osp.optim.root import ROOT
+from osp.optim.schedules import DECAY_SHAPES, SCHEDULES, lr_multiplier
 
 OPTIMIZERS = ("adamw", "muon", "root")
-ROLES = ("embedding", "head", "matrix", "gain", "bias")
+MATRIX_OPTIMIZERS = {"muon": Muon, "root": ROOT}
 UPDATE_SCALES = ("moonlight", "keller")
 # ROOT, shapes without a published entry: osp's fitted Newton-Schulz coefficients, or Muon's (ROOT's own code)
 NS_FITS = ("fitted", "muon")
 NS_DTYPES = ("bf16", "fp32", "fp16", "bfloat16", "float32", "float16")
 
-# Defaults of every key; a config file only needs the keys it changes.
-DEFAULTS: dict[str, Any] = {
-    "name": "adamw",
-    "lr": 1e-3,
-    "weight_decay": 0.1,
-    "betas": (0.9, 0.95),
-    "eps": 1e-8,
-    "grad_clip": 1.0,
-    "schedule": "cosine",
-    "warmup_steps": 0,
-    "min_lr_ratio": 0.1,
-    "decay_fraction": 0.2,
-    "decay_shape": "linear",
-    "momentum": 0.95,
-    "nesterov": True,
-    "ns_steps": 5,
-    "ns_dtype": "bf16",
-    "update_scale": "moonlight",
-    "clip_quantile": 0.9,
-    "clip_eps": 1e-9,
-    "ns_fit": "fitted",
-    "adamw_lr": None,
-    "adamw_betas": None,
-    "adamw_weight_decay": None,
-    "routing": None,
-}
 
-# Roles that get weight decay; gains and biases never do (decaying a norm gain towards 0 fights the norm).
-DECAYED_ROLES = ("embedding", "head", "matrix")
+@dataclass(frozen=True)
+class OptimConfig:
+    """Validated optimizer settings. After construction `adamw_*` are filled from their fallbacks and
+    `routing` maps every role to an algorithm (matrices, EmbProj included, to `name`; the rest to AdamW)."""
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0  # read by the trainer (gradient-norm clipping); None disables it
+    schedule: str = "cosine"
+    warmup_steps: int | float = 100  # an integer, or a fraction of the run in (0, 1)
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2
+    decay_shape: str = "linear"
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5
+    ns_dtype: str = "bf16"
+    update_scale: str = "moonlight"
+    clip_quantile: float = 0.9
+    clip_eps: float = 1e-9
+    ns_fit: str = "fitted"
+    adamw_lr: float | None = None
+    adamw_betas: tuple[float, float] | None = None
+    adamw_weight_decay: float | None = None
+    routing: Mapping[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        for key, allowed in (("name", OPTIMIZERS), ("schedule", SCHEDULES), ("decay_shape", DECAY_SHAPES),
+                             ("update_scale", UPDATE_SCALES), ("ns_dtype", NS_DTYPES), ("ns_fit", NS_FITS)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"optim.{key}={getattr(self, key)!r} is not supported; allowed: {', '.join(allowed)}")
+        if not isinstance(self.nesterov, bool):
+            raise ValueError(f"optim.nesterov={self.nesterov!r} must be true or false")
+        inf = float("inf")
+        for key, low, high in (("lr", 0.0, inf), ("weight_decay", 0.0, inf), ("eps", 0.0, 1.0),
+                               ("momentum", 0.0, 0.999999), ("clip_quantile", 0.0, 1.0), ("clip_eps", 0.0, inf),
+                               ("min_lr_ratio", 0.0, 1.0), ("decay_fraction", 0.0, 1.0)):
+            self._set(key, _number(key, getattr(self, key), low, high))
+        self._set("ns_steps", int(_number("ns_steps", self.ns_steps, 1, 100, integer=True)))
+        if self.grad_clip is not None:
+            self._set("grad_clip", _number("grad_clip", self.grad_clip, 0.0, inf))
+        self._set("warmup_steps", _warmup(self.warmup_steps))
+        self._set("betas", _betas("betas", self.betas))
+        self._set("adamw_lr", self.lr if self.adamw_lr is None else _number("adamw_lr", self.adamw_lr, 0.0, inf))
+        self._set("adamw_weight_decay", self.weight_decay if self.adamw_weight_decay is None
+                  else _number("adamw_weight_decay", self.adamw_weight_decay, 0.0, inf))
+        self._set("adamw_betas", self.betas if self.adamw_betas is None else _betas("adamw_betas", self.adamw_betas))
+        self._set("routing", _routing(self.name, self.routing))
+
+    def _set(self, key: str, value: Any) -> None:
+        object.__setattr__(self, key, value)  # normalising a frozen dataclass while it is being built
+
+    @classmethod
+    def from_dict(cls, cfg: Any) -> OptimConfig:
+        """From the `optim` node (dict, DictConfig, None for all defaults, or an OptimConfig)."""
+        if isinstance(cfg, OptimConfig):
+            return cfg
+        given = _plain(cfg)
+        allowed = [f.name for f in fields(cls)]
+        unknown = sorted(set(given) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown optim key(s) {unknown}; allowed: {', '.join(allowed)}")
+        return cls(**given)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML/JSON values (tuples as lists): what checkpoints record as the run's optimizer."""
+        out = dataclasses.asdict(self)
+        for key in ("betas", "adamw_betas"):
+            out[key] = list(out[key])
+        out["routing"] = dict(self.routing)
+        return out
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """One param group per non-empty role, with the algorithm and hyperparameters routing gives it."""
+        groups = []
+        for role, params in params_by_role(model).items():
+            if not params:
+                continue
+            algorithm = self.routing[role]
+            decayed = role in DECAYED_ROLES
+            if algorithm == "adamw":
+                group = {"lr": self.adamw_lr, "betas": self.adamw_betas, "eps": self.eps,
+                         "weight_decay": self.adamw_weight_decay if decayed else 0.0}
+            else:
+                group = {"lr": self.lr, "weight_decay": self.weight_decay if decayed else 0.0,
+                         "momentum": self.momentum, "nesterov": self.nesterov, "ns_steps": self.ns_steps,
+                         "ns_dtype": self.ns_dtype, "update_scale": self.update_scale}
+                if algorithm == "root":
+                    group.update(clip_quantile=self.clip_quantile, clip_eps=self.clip_eps)
+            groups.append({"params": params, "name": role, "algorithm": algorithm, **group})
+        return groups
+
+    def build(self, model: nn.Module) -> torch.optim.Optimizer:
+        """ONE optimizer for the model: torch AdamW, or Muon/ROOT with AdamW groups inside."""
+        groups = self.param_groups(model)
+        if self.name == "adamw":
+            # Extra group keys (name, algorithm) are kept by torch optimizers and read by describe_groups.
+            return torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps,
+                                     weight_decay=self.weight_decay)
+        extra = {"fit_missing": self.ns_fit == "fitted"} if self.name == "root" else {}
+        return MATRIX_OPTIMIZERS[self.name](groups, lr=self.lr, weight_decay=self.weight_decay, **extra)
+
+    def build_scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int) -> LambdaLR:
+        """LambdaLR over `total_steps` optimizer steps: a multiplier on each group's own lr."""
+        return LambdaLR(optimizer, lr_multiplier(
+            schedule=self.schedule, total_steps=int(total_steps), warmup_steps=self.warmup_steps,
+            min_lr_ratio=self.min_lr_ratio, decay_fraction=self.decay_fraction, decay_shape=self.decay_shape))
 
 
 def _plain(cfg: Any) -> dict[str, Any]:
     if cfg is None:
         return {}
-    try:
-        from omegaconf import DictConfig, OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except ImportError:
-        pass
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     if isinstance(cfg, Mapping):
         return dict(cfg)
     raise TypeError(f"optim config must be a mapping (dict or DictConfig), got {type(cfg).__name__}")
 
 
-def _number(c: dict[str, Any], key: str, low: float, high: float, integer: bool = False) -> None:
-    v = c[key]
+def _number(key: str, v: Any, low: float, high: float, integer: bool = False) -> float:
     ok = isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v <= high
     if integer:
         ok = ok and float(v).is_integer()
     if not ok:
         kind = "an integer" if integer else "a number"
         raise ValueError(f"optim.{key}={v!r} must be {kind} in [{low}, {high}]")
-    c[key] = int(v) if integer else float(v)
+    return float(v)
 
 
-def _betas(c: dict[str, Any], key: str) -> None:
-    v = c[key]
+def _warmup(v: Any) -> int | float:
+    number = isinstance(v, (int, float)) and not isinstance(v, bool)
+    if number and 0.0 < v < 1.0 and isinstance(v, float):
+        return v  # a fraction, resolved against the run's total_steps by lr_multiplier
+    if number and v >= 0 and float(v).is_integer():
+        return int(v)
+    raise ValueError(f"optim.warmup_steps={v!r} must be a non-negative integer or a fraction in (0, 1)")
+
+
+def _betas(key: str, v: Any) -> tuple[float, float]:
     if (
         not isinstance(v, (list, tuple))
         or len(v) != 2
-        or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in v)
+        or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in v)
     ):
         raise ValueError(f"optim.{key}={v!r} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
-    c[key] = (float(v[0]), float(v[1]))
-
-
-def _choice(c: dict[str, Any], key: str, allowed: tuple[str, ...]) -> None:
-    if c[key] not in allowed:
-        raise ValueError(f"optim.{key}={c[key]!r} is not supported; allowed: {', '.join(allowed)}")
-
-
-def optim_config(cfg: Any) -> dict[str, Any]:
-    """Validated plain dict of the `optim` node, defaults filled in and `routing` resolved per role."""
-    given = _plain(cfg)
-    unknown = sorted(set(given) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown optim key(s) {unknown}; allowed: {', '.join(DEFAULTS)}")
-    c = {**DEFAULTS, **given}
-    _choice(c, "name", OPTIMIZERS)
-    _choice(c, "schedule", SCHEDULES)
-    _choice(c, "decay_shape", DECAY_SHAPES)
-    _choice(c, "update_scale", UPDATE_SCALES)
-    _choice(c, "ns_dtype", NS_DTYPES)
-    _choice(c, "ns_fit", NS_FITS)
-    if not isinstance(c["nesterov"], bool):
-        raise ValueError(f"optim.nesterov={c['nesterov']!r} must be true or false")
-    _number(c, "lr", 0.0, float("inf"))
-    _number(c, "weight_decay", 0.0, float("inf"))
-    _number(c, "eps", 0.0, 1.0)
-    _number(c, "momentum", 0.0, 0.999999)
-    _number(c, "ns_steps", 1, 100, integer=True)
-    _number(c, "clip_quantile", 0.0, 1.0)
-    _number(c, "clip_eps", 0.0, float("inf"))
-    _number(c, "min_lr_ratio", 0.0, 1.0)
-    _number(c, "decay_fraction", 0.0, 1.0)
-    if c["grad_clip"] is not None:
-        _number(c, "grad_clip", 0.0, float("inf"))
-    _betas(c, "betas")
-    for key, fallback in (("adamw_lr", "lr"), ("adamw_weight_decay", "weight_decay"), ("adamw_betas", "betas")):
-        if c[key] is None:
-            c[key] = c[fallback]
-        elif key == "adamw_betas":
-            _betas(c, key)
-        else:
-            _number(c, key, 0.0, float("inf"))
-    c["routing"] = _routing(c["name"], c["routing"])
-    return c
+    return (float(v[0]), float(v[1]))
 
 
 def _routing(name: str, routing: Mapping[str, str] | None) -> dict[str, str]:

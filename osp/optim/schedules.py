@@ -9,9 +9,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR
-
 SCHEDULES = ("cosine", "wsd", "constant")
 DECAY_SHAPES = ("linear", "1-sqrt")
 
@@ -95,19 +92,3 @@ def lr_multiplier(
         decay_fraction=float(decay_fraction),
         decay_shape=decay_shape,
     )
-
-
-def build_scheduler(optimizer: Optimizer, cfg, total_steps: int) -> LambdaLR:
-    """LambdaLR for the `optim` config node (keys schedule, warmup_steps, min_lr_ratio, decay_*)."""
-    from osp.optim.config import optim_config  # here: config.py imports this module's constants
-
-    c = optim_config(cfg)
-    fn = lr_multiplier(
-        schedule=c["schedule"],
-        total_steps=int(total_steps),
-        warmup_steps=c["warmup_steps"],
-        min_lr_ratio=c["min_lr_ratio"],
-        decay_fraction=c["decay_fraction"],
-        decay_shape=c["decay_shape"],
-    )
-    return LambdaLR(optimizer, fn)

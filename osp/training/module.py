@@ -14,10 +14,10 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from osp.model import ModelConfig, Transformer
-from osp.optim import build_optimizer, build_scheduler, describe_groups
+from osp.optim import OptimConfig, describe_groups
 from osp.training.checkpoints import capture_rng, restore_rng
 from osp.training.loggers import ResumableCSVLogger
 from osp.training.parallel import apply_activation_checkpointing, apply_fsdp, fsdp_options_of, is_sharded
@@ -31,14 +31,14 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 class LanguageModelModule(L.LightningModule):
     """Trains `self.model` (an osp Transformer) on batches of packed blocks (B, seq_len + 1)."""
 
-    def __init__(self, model: dict[str, Any] | ModelConfig, optim: dict[str, Any] | DictConfig,
+    def __init__(self, model: dict[str, Any] | ModelConfig, optim: dict[str, Any] | DictConfig | OptimConfig,
                  compile: bool = False, activation_checkpointing: bool = False,
                  run_record: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.run_record = run_record  # the run's config and data fingerprints (osp.training.run_record)
         model_cfg = model if isinstance(model, ModelConfig) else ModelConfig.from_dict(dict(model))
-        optim_cfg = OmegaConf.to_container(optim, resolve=True) if isinstance(optim, DictConfig) else dict(optim)
-        self.save_hyperparameters({"model": model_cfg.to_dict(), "optim": optim_cfg, "compile": compile,
+        optim_cfg = OptimConfig.from_dict(optim)
+        self.save_hyperparameters({"model": model_cfg.to_dict(), "optim": optim_cfg.to_dict(), "compile": compile,
                                    "activation_checkpointing": activation_checkpointing})
         self.model_cfg = model_cfg
         self.optim_cfg = optim_cfg
@@ -91,11 +91,11 @@ class LanguageModelModule(L.LightningModule):
             self.log("val/ppl", math.exp(min(float(loss), 50.0)), sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = build_optimizer(self.model, self.optim_cfg)
+        optimizer = self.optim_cfg.build(self.model)
         total = int(self.trainer.max_steps) if self.trainer.max_steps and self.trainer.max_steps > 0 else None
         if total is None:
             raise ValueError("trainer.max_steps must be set (> 0): the LR schedule is defined over it")
-        scheduler = build_scheduler(optimizer, self.optim_cfg, total)
+        scheduler = self.optim_cfg.build_scheduler(optimizer, total)
         if self.trainer.is_global_zero:
             print(describe_groups(optimizer))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -56,8 +56,7 @@ def build_model_config(cfg: DictConfig, vocab_size: int) -> ModelConfig:
 
 def preflight(cfg: DictConfig) -> None:
     """Check the optimizer and schedule settings before any data is touched, so a typo fails in a second."""
-    from osp.optim import build_scheduler
-    from osp.optim.config import optim_config
+    from osp.optim import OptimConfig
 
     max_steps = cfg.trainer.get("max_steps")
     if not isinstance(max_steps, int) or max_steps <= 0:
@@ -81,9 +80,8 @@ def preflight(cfg: DictConfig) -> None:
                           "train on the CPU with trainer=cpu")
     try:
         resolve_precision(cfg.trainer.get("precision", AUTO), accelerator)
-        optim_config(cfg.optim)
         dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-        build_scheduler(dummy, cfg.optim, max_steps)
+        OptimConfig.from_dict(cfg.optim).build_scheduler(dummy, max_steps)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 

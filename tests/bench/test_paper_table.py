@@ -11,7 +11,7 @@ import pytest
 from osp.bench import paper_table
 from osp.bench.paper_table import (ARMS, HEADER, SCALES, arm_overrides, compose, kendall_tau,
                                    merge_overrides, result_row, table_rows)
-from osp.optim.config import optim_config
+from osp.optim import OptimConfig
 from osp.training.run import build_model_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
@@ -60,9 +60,9 @@ def test_arm_is_its_recipe_at_cpu_scale(arm, tmp_path):
     sizes = (model.d_model, model.n_layers, model.ffn_hidden)
     assert sizes == (scale.d_model, scale.n_layers, scale.ffn_hidden)
     assert (model.norm == "ss", model.emb_proj) == (recipe.ssnorm, recipe.embproj)
-    optim = optim_config(cfg.optim)
-    assert optim["name"] == ("adamw" if arm == "adam" else "muon") and optim["lr"] == scale.lr
-    assert (optim["routing"]["embedding"] == "muon") == (arm == "muon_only")
+    optim = OptimConfig.from_dict(cfg.optim)
+    assert optim.name == ("adamw" if arm == "adam" else "muon") and optim.lr == scale.lr
+    assert (optim.routing["embedding"] == "muon") == (arm == "muon_only")
     assert cfg.data.source == "demo" and cfg.trainer.accelerator == "cpu"
     assert cfg.trainer.max_steps == scale.steps
     assert cfg.run_dir == f"{tmp_path}/{arm}"

@@ -5,7 +5,7 @@ import torch
 
 from osp.export.layout import layout_problems
 from osp.model import Transformer
-from osp.optim.config import optim_config
+from osp.optim import OptimConfig
 from osp.conf import CONFIG_DIR, compose
 from osp.training.run import build_model_config
 
@@ -48,8 +48,8 @@ def test_paper_recipe_builds_the_1p4b_llama(name):
     with torch.device("meta"):
         model = Transformer(model_cfg)
     assert abs(model.num_params() / 1.4e9 - 1) < 0.03
-    optim = optim_config(cfg.optim)
-    assert optim["name"] == optimizer and optim["routing"] == routing
+    optim = OptimConfig.from_dict(cfg.optim)
+    assert optim.name == optimizer and optim.routing == routing
     assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
     assert cfg.data.name == "HuggingFaceTB/smollm-corpus"
     assert cfg.data.tokenizer == "HuggingFaceTB/SmolLM-135M"

@@ -18,7 +18,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from osp.model import ModelConfig, Transformer
-from osp.optim import build_optimizer
+from osp.optim import OptimConfig
 
 STEPS = 3
 BATCH = 8
@@ -39,7 +39,7 @@ def optim_cfg(name: str) -> dict:
 
 def make_optimizer(model: torch.nn.Module, name: str) -> tuple[torch.optim.Optimizer, torch.nn.Parameter]:
     """The configured optimizer plus a matrix that never gets a gradient (it must stay as it is)."""
-    opt = build_optimizer(model, optim_cfg(name))
+    opt = OptimConfig.from_dict(optim_cfg(name)).build(model)
     torch.manual_seed(2)
     unused = torch.nn.Parameter(torch.randn(8, 32))
     opt.add_param_group({"params": [unused], "name": "unused", "algorithm": name})

@@ -7,7 +7,7 @@ from torch import nn
 
 from osp.conf import compose
 from osp.model import ModelConfig, Transformer
-from osp.optim import ROOT, Muon, build_optimizer, describe_groups
+from osp.optim import ROOT, Muon, OptimConfig, describe_groups
 
 
 
@@ -23,7 +23,7 @@ def by_name(opt):
 @pytest.mark.parametrize("name, cls", [("adamw", torch.optim.AdamW), ("muon", Muon), ("root", ROOT)])
 def test_config_files_build_and_route(name, cls):
     model = tiny_model()
-    opt = build_optimizer(model, compose([f"optim={name}"]).optim)
+    opt = OptimConfig.from_dict(compose([f"optim={name}"]).optim).build(model)
     assert type(opt) is cls
     groups = by_name(opt)
     matrix_algorithm = "adamw" if name == "adamw" else name
@@ -44,7 +44,7 @@ def test_config_files_build_and_route(name, cls):
 def test_adamw_settings_of_hybrid_groups():
     cfg = {"name": "muon", "lr": 0.02, "weight_decay": 0.0, "update_scale": "keller", "adamw_lr": 3e-4,
            "adamw_betas": [0.8, 0.95], "adamw_weight_decay": 0.01, "ns_dtype": "fp32"}
-    groups = by_name(build_optimizer(tiny_model(), cfg))
+    groups = by_name(OptimConfig.from_dict(cfg).build(tiny_model()))
     assert groups["matrix"]["lr"] == 0.02 and groups["matrix"]["update_scale"] == "keller"
     assert groups["matrix"]["ns_dtype"] == "float32"
     assert groups["head"]["lr"] == 3e-4 and groups["head"]["betas"] == (0.8, 0.95)
@@ -54,7 +54,7 @@ def test_adamw_settings_of_hybrid_groups():
 def test_routing_override_and_tied_embeddings():
     # OSP's "Muon-Only" ablation: the embedding on Muon too.
     model = tiny_model(tie_embeddings=True, emb_proj=False)
-    groups = by_name(build_optimizer(model, {"name": "muon", "routing": {"embedding": "muon"}}))
+    groups = by_name(OptimConfig.from_dict({"name": "muon", "routing": {"embedding": "muon"}}).build(model))
     assert "head" not in groups  # the tied head is the embedding, listed once
     assert [id(p) for p in groups["embedding"]["params"]] == [id(model.embed_tokens.weight)]
     assert groups["embedding"]["algorithm"] == "muon"
@@ -74,7 +74,7 @@ def test_routing_override_and_tied_embeddings():
 )
 def test_bad_config_names_key_and_allowed_values(cfg, match):
     with pytest.raises(ValueError, match=match):
-        build_optimizer(tiny_model(), cfg)
+        OptimConfig.from_dict(cfg).build(tiny_model())
 
 
 class FakeModel(nn.Module):
@@ -91,4 +91,4 @@ class FakeModel(nn.Module):
 
 def test_parameter_without_role_is_an_error():
     with pytest.raises(KeyError, match="'extra'"):
-        build_optimizer(FakeModel(), {"name": "muon"})
+        OptimConfig.from_dict({"name": "muon"}).build(FakeModel())

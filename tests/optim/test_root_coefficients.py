@@ -107,7 +107,7 @@ def test_fit_missing_false_is_the_official_code_muon_fallback():
 def test_ns_fit_config_chooses_fitted_or_muon_coefficients_for_unlisted_shapes():
     from torch import nn
 
-    from osp.optim import build_optimizer
+    from osp.optim import OptimConfig
     from osp.optim.root import ROOT
 
     class Tiny(nn.Module):
@@ -118,8 +118,8 @@ def test_ns_fit_config_chooses_fitted_or_muon_coefficients_for_unlisted_shapes()
         def parameter_roles(self):
             return {"proj.weight": "matrix"}
 
-    fitted = build_optimizer(Tiny(), {"name": "root"})
-    fallback = build_optimizer(Tiny(), {"name": "root", "ns_fit": "muon"})
+    fitted = OptimConfig.from_dict({"name": "root"}).build(Tiny())
+    fallback = OptimConfig.from_dict({"name": "root", "ns_fit": "muon"}).build(Tiny())
     assert isinstance(fitted, ROOT) and fitted.fit_missing and not fallback.fit_missing
     with pytest.raises(ValueError, match="optim.ns_fit='exact' is not supported; allowed: fitted, muon"):
-        build_optimizer(Tiny(), {"name": "root", "ns_fit": "exact"})
+        OptimConfig.from_dict({"name": "root", "ns_fit": "exact"}).build(Tiny())

@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 
-from osp.optim import build_scheduler, lr_multiplier
+from osp.optim import OptimConfig, lr_multiplier
 
 
 def test_cosine_hand_values():
@@ -54,7 +54,7 @@ def test_bad_values_name_the_key(kwargs, match):
 def test_build_scheduler_scales_each_group_from_its_own_lr():
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
     opt = torch.optim.SGD([{"params": [a], "lr": 1.0}, {"params": [b], "lr": 0.1}])
-    sched = build_scheduler(opt, {"schedule": "cosine", "warmup_steps": 4, "min_lr_ratio": 0.0}, total_steps=20)
+    sched = OptimConfig(schedule="cosine", warmup_steps=4, min_lr_ratio=0.0).build_scheduler(opt, total_steps=20)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.25, 0.025])
     for _ in range(3):
         opt.step()

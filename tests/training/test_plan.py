@@ -14,7 +14,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from osp.conf import compose
 from osp.hardware import GPUS
 from osp.model import Transformer
-from osp.optim import build_optimizer
+from osp.optim import OptimConfig
 from osp.plan import make_plan, measure_activations
 from osp.training.module import next_token_loss
 from osp.training.parallel import apply_activation_checkpointing
@@ -30,7 +30,7 @@ def measured_peak(cfg) -> int:
     model = Transformer(build_model_config(cfg, int(cfg.data.vocab_size)))
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = OptimConfig.from_dict(cfg.optim).build(model)
     batch = torch.randint(0, int(cfg.data.vocab_size), (int(cfg.data.batch_size), int(cfg.data.seq_len) + 1))
 
     def step() -> None:
