@@ -1,7 +1,8 @@
 """`osp bench paper-table`: the OSP paper's ablation table (arXiv 2506.19697), re-run at small scale.
 
 Every arm is one of the paper recipes (osp/conf/recipe/adam_1p4b.yaml, muon_only, muon, muon_ssnorm,
-muon_embproj, osp_1p4b) with the model shrunk and the data, token budget and learning rate of the chosen `--scale`; the
+muon_embproj, osp_1p4b) with the model shrunk and the data, token budget and learning rate of the chosen `--scale`
+(osp/conf/scale/<name>.yaml, so `osp train recipe=muon scale=cpu-small` re-runs one arm); the
 arms differ only in what the recipe ablates. Each arm is a real `osp train` run (same config composition,
 same callbacks: OutlierMonitor during training, QuantEval at the end), so its run directory works with
 `osp report` and `osp eval`. The table puts our kurtosis (both modes, with the Gaussian floor), max|h|,
@@ -27,10 +28,7 @@ from typing import Any
 import torch
 
 from osp.bench.optim import machine
-from osp.conf import compose
-
-# Quantization modes evaluated at the end of every arm (QuantEval presets); the summary keys they produce.
-QUANT_PRESETS = ("w4a4kv4+had", "w4a16")
+from osp.conf import CONFIG_DIR, compose, presets
 
 
 @dataclass(frozen=True)
@@ -81,71 +79,29 @@ ARMS: dict[str, Arm] = {
 PAPER_D_MODEL = 2048  # the paper's width: its kurtosis floor is gaussian_floor(2048) ~ 0.04
 
 
-@dataclass(frozen=True)
-class Scale:
-    """Model size, token budget and optimizer settings shared by every arm of one table."""
-
-    description: str
-    d_model: int
-    n_layers: int
-    n_heads: int
-    ffn_hidden: int        # 2^a * K (Hadamard-compatible), so the +had column exists
-    seq_len: int
-    batch_size: int
-    steps: int
-    lr: float
-    warmup_steps: int
-    weight_decay: float = 0.1
-    trainer: str = "cpu"
-    data: str | None = "demo"  # a data config name; None keeps the recipes' data (smollm)
-    outlier_every: int = 50
-    quant_blocks: int = 32
-    val_blocks: int = 64
-
-    @property
-    def tokens(self) -> int:
-        return self.steps * self.batch_size * self.seq_len
+def scale_facts(cfg: Any) -> dict[str, Any]:
+    """Model size, token budget and optimizer settings that a scale (osp/conf/scale/) gives every arm."""
+    facts = {"d_model": cfg.model.d_model, "n_layers": cfg.model.n_layers, "n_heads": cfg.model.n_heads,
+             "ffn_hidden": cfg.model.ffn_hidden, "seq_len": cfg.data.seq_len, "batch_size": cfg.data.batch_size,
+             "steps": cfg.trainer.max_steps, "lr": cfg.optim.lr, "warmup_steps": cfg.optim.warmup_steps}
+    return {**facts, "tokens": facts["steps"] * facts["batch_size"] * facts["seq_len"]}
 
 
-SCALES: dict[str, Scale] = {
-    "test": Scale("minuscule, for tests (pass the data with --set)", 64, 2, 2, 192, 64, 8, 10, 3e-3, 2,
-                  outlier_every=5, quant_blocks=4, val_blocks=8),
-    # The smallest setting where AdamW's kurtosis clearly leaves the floor (27x at 200 steps), OSP's not.
-    "cpu-small": Scale("smoke run: 4.8 min for the six arms on 2 idle cores (measured)",
-                       128, 4, 4, 384, 128, 16, 200, 1e-2, 30),
-    "cpu": Scale("the tiny recipe's model, 6x the tokens of cpu-small: ~45 min on 2 idle cores (at the "
-                 "6.1k tokens/s measured there), 84 min measured with --threads 1 on a shared 2-core machine",
-                 256, 4, 4, 768, 256, 16, 600, 1e-2, 60, outlier_every=100),
-    # Not run yet (no GPU at hand): lr 3e-3 is a guess for d 768; the data are the recipes' SmolLM stream.
-    "gpu": Scale("GPT-2-small-sized Llama on the recipes' SmolLM stream, one GPU (unmeasured)",
-                 768, 12, 12, 2048, 1024, 32, 6000, 3e-3, 300, trainer="gpu", data=None, outlier_every=500,
-                 quant_blocks=64, val_blocks=128),
-}
+def scale_description(scale: str) -> str:
+    """The scale file's leading comment (after `# @package`), as one line."""
+    lines = (CONFIG_DIR / "scale" / f"{scale}.yaml").read_text().splitlines()[1:]
+    text = []
+    for line in lines:
+        if not line.startswith("# ") or line.startswith("# One arm"):
+            break
+        text.append(line[2:])
+    return " ".join(text)
 
 
-def arm_overrides(arm: str, scale: Scale, runs_root: Path, seed: int, export: bool) -> list[str]:
-    """Hydra overrides turning the arm's paper recipe into this scale's run (an `osp train` command line)."""
-    presets = ",".join(f"'{p}'" for p in QUANT_PRESETS)
-    overrides = [
-        f"recipe={ARMS[arm].recipe}", f"name={arm}", f"run_name={arm}", f"runs_root={runs_root}",
-        f"seed={seed}", f"trainer={scale.trainer}",
-        f"model.d_model={scale.d_model}", f"model.n_layers={scale.n_layers}",
-        f"model.n_heads={scale.n_heads}", f"model.ffn_hidden={scale.ffn_hidden}",
-        f"data.seq_len={scale.seq_len}", f"data.batch_size={scale.batch_size}",
-        f"data.val_blocks={scale.val_blocks}",
-        f"trainer.max_steps={scale.steps}", "trainer.accumulate_grad_batches=1",
-        f"trainer.val_check_interval={scale.steps}", "trainer.limit_val_batches=null",
-        f"optim.lr={scale.lr}", f"optim.warmup_steps={scale.warmup_steps}",
-        f"optim.weight_decay={scale.weight_decay}", "optim.schedule=cosine",
-        "logger=none", "~callbacks.checkpoint",
-        f"callbacks.outliers.every_n_steps={scale.outlier_every}",
-        # QuantEval once, at the end (its interval is the whole run).
-        f"callbacks.quant_eval.every_n_steps={scale.steps}",
-        f"callbacks.quant_eval.num_blocks={scale.quant_blocks}",
-        f"callbacks.quant_eval.extra_presets=[{presets}]",
-    ]
-    if scale.data is not None:
-        overrides.append(f"data={scale.data}")
+def arm_overrides(arm: str, scale: str, runs_root: Path, seed: int, export: bool) -> list[str]:
+    """The `osp train` command line of one arm: its paper recipe at this scale (osp/conf/scale/<scale>.yaml)."""
+    overrides = [f"recipe={ARMS[arm].recipe}", f"scale={scale}", f"name={arm}", f"run_name={arm}",
+                 f"runs_root={runs_root}", f"seed={seed}"]
     if not export:
         overrides.append("~callbacks.export")
     return overrides
@@ -310,19 +266,23 @@ def write_plots(run_dirs: list[Path], out_dir: Path) -> list[Path]:
 # Entry point ---------------------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
-    scales = "\n".join(f"  {name:10s} d {s.d_model}, {s.n_layers} layers, {s.steps} steps x {s.batch_size} x "
-                       f"{s.seq_len} = {s.tokens / 1e6:.2f}M tokens, lr {s.lr:g}:\n  {'':10s} {s.description}"
-                       for name, s in SCALES.items())
+    scales = []
+    for name in presets("scale"):
+        f = scale_facts(compose(["recipe=osp_1p4b", f"scale={name}"]))
+        scales.append(f"  {name:10s} d {f['d_model']}, {f['n_layers']} layers, {f['steps']} steps x {f['batch_size']} x "
+                      f"{f['seq_len']} = {f['tokens'] / 1e6:.2f}M tokens, lr {f['lr']:g}:\n  {'':10s} "
+                      f"{scale_description(name)}")
     p = argparse.ArgumentParser(prog="osp bench paper-table", description=__doc__.splitlines()[0],
-                                epilog="scales:\n" + scales,
+                                epilog="scales (osp/conf/scale/; one arm: osp train recipe=muon scale=NAME):\n"
+                                       + "\n".join(scales),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scale", choices=list(SCALES), default="cpu")
+    p.add_argument("--scale", choices=presets("scale"), default="cpu")
     p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), metavar="ARM",
                    help=f"arms to train, in table order (default: all of {', '.join(ARMS)})")
     p.add_argument("--out", type=Path, default=Path("paper_table"),
                    help="output folder: runs/<arm>/, paper_table.md, paper_table.json, plots/")
-    p.add_argument("--steps", type=int, default=None, help="override the scale's step count")
-    p.add_argument("--lr", type=float, default=None, help="override the scale's learning rate")
+    p.add_argument("--steps", type=int, default=None, help="override the scale's step count (trainer.max_steps)")
+    p.add_argument("--lr", type=float, default=None, help="override the scale's learning rate (optim.lr)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                    help="extra Hydra override for every arm (repeatable), e.g. --set data=files "
@@ -341,10 +301,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    scale = SCALES[args.scale]
-    changes = {k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None}
-    if changes:
-        scale = Scale(**{**asdict(scale), **changes})
+    changes = [f"{key}={value}" for key, value in (("trainer.max_steps", args.steps), ("optim.lr", args.lr))
+               if value is not None]
     arms = [arm for arm in ARMS if arm in args.arms]  # table order, whatever the command-line order
     out = args.out.resolve()
     runs_root = out / "runs"
@@ -354,12 +312,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summaries: dict[str, dict[str, Any]] = {}
     commands: dict[str, list[str]] = {}
     for arm in arms:
-        base = arm_overrides(arm, scale, runs_root, args.seed, args.export)
-        overrides = merge_overrides(base, args.extra)
+        base = arm_overrides(arm, args.scale, runs_root, args.seed, args.export)
+        overrides = merge_overrides(base, [*changes, *args.extra])
         commands[arm] = overrides
         summaries[arm] = run_arm(arm, overrides, runs_root / arm, args.reuse)
     wall = time.perf_counter() - started
-    device = torch.device("cuda" if scale.trainer == "gpu" and torch.cuda.is_available() else "cpu")
+    cfg = compose(commands[arms[0]])  # the scale's facts, as every arm ran them
+    scale = scale_facts(cfg)
+    accelerator = str(cfg.trainer.get("accelerator"))
+    device = torch.device("cuda" if accelerator in ("gpu", "cuda") and torch.cuda.is_available() else "cpu")
 
     from osp.metrics import gaussian_floor
 
@@ -368,8 +329,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = table_rows(results, paper_floor)
     notes = reading(results)
     tokens = results[arms[0]]["tokens_seen"]
-    title = (f"OSP ablation table at scale '{args.scale}': d {scale.d_model}, {scale.n_layers} layers, "
-             f"{scale.steps} steps, {tokens or scale.tokens:,} tokens per arm, lr {scale.lr:g} "
+    title = (f"OSP ablation table at scale '{args.scale}': d {scale['d_model']}, {scale['n_layers']} layers, "
+             f"{scale['steps']} steps, {tokens or scale['tokens']:,} tokens per arm, lr {scale['lr']:g} "
              f"(paper: 1.4B, d {PAPER_D_MODEL}, 100B tokens; paper floor {paper_floor:.3f})")
     legend = ("kurt ctx / kurt exact: OSP per-token excess kurtosis, normal sequences / each token alone "
               "(the paper's mode); floor: Gaussian floor at this width; ×floor = kurt exact / floor; "
@@ -384,7 +345,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     markdown = "\n\n".join([f"### {title}", format_table(rows, markdown=True), legend, "\n".join(notes)])
     (out / "paper_table.md").write_text(markdown + "\n")
     payload = {
-        "scale": {"name": args.scale, **asdict(scale), "tokens": scale.tokens},
+        "scale": {"name": args.scale, "description": scale_description(args.scale), **scale},
         "wall_seconds": wall,  # this invocation (small with --reuse)
         "train_seconds": sum(r["wall_seconds"] or 0.0 for r in results.values()),  # the arms' own runs
         "machine": machine(device),

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from osp.bench import paper_table
-from osp.bench.paper_table import (ARMS, HEADER, SCALES, arm_overrides, compose, kendall_tau,
-                                   merge_overrides, result_row, table_rows)
+from osp.bench.paper_table import (ARMS, HEADER, PAPER_D_MODEL, arm_overrides, compose, kendall_tau,
+                                   merge_overrides, result_row, scale_facts, table_rows)
+from osp.metrics import gaussian_floor
 from osp.optim import OptimConfig
 from osp.training.run import build_model_config
 
@@ -38,36 +39,65 @@ def test_paper_numbers_are_the_readme_values():
         assert (p.avg_rtn, p.avg_had, p.avg_fp) == (avg_rtn, avg_had, avg_fp)
 
 
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_table_rows() -> list[list[str]]:
+    """The arm rows of every paper-table table in the README, as cells."""
+    labels = {arm.label for arm in ARMS.values()}
+    rows = []
+    for line in README.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] in labels:
+            rows.append(cells)
+    return rows
+
+
 def test_table_prints_the_paper_numbers_as_the_readme():
     results = {arm: result_row({}) for arm in ARMS}  # nothing measured: only the paper columns are filled
-    rows = table_rows(results, paper_floor=0.041)
+    rows = table_rows(results, paper_floor=gaussian_floor(PAPER_D_MODEL))
     paper = {row[0]: row[HEADER.index("paper kurt"):] for row in rows[1:]}
-    assert paper["Adam"] == ["1818.56", "4.4e4", "11.4", "8e4 → 3e4", "26.8 → 26.9"]
-    assert paper["Muon-Only†"] == ["361.35", "8813", "11.7", "8e5 → 24.8", "26.3 → 33.1"]
-    assert paper["Muon"] == ["1575.12", "3.8e4", "11.4", "1e4 → 15.8", "29.0 → 38.4"]
-    assert paper["Muon+SSNorm"] == ["66.69", "1627", "11.2", "44.2 → 34.1", "36.4 → 38.3"]
-    assert paper["Muon+EmbProj"] == ["703.23", "1.7e4", "12.3", "114.6 → 22.3", "30.4 → 36.2"]
-    assert paper["OSP (all)"] == ["0.04", "0.976", "11.2", "19.6 → 13.5", "37.5 → 38.9"]
+    readme = readme_table_rows()
+    assert len(readme) == 2 * len(ARMS)  # the default-scale and the smoke-scale tables
+    for cells in readme:
+        assert len(cells) == len(HEADER) and cells[HEADER.index("paper kurt"):] == paper[cells[0]], cells[0]
+    assert paper["Adam"][:2] == ["1818.56", "4.4e4"] and paper["OSP (all)"][:2] == ["0.04", "0.966"]
     assert all(row[HEADER.index("kurt exact")] == "-" for row in rows[1:])
+
+
+# osp/conf/scale/cpu.yaml, written out: d_model, n_layers, n_heads, ffn_hidden, seq_len, batch_size, steps, lr
+CPU_SCALE = (256, 4, 4, 768, 256, 16, 600, 1e-2)
 
 
 @pytest.mark.parametrize("arm", list(ARMS))
 def test_arm_is_its_recipe_at_cpu_scale(arm, tmp_path):
-    scale = SCALES["cpu"]
-    cfg = compose(arm_overrides(arm, scale, tmp_path, seed=1, export=False))
+    cfg = compose(arm_overrides(arm, "cpu", tmp_path, seed=1, export=False))
+    facts = scale_facts(cfg)
+    assert tuple(facts[k] for k in ("d_model", "n_layers", "n_heads", "ffn_hidden", "seq_len", "batch_size",
+                                    "steps", "lr")) == CPU_SCALE
     model = build_model_config(cfg, vocab_size=4096)
     recipe = ARMS[arm]
-    sizes = (model.d_model, model.n_layers, model.ffn_hidden)
-    assert sizes == (scale.d_model, scale.n_layers, scale.ffn_hidden)
+    assert (model.d_model, model.n_layers, model.ffn_hidden) == (256, 4, 768)
     assert (model.norm == "ss", model.emb_proj) == (recipe.ssnorm, recipe.embproj)
     optim = OptimConfig.from_dict(cfg.optim)
-    assert optim.name == ("adamw" if arm == "adam" else "muon") and optim.lr == scale.lr
+    assert optim.name == ("adamw" if arm == "adam" else "muon") and optim.lr == 1e-2
     assert (optim.routing["embedding"] == "muon") == (arm == "muon_only")
     assert cfg.data.source == "demo" and cfg.trainer.accelerator == "cpu"
-    assert cfg.trainer.max_steps == scale.steps
+    assert cfg.trainer.max_steps == 600 and cfg.trainer.val_check_interval == 600
+    assert cfg.callbacks.quant_eval.every_n_steps == 600  # QuantEval once, at the end
     assert cfg.run_dir == f"{tmp_path}/{arm}"
-    assert "checkpoint" not in cfg.callbacks and "export" not in cfg.callbacks
+    assert cfg.callbacks.checkpoint is None and "export" not in cfg.callbacks
     assert list(cfg.callbacks.quant_eval.extra_presets) == ["w4a4kv4+had", "w4a16"]
+
+
+@pytest.mark.parametrize("scale", ["test", "cpu-small", "cpu", "gpu"])
+def test_one_arm_is_an_osp_train_command(scale, tmp_path):
+    # `osp train recipe=muon scale=<scale>` is the table's Muon arm, apart from its name and run folder.
+    from omegaconf import OmegaConf
+
+    arm = compose(arm_overrides("muon", scale, tmp_path, seed=1234, export=True))
+    by_hand = compose(["recipe=muon", f"scale={scale}", f"runs_root={tmp_path}", "run_name=muon", "name=muon"])
+    assert OmegaConf.to_container(arm, resolve=True) == OmegaConf.to_container(by_hand, resolve=True)
 
 
 def test_kendall_tau_compares_orderings():
@@ -103,7 +133,7 @@ def test_paper_table_end_to_end_at_test_scale(tmp_path, monkeypatch, capsys):
     written = json.loads((out / "paper_table.json").read_text())
     assert written["scale"]["name"] == "test"
     tokens = {arm["ours"]["tokens_seen"] for arm in written["arms"].values()}
-    assert tokens == {SCALES["test"].tokens}  # same token budget for every arm
+    assert tokens == {10 * 8 * 64} == {written["scale"]["tokens"]}  # scale "test": the same budget for every arm
     for name, arm in written["arms"].items():
         ours = arm["ours"]
         for key in ("val_loss", "kurtosis", "kurtosis_exact", "kurtosis_floor", "max_abs", "ppl_fp",

@@ -80,9 +80,9 @@ def test_every_yaml_is_package_data():
     assert yamls and yamls <= shipped, sorted(str(p.relative_to(package)) for p in yamls - shipped)
 
 
-@pytest.mark.parametrize("group", ["recipe", "model", "optim", "data", "trainer", "logger"])
+@pytest.mark.parametrize("group", ["recipe", "scale", "model", "optim", "data", "trainer", "logger"])
 def test_every_preset_composes(group):
-    """Every option a CLI lists composes into a train config (`osp train <group>=<option>`)."""
+    """Every option a CLI or a config group offers composes into a train config (`osp train <group>=<option>`)."""
     options = presets(group)
     assert options
     for option in options:
