@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from osp.atomic import write_text
+
 MODES = {  # name -> (trainer config, ranks, threads per rank)
     "single": ("cpu", 1, 2),
     "single-1t": ("cpu", 1, 1),
@@ -109,7 +111,7 @@ def _worker(args: argparse.Namespace) -> None:
         results = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(results, probe.result)
     if trainer.is_global_zero:
-        args.out.write_text(json.dumps({"mode": args.worker, "seq_len": seq_len, "ranks": results}))
+        write_text(args.out, json.dumps({"mode": args.worker, "seq_len": seq_len, "ranks": results}))
 
 
 def _compose(args: argparse.Namespace, trainer_name: str, ranks: int) -> Any:
@@ -201,7 +203,7 @@ def main(argv: list[str]) -> None:
     table = _format(results, args, (load_before, os.getloadavg()[0]))
     print(table)
     if args.json:
-        args.json.write_text(json.dumps({"results": results, "table": table}, indent=2))
+        write_text(args.json, json.dumps({"results": results, "table": table}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from osp.atomic import write_text
 from osp.bench.optim import machine
 from osp.conf import CONFIG_DIR, compose, presets
 
@@ -343,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     out.mkdir(parents=True, exist_ok=True)
     markdown = "\n\n".join([f"### {title}", format_table(rows, markdown=True), legend, "\n".join(notes)])
-    (out / "paper_table.md").write_text(markdown + "\n")
+    write_text(out / "paper_table.md", markdown + "\n")
     payload = {
         "scale": {"name": args.scale, "description": scale_description(args.scale), **scale},
         "wall_seconds": wall,  # this invocation (small with --reuse)
@@ -355,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        "ours": results[arm], "paper": asdict(ARMS[arm].paper)} for arm in arms},
         "reading": notes,
     }
-    (out / "paper_table.json").write_text(json.dumps(payload, indent=2) + "\n")
+    write_text(out / "paper_table.json", json.dumps(payload, indent=2) + "\n")  # table order, not sorted
     plots = write_plots([runs_root / arm for arm in arms], out / "plots")
     print("written: " + ", ".join(str(p) for p in [out / "paper_table.md", out / "paper_table.json", *plots]))
     return payload

@@ -17,6 +17,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from osp.atomic import write_text
 from osp.precision import autocast_for, resolve_precision
 
 DEMO_DATA = {"_target_": "osp.data.datamodule.PretrainDataModule", "source": "demo", "seq_len": 256}
@@ -120,7 +121,7 @@ def main(argv: list[str]) -> None:
     with autocast_for(precision, args.device):
         _evaluate(args, model, dm, do_quant, do_kurtosis, results)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+        write_text(args.json, json.dumps(results, indent=2, default=str) + "\n")
 
 
 def _evaluate(args: argparse.Namespace, model: torch.nn.Module, dm: Any, do_quant: bool, do_kurtosis: bool,

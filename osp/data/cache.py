@@ -1,4 +1,4 @@
-"""Cache location, content hashing, atomic writes and an inter-process lock for the data pipeline.
+"""Cache location, content hashing and an inter-process lock for the data pipeline (atomic writes: osp.atomic).
 
 Everything the pipeline builds (extracted corpora, trained tokenizers, token shards) lives under one
 root so that `osp data info` can show it and a user can delete it in one place:
@@ -11,8 +11,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,36 +43,6 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temporary path next to `target`; rename it onto `target` only if the block succeeds.
-
-    A crash or an exception leaves no half-written `target` behind, and readers never see one.
-    Works for files and directories (a directory target that already exists is kept: another
-    process built the same content first).
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    inner = tmp / target.name
-    try:
-        yield inner
-        if inner.is_dir() and target.exists():
-            return
-        os.replace(inner, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def write_text_atomic(target: Path, text: str) -> None:
-    with atomic_path(target) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def write_json_atomic(target: Path, obj: Any) -> None:
-    """Strict JSON (NaN and Infinity refused: other readers reject them), paths and the like as strings."""
-    write_text_atomic(target, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False, default=str) + "\n")
 
 
 @contextlib.contextmanager

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from osp.data.cache import atomic_path, file_lock, file_sha256, write_json_atomic
+from osp.atomic import atomic_path, write_json
+from osp.data.cache import file_lock, file_sha256
 from osp.data.sources import DataError, warn_damaged
 
 SHARD_FORMAT_VERSION = 2  # 2: the sidecar holds the shard's sha256
@@ -118,7 +119,7 @@ def write_shard(path: Path, token_docs: Iterable[np.ndarray], *, dtype: np.dtype
     full_meta = {**(meta or {}), "format": SHARD_FORMAT_VERSION, "dtype": dtype.name, "byte_order": "little",
                  "num_tokens": num_tokens, "num_documents": num_docs, "eos_id": eos_id,
                  "sha256": digest.hexdigest()}
-    write_json_atomic(sidecar(path), full_meta)
+    write_json(sidecar(path), full_meta)
     return TokenShard(path, full_meta)
 
 

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from osp.data.cache import (cache_root, file_lock, file_sha256, fingerprint, write_json_atomic,
-                            write_text_atomic)
+from osp.atomic import write_json, write_text
+from osp.data.cache import cache_root, file_lock, file_sha256, fingerprint
 from osp.data.extract import extract_austen, extract_bible_books, read_deb_files
 
 Split = Literal["train", "val"]
@@ -223,7 +223,7 @@ class DemoCorpus(TextSource):
             entries = []
             for name, text in documents.items():
                 path = folder / f"{name}.txt"
-                write_text_atomic(path, text)
+                write_text(path, text)
                 entries.append({
                     "name": name, "file": path.name, "bytes": path.stat().st_size, "chars": len(text),
                     "sha256": file_sha256(path),
@@ -231,7 +231,7 @@ class DemoCorpus(TextSource):
                 })
             manifest = {"extractor_version": EXTRACTOR_VERSION, "package": deb.name, "documents": entries}
             # The manifest is written last: its presence marks a complete extraction.
-            write_json_atomic(folder / "manifest.json", manifest)
+            write_json(folder / "manifest.json", manifest)
             return manifest
 
     def manifests(self) -> dict[str, dict[str, Any]]:

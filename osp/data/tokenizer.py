@@ -20,7 +20,8 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from osp.data.cache import atomic_path, cache_root, file_lock, file_sha256, fingerprint, write_json_atomic
+from osp.atomic import atomic_path, write_json
+from osp.data.cache import cache_root, file_lock, file_sha256, fingerprint
 from osp.data.sources import DataError, TextSource, warn_damaged
 
 EOS_TOKEN = "<|endoftext|>"
@@ -129,7 +130,7 @@ def build_tokenizer(spec: str, source: TextSource, vocab_size: int = 4096, *,
                 tokenizer = train_bpe(_limit_chars(source.documents("train"), max_train_chars), vocab_size)
                 with atomic_path(folder) as tmp:
                     save_tokenizer(tokenizer, tmp)
-                    write_json_atomic(tmp / _CHECKSUMS, {p.name: file_sha256(p) for p in tmp.iterdir()})
+                    write_json(tmp / _CHECKSUMS, {p.name: file_sha256(p) for p in tmp.iterdir()})
     # Always use the loaded copy, so its fingerprint is the same on the first and on later runs.
     return PreTrainedTokenizerFast.from_pretrained(folder)
 

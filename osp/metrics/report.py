@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from osp.atomic import write_text
+
 __all__ = ["RunDirError", "Run", "load_run", "format_table", "write_report", "check_unique_names"]
 
 # Column label, format, then where to find the value: summary.json keys first (the final numbers),
@@ -165,7 +167,7 @@ def write_report(runs: Sequence[Run], out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = out_dir / "comparison.md"
-    table.write_text(format_table(runs, markdown=True) + "\n")
+    write_text(table, format_table(runs, markdown=True) + "\n")
     written = [table]
     kurtosis = {run.name: run.curve("outliers/kurtosis_mean") for run in runs
                 if run.series.get("outliers/kurtosis_mean")}

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from osp.atomic import write_text
 from osp.optim.newton_schulz import MUON_COEFFICIENTS
 from osp.optim.root import ROOT_COEFFICIENTS as OFFICIAL_COEFFICIENTS
 from osp.optim.root import Coefficients, ns_coefficients, shape_key
@@ -250,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{PROXY_MIN['cache']}); official ROOT entries take precedence",
             "coefficients": fits,
         }
-        args.write.write_text(json.dumps(payload, indent=1) + "\n")
+        write_text(args.write, json.dumps(payload, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import shutil
 import warnings
 import zipfile
 from pathlib import Path
@@ -22,34 +21,11 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
+from osp.atomic import replace_path
+
 LAST = "last.ckpt"
 CHECKPOINT_SUFFIX = ".ckpt"
 DISTRIBUTED_META = "meta.pt"  # Lightning's non-tensor part of a distributed checkpoint folder
-
-
-def remove_path(path: Path) -> None:
-    """Remove a file, symlink or folder if it exists."""
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.is_dir():
-        shutil.rmtree(path)
-
-
-def replace_path(staging: Path, final: Path) -> None:
-    """Move the finished `staging` file or folder to `final`, replacing whatever is there.
-
-    File over file is one atomic rename. A folder cannot replace a non-empty folder in one rename, so
-    the old one is renamed aside first and removed only after the new one is in place: at every
-    moment one complete checkpoint exists under `final` or `final.old`.
-    """
-    if not (final.exists() or final.is_symlink()) or (staging.is_file() and not final.is_dir()):
-        os.replace(staging, final)
-        return
-    retired = final.with_name(final.name + ".old")
-    remove_path(retired)
-    os.replace(final, retired)
-    os.replace(staging, final)
-    remove_path(retired)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

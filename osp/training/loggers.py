@@ -18,6 +18,8 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
+from osp.atomic import atomic_path
+
 
 class ContinuedExperimentWriter(ExperimentWriter):
     """ExperimentWriter that continues the `metrics.csv` of the run being resumed.
@@ -48,12 +50,10 @@ class ContinuedExperimentWriter(ExperimentWriter):
                 and (int(float(row["step"])) < self.resume_step
                      or int(float(row["step"])) == self.resume_step and i < written_before)]
         self.metrics_keys = sorted(fieldnames)
-        staging = path.with_name(path.name + ".tmp")
-        with staging.open("w", newline="") as handle:
+        with atomic_path(path) as staging, staging.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=self.metrics_keys)
             writer.writeheader()
             writer.writerows(kept)
-        os.replace(staging, path)
         self.rows_on_disk = len(kept)
 
     def save(self) -> None:

@@ -17,7 +17,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from osp.model import ConfigError, Transformer
-from osp.training.checkpoints import remove_path, replace_path
+from osp.atomic import remove_path, replace_path
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}

@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from osp.conf.resolvers import launch_rank
-from osp.data.cache import write_json_atomic
+from osp.atomic import write_json
 from osp.data.tokenizer import save_tokenizer
 from osp.model import ConfigError, ModelConfig
 from osp.precision import AUTO, resolve_precision
@@ -203,7 +203,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     except Preempted as stop:
         if trainer.is_global_zero:
             summary = collect_summary(cfg, trainer, module, time.perf_counter() - started, status="stopped")
-            write_json_atomic(run_dir / "summary.json", summary)
+            write_json(run_dir / "summary.json", summary)
         if stop.requeue and trainer.is_global_zero:  # last: SLURM ends the job as soon as it is requeued
             requeue_slurm_job()
         raise
@@ -211,7 +211,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     summary = collect_summary(cfg, trainer, module, time.perf_counter() - started, status="finished")
     if trainer.is_global_zero:
-        write_json_atomic(run_dir / "summary.json", summary)
+        write_json(run_dir / "summary.json", summary)
         if cfg.summary:
             print(format_summary(summary))
     return summary

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from osp.data.cache import human_bytes
 from osp.model import ConfigError
-from osp.training.checkpoints import remove_path
+from osp.atomic import remove_path
 
 try:
     import fcntl

@@ -18,7 +18,8 @@ from torch.distributed import TCPStore
 from osp.model import ConfigError, ModelConfig, Transformer
 from osp.conf import resolvers as resolvers_module
 from osp.training.callbacks.stability import StabilityGuard
-from osp.training.checkpoints import (AtomicCheckpointIO, latest_checkpoint, replace_path, resolve_resume)
+from osp.atomic import replace_path
+from osp.training.checkpoints import AtomicCheckpointIO, latest_checkpoint, resolve_resume
 from osp.training.loggers import ContinuedExperimentWriter, wandb_run_id
 from osp.training.parallel import FSDP2Strategy, apply_activation_checkpointing
 from osp.training.run import preflight
