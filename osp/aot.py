@@ -124,12 +124,11 @@ def attention_case(kernel: str, dtype: str, head_dim: int, arch: int) -> dict:
 
     The signature is the one `forward`/`backward` launch with; pointers, T and D are marked 16-divisible,
     as they are for torch allocations and the recipes' sequence lengths and head dims."""
-    import torch
-
     from osp.model.kernels import clipped_attention as ca
+    from osp.precision import DTYPES
 
     fn = {"fwd": ca._fwd_kernel, "dq": ca._bwd_dq_kernel, "dkdv": ca._bwd_dkdv_kernel}[kernel]
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    torch_dtype = DTYPES[dtype]
     cfg = ca.launch_config(kernel, torch_dtype, head_dim, interpreted=False)
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     pointers = _ATTN_POINTERS[kernel]

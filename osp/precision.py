@@ -11,6 +11,10 @@ import contextlib
 
 import torch
 
+# Config and CLI names of torch dtypes (short and long), the one map every `*_dtype` key resolves through.
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
 AUTO = "auto"
 # What Lightning's Trainer accepts (lightning.fabric.connector._PRECISION_INPUT_STR), plus osp's "auto".
 KNOWN = ("auto", "32-true", "32", "bf16-mixed", "bf16", "16-mixed", "16", "bf16-true", "16-true",

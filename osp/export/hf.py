@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 import osp
 from osp.data.tokenizer import save_tokenizer
 from osp.model import ModelConfig, Transformer, merge_emb_proj
+from osp.precision import DTYPES
 
 from .atomic import atomic_directory, check_target
 from .layout import warn_layout
@@ -260,7 +261,6 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    allowed = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in allowed:
-        raise ValueError(f"dtype={dtype!r} is not allowed; choose one of {list(allowed)} (or None: as trained)")
-    return allowed[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not allowed; choose one of {list(DTYPES)} (or None: as trained)")
+    return DTYPES[dtype]

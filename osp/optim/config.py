@@ -20,12 +20,13 @@ from osp.optim.groups import DECAYED_ROLES, ROLES, params_by_role
 from osp.optim.muon import UPDATE_SCALES, Muon
 from osp.optim.root import ROOT
 from osp.optim.schedules import DECAY_SHAPES, SCHEDULES, lr_multiplier
+from osp.precision import DTYPES
 
 OPTIMIZERS = ("adamw", "muon", "root")
 MATRIX_OPTIMIZERS = {"muon": Muon, "root": ROOT}
 # ROOT, shapes without a published entry: osp's fitted Newton-Schulz coefficients, or Muon's (ROOT's own code)
 NS_FITS = ("fitted", "muon")
-NS_DTYPES = ("bf16", "fp32", "fp16", "bfloat16", "float32", "float16")
+NS_DTYPES = tuple(DTYPES)
 
 
 @dataclass(frozen=True)

@@ -5,29 +5,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+from osp.precision import DTYPES
 from torch import Tensor
 
 # Keller Jordan's coefficients: they maximize the slope at 0 rather than converge, so after 5 steps the
 # singular values land in roughly [0.5, 1.5] instead of exactly 1 — cheaper, and as good for training.
 MUON_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
 
-_DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-}
-
-
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     """torch dtype from a dtype or its config name (bf16, fp32, fp16, bfloat16, ...)."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown Newton-Schulz dtype {dtype!r}; allowed: {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown Newton-Schulz dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
 
 
 def _per_iteration(

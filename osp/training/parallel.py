@@ -18,9 +18,8 @@ from torch import nn
 
 from osp.model import ConfigError, Transformer
 from osp.atomic import remove_path, replace_path
+from osp.precision import DTYPES
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
 
 
 def parse_dtype(value: str | torch.dtype | None, key: str) -> torch.dtype | None:
