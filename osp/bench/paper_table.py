@@ -30,6 +30,7 @@ import torch
 from osp.atomic import write_text
 from osp.bench.optim import machine
 from osp.conf import CONFIG_DIR, compose, presets
+from osp.tables import format_rows
 
 
 @dataclass(frozen=True)
@@ -205,12 +206,6 @@ def table_rows(results: dict[str, dict[str, Any]], paper_floor: float) -> list[l
     return rows
 
 
-def format_table(rows: list[list[str]], markdown: bool) -> str:
-    from osp.metrics.report import format_rows
-
-    return format_rows(rows, markdown)
-
-
 def kendall_tau(x: list[float], y: list[float]) -> float | None:
     """Rank agreement of two orderings (tau-a): +1 same order, -1 reversed; None for fewer than two items."""
     n = len(x)
@@ -337,13 +332,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "(the paper's mode); floor: Gaussian floor at this width; ×floor = kurt exact / floor; "
               "ppl: perplexity on held-out blocks of the run's data (paper: WikiText-2); W4A4 = w4a4kv4 RTN, "
               "Had = + online Hadamard on the down_proj input.")
-    text = format_table(rows, markdown=False)
+    text = format_rows(rows)
     print("\n" + title + "\n\n" + text + "\n\n" + legend + "\n\n" + "\n".join(notes))
     print(f"\nwall time {wall / 60:.1f} min ({len(arms) - len(reused)} arms trained, {len(reused)} reused) "
           f"on {machine(device)}")
 
     out.mkdir(parents=True, exist_ok=True)
-    markdown = "\n\n".join([f"### {title}", format_table(rows, markdown=True), legend, "\n".join(notes)])
+    markdown = "\n\n".join([f"### {title}", format_rows(rows, markdown=True), legend, "\n".join(notes)])
     write_text(out / "paper_table.md", markdown + "\n")
     payload = {
         "scale": {"name": args.scale, "description": scale_description(args.scale), **scale},

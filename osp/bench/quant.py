@@ -20,6 +20,7 @@ import torch
 from osp.model import ModelConfig, Transformer
 from osp.quant import QuantConfig, nll_stats, ops, quantized
 from osp.quant import quantizers as Q
+from osp.tables import format_rows
 
 
 def _timed(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None) -> float:
@@ -33,14 +34,6 @@ def _timed(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = la
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    fmt = lambda r: "  ".join(
-        str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))
-    )
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)])
 
 
 def bench_eval(args: argparse.Namespace, device: torch.device) -> str:
@@ -89,7 +82,7 @@ def bench_eval(args: argparse.Namespace, device: torch.device) -> str:
         f"{args.blocks} blocks x {args.seq_len} tokens, batch {args.batch_size}, median of {args.repeats}"
     )
     header = ["mode", "enter s", "eval s", "tokens/s", "x fp", "ppl"]
-    return title + "\n" + _table(header, rows)
+    return title + "\n" + format_rows([header, *rows])
 
 
 def _gemm_cases(m: int, n: int, k: int, dev: torch.device) -> dict[str, Callable[[], torch.Tensor]]:
@@ -136,7 +129,7 @@ def bench_gemm(args: argparse.Namespace) -> str:
             ms = triton.testing.do_bench(fn, warmup=25, rep=100)
             rows.append([f"{m}x{n}x{k}", name, f"{ms:.4f}", f"{2 * m * n * k / ms / 1e9:.1f}", f"{err:.1e}"])
     title = f"W4A4 GEMM on {torch.cuda.get_device_name()} (M tokens x N out x K in; triton.testing.do_bench)"
-    return title + "\n" + _table(["shape", "path", "ms", "TFLOP/s", "W4A4 vs fake rel err"], rows)
+    return title + "\n" + format_rows([["shape", "path", "ms", "TFLOP/s", "W4A4 vs fake rel err"], *rows])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,6 +38,7 @@ from osp.bench.optim import machine
 from osp.conf import compose
 from osp.model import ModelConfig, Transformer
 from osp.precision import autocast_for
+from osp.tables import format_rows
 from osp.training.module import LanguageModelModule, next_token_loss
 
 LOOPS = ("minimal", "plain", "transformers", "osp step", "osp fit")
@@ -340,14 +341,6 @@ def callback_costs(setup: Setup, cfg: Any, steps: int) -> list[tuple[str, int, f
 
 # Output ---------------------------------------------------------------------------------------------------
 
-def format_table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def loop_rows(times: dict[str, list[float]], params: dict[str, int], tokens: int) -> list[list[str]]:
     medians = {name: statistics.median(t) for name, t in times.items()}
     reference = medians.get("plain")
@@ -422,8 +415,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"FFN {args.ffn_hidden}, vocab {args.vocab_size}, batch {args.batch_size} x {args.seq_len} = "
           f"{tokens:,} tokens, {args.precision}, osp optim={args.optim}, grad clip {setup.grad_clip}; "
           f"median of {args.reps} x {args.steps} interleaved steps\n{machine(device)}\n")
-    print(format_table(["loop", "params", "step ms", "spread", "tokens/s", "vs plain"],
-                       loop_rows(times, params, tokens)))
+    print(format_rows([["loop", "params", "step ms", "spread", "tokens/s", "vs plain"],
+                       *loop_rows(times, params, tokens)]))
     result: dict[str, Any] = {"tokens_per_step": tokens,
                               "loops": {name: statistics.median(t) for name, t in times.items()}}
     if not args.no_callbacks:
@@ -434,8 +427,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         costs = callback_costs(setup, cfg, args.callback_steps)
         print(f"\ncallback cost at the default intervals (osp/conf/callbacks), against the "
               f"{step * 1e3:.1f} ms step of `{reference}`\n")
-        print(format_table(["callback", "every", "ms/call", "ms/step", "% of step"],
-                           callback_rows(costs, step)))
+        print(format_rows([["callback", "every", "ms/call", "ms/step", "% of step"],
+                           *callback_rows(costs, step)]))
         result["callbacks"] = {name: {"interval": interval, "seconds_per_call": per_call}
                                for name, interval, per_call in costs}
     return result

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from osp.atomic import write_text
+from osp.tables import format_rows
 
 __all__ = ["RunDirError", "Run", "load_run", "format_table", "write_report", "check_unique_names"]
 
@@ -134,25 +135,6 @@ def table_rows(runs: Sequence[Run]) -> list[list[str]]:
     for run in runs:
         rows.append([run.name, *(_cell(run.value(s, c), spec) for _, spec, s, c in COLUMNS)])
     return rows
-
-
-def format_rows(rows: list[list[str]], markdown: bool = False) -> str:
-    """Rows of cells (header first) as aligned text or a Markdown table: first column left-aligned,
-    the others (numbers) right-aligned."""
-    if markdown:  # a literal | (max|h|) would split the cell
-        rows = [[cell.replace("|", "\\|") for cell in row] for row in rows]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-
-    def line(row: list[str]) -> str:
-        numbers = (cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True))
-        cells = [row[0].ljust(widths[0]), *numbers]
-        return ("| " + " | ".join(cells) + " |") if markdown else "  ".join(cells)
-
-    if markdown:
-        rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    else:
-        rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(rows[0]), rule, *(line(row) for row in rows[1:])])
 
 
 def format_table(runs: Sequence[Run], markdown: bool = False) -> str:
