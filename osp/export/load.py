@@ -10,15 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from osp.model import ConfigError, ModelConfig, Transformer
+from osp.torch_files import DISTRIBUTED_META, load_torch_file
 
 from .hf import CUSTOM_BLOCK_KEYS, OSP_MODEL_TYPE
 from .tokenizer import load_tokenizer
@@ -26,7 +25,6 @@ from .tokenizer import load_tokenizer
 log = logging.getLogger(__name__)
 
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
-LIGHTNING_META = "meta.pt"  # Lightning's non-tensor part of a distributed (FSDP2) checkpoint folder
 
 
 class CheckpointError(ValueError):
@@ -179,21 +177,10 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], source: Path) 
 
 
 def _torch_load(path: Path) -> Any:
-    if path.is_file() and not zipfile.is_zipfile(path):  # torch's own error would be about mmap
-        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint (truncated, or not a file "
-                              "torch.save wrote)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError:
-        # Lightning checkpoints may carry callback or hyper-parameter objects that the safe loader
-        # rejects; osp only reads checkpoints its own training wrote, so unpickle them in full.
-        log.info("osp: %s holds non-tensor objects; loading it with weights_only=False", path)
-    except (RuntimeError, OSError, EOFError, ValueError) as err:
-        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({err})") from err
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # any unpickling failure means a corrupt or foreign file
-        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({err})") from err
+        return load_torch_file(path)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from err
 
 
 def _model_config(checkpoint: dict[str, Any], path: Path) -> ModelConfig:
@@ -224,9 +211,9 @@ def _read_distributed_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, tor
     """Lightning ModelParallelStrategy (FSDP2) folder: DCP shards under "state_dict" plus meta.pt."""
     import torch.distributed.checkpoint as dcp
 
-    meta_path = path / LIGHTNING_META
+    meta_path = path / DISTRIBUTED_META
     if not meta_path.is_file():
-        raise CheckpointError(f"{path}: distributed checkpoint without {LIGHTNING_META}; "
+        raise CheckpointError(f"{path}: distributed checkpoint without {DISTRIBUTED_META}; "
                               "not written by Lightning")
     cfg = _model_config(_torch_load(meta_path), meta_path)
     # DCP loads into preallocated tensors, so the model's own state dict gives names and shapes.

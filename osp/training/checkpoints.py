@@ -9,10 +9,8 @@ killed while saving still has its previous checkpoint.
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +20,10 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
 from osp.atomic import replace_path
+from osp.torch_files import DISTRIBUTED_META, load_torch_file
 
 LAST = "last.ckpt"
 CHECKPOINT_SUFFIX = ".ckpt"
-DISTRIBUTED_META = "meta.pt"  # Lightning's non-tensor part of a distributed checkpoint folder
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -67,13 +65,7 @@ def checkpoint_metadata(path: Path) -> dict[str, Any]:
     """Everything but the tensors of a Lightning checkpoint (file or distributed folder): global_step,
     loops, callbacks, osp's extras. Files are memory-mapped, so their tensors are not read."""
     target = path / DISTRIBUTED_META if path.is_dir() else path
-    if target.is_file() and not zipfile.is_zipfile(target):  # torch's own error would be about mmap
-        raise ValueError(f"{target} is truncated or not a PyTorch checkpoint (not a complete torch.save "
-                         "archive)")
-    try:
-        return torch.load(target, map_location="cpu", weights_only=True, mmap=target.is_file())
-    except pickle.UnpicklingError:  # objects the safe loader refuses; osp only reads its own runs' files
-        return torch.load(target, map_location="cpu", weights_only=False, mmap=target.is_file())
+    return load_torch_file(target)
 
 
 def checkpoint_step(path: Path) -> int:
