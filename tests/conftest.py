@@ -12,11 +12,32 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from collections.abc import Iterator  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from tests.support.synthetic_text import write_corpus  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def _deterministic_seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The corpus glob and a cache dir shared by every run of the session (the tokenizer is trained once)."""
+    root = tmp_path_factory.mktemp("training_data")
+    return {"paths": write_corpus(root / "corpus"), "cache": str(root / "cache")}
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """In-process training on one thread: with other work on the machine, two OpenMP threads spin-wait
+    for each other and run 10-40x slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

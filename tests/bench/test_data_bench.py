@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from osp.bench import data as bench_data
-from tests.training.synthetic_text import write_corpus
+from tests.support.synthetic_text import write_corpus
 
 
 def test_bench_data_compares_osp_with_raw_tokenizers(tmp_path, capsys):

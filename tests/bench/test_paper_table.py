@@ -3,8 +3,6 @@ minuscule two-arm run prints and writes the table."""
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -14,9 +12,9 @@ from osp.bench.paper_table import (ARMS, HEADER, PAPER_D_MODEL, arm_overrides, c
 from osp.metrics import gaussian_floor
 from osp.optim import OptimConfig
 from osp.training.run import build_model_config
+from tests.support.synthetic_text import write_corpus
+from tests.support.cli import REPO
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
-from synthetic_text import write_corpus  # noqa: E402
 
 # The OSP README ablation table (1.4B, 100B tokens): Ex.Kurt, 16-16-16 PPL, 4-4-4 PPL RTN -> Had,
 # 4-4-4 Avg RTN -> Had, 16-16-16 Avg.
@@ -39,7 +37,7 @@ def test_paper_numbers_are_the_readme_values():
         assert (p.avg_rtn, p.avg_had, p.avg_fp) == (avg_rtn, avg_had, avg_fp)
 
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = REPO / "README.md"
 
 
 def readme_table_rows() -> list[list[str]]:

@@ -1,8 +1,8 @@
-"""Fixtures of the export tests (helpers live in export_helpers.py, importable from the test modules)."""
+"""Fixtures of the export tests (helpers: tests/support/export.py)."""
 
 import pytest
 import torch
-from export_helpers import VOCAB, make_tokenizer
+from tests.support.export import VOCAB, make_tokenizer
 from transformers import PreTrainedTokenizerFast
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from export_helpers import assert_same_function, tiny_config, trained_like
+from tests.support.export import assert_same_function, tiny_config, trained_like
 from transformers import AutoModelForCausalLM
 
 from osp.export import export_hf

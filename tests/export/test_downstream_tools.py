@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from export_helpers import tiny_config, trained_like
+from tests.support.export import tiny_config, trained_like
 
 from osp.export import export_hf
+from tests.support.cli import REPO
 
-ROOT = Path(__file__).resolve().parents[2]
-TASK_DIR = ROOT / "examples" / "lm_eval"
-SCRIPT = ROOT / "examples" / "llmcompressor_oneshot.py"
+TASK_DIR = REPO / "examples" / "lm_eval"
+SCRIPT = REPO / "examples" / "llmcompressor_oneshot.py"
 TASKS = {"osp_prose_ppl": "loglikelihood_rolling", "osp_cloze_mc": "multiple_choice"}
 
 
@@ -33,7 +33,7 @@ def task_config(name: str) -> dict:
 
 
 def task_docs(name: str) -> list[dict]:
-    path = ROOT / task_config(name)["dataset_kwargs"]["data_files"]["test"]
+    path = REPO / task_config(name)["dataset_kwargs"]["data_files"]["test"]
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -51,7 +51,7 @@ def test_task_yaml_parses_and_its_data_exists(name):
     config = task_config(name)
     assert config["task"] == name and config["output_type"] == TASKS[name]
     assert config["dataset_path"] == "json" and config["test_split"] == "test"
-    data = ROOT / config["dataset_kwargs"]["data_files"]["test"]  # relative to the repo root (lm_eval's cwd)
+    data = REPO / config["dataset_kwargs"]["data_files"]["test"]  # relative to the repo root (lm_eval's cwd)
     assert data.is_file(), f"{name}: {data} is missing"
     docs = task_docs(name)
     assert len(docs) >= 10
@@ -98,7 +98,7 @@ def test_lm_eval_word_perplexity_is_the_exports_own(export_dir, tokenizer, monke
     from lm_eval.tasks import TaskManager
     from transformers import AutoModelForCausalLM
 
-    monkeypatch.chdir(ROOT)  # the task's data path is relative to the repo root, as in the README command
+    monkeypatch.chdir(REPO)  # the task's data path is relative to the repo root, as in the README command
     model_args = {"pretrained": str(export_dir), "dtype": "float32"}
     results = lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=list(TASKS), device="cpu",
                                       batch_size=1, task_manager=TaskManager(include_path=str(TASK_DIR)))

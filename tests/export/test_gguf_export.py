@@ -5,7 +5,7 @@ import json
 import gguf
 import pytest
 import torch
-from export_helpers import make_tokenizer, tiny_config, trained_like
+from tests.support.export import make_tokenizer, tiny_config, trained_like
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, pre_tokenizers
 from transformers import PreTrainedTokenizerFast

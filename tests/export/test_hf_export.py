@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from export_helpers import assert_same_function, tiny_config, trained_like
+from tests.support.export import assert_same_function, tiny_config, trained_like
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from osp.export import LayoutWarning, export_hf, layout_problems

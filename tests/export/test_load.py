@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from export_helpers import tiny_config, trained_like
+from tests.support.export import tiny_config, trained_like
 
 from osp.export import CheckpointError, export_hf, load_model
 from osp.model import Transformer

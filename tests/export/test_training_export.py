@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from export_helpers import VOCAB, assert_same_function, make_tokenizer, tiny_config, trained_like
+from tests.support.export import VOCAB, assert_same_function, make_tokenizer, tiny_config, trained_like
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader

@@ -19,10 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.training.conftest import corpus, subprocess_env, tiny_overrides  # noqa: F401  (corpus: a fixture)
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
 SKIP_REASON = "needs a CUDA device"
 INTERPRETER_MESSAGE = (
     "tests/gpu: TRITON_INTERPRET={value!r} with a CUDA device present - these tests would run Triton's CPU "
@@ -64,10 +62,3 @@ def _compiled_kernels() -> None:
 @pytest.fixture
 def device() -> torch.device:
     return torch.device("cuda")
-
-
-def gpu_env(**extra: str) -> dict[str, str]:
-    """Environment of `osp` subprocesses: the training suite's (one CPU thread, no inherited run id), with
-    the compiled kernels (TRITON_INTERPRET=0) and the test callbacks importable (repo root on PYTHONPATH)."""
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    return subprocess_env(TRITON_INTERPRET="0", PYTHONPATH=path, **extra)

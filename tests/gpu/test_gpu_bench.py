@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-from .conftest import REPO, gpu_env
+from tests.support.cli import REPO
+from tests.support.gpu import gpu_env
 
 pytestmark = pytest.mark.gpu
 

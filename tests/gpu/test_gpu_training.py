@@ -23,7 +23,9 @@ import yaml
 from osp.conf import CONFIG_DIR
 from osp.training.checkpoints import checkpoint_step, is_distributed_checkpoint
 
-from .conftest import REPO, gpu_env, tiny_overrides
+from tests.support.cli import REPO
+from tests.support.gpu import gpu_env
+from tests.support.training import tiny_overrides
 
 pytestmark = pytest.mark.gpu
 
@@ -113,7 +115,7 @@ def test_fsdp2_sigterm_then_resume_auto_matches_uninterrupted(corpus, fsdp_refer
     LOSS_ATOL."""
     root = fsdp_reference.parent
     args = tiny_overrides(corpus, root, *FSDP_RUN, "run_name=preempted")
-    kill = ["+callbacks.kill._target_=tests.training.helpers.SignalAt", f"+callbacks.kill.step={KILL_STEP}"]
+    kill = ["+callbacks.kill._target_=tests.support.callbacks.SignalAt", f"+callbacks.kill.step={KILL_STEP}"]
     stopped = osp("train", *args, *kill)
     assert stopped.returncode == 128 + signal.SIGTERM, failure(stopped)
     assert "osp train: stopped by SIGTERM after step" in stopped.stderr, failure(stopped)

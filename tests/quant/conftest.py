@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from osp.model import ModelConfig, Transformer
+from osp.model import Transformer
+from tests.support.models import make_model
 
 
 @pytest.fixture(autouse=True)
@@ -16,20 +17,6 @@ def _single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-def make_model(**overrides) -> Transformer:
-    values = {
-        "vocab_size": 128,
-        "d_model": 128,
-        "n_layers": 2,
-        "n_heads": 2,
-        "max_seq_len": 32,
-        "ffn_hidden": 256,
-    }
-    values.update(overrides)
-    torch.manual_seed(0)
-    return Transformer(ModelConfig(**values))
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from osp.quant import QuantLinear, evaluate_quant, perplexity, quantized
 from osp.quant import quantizers as Q
 from osp.quant.gptq import _first_block_inputs, _sequential_groups, gptq_quantize
 
-from .conftest import make_model
+from tests.support.models import make_model
 
 
 def _correlated_inputs(n: int, k: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ from osp.quant import QuantConfig, perplexity
 from osp.quant import quantizers as Q
 from osp.quant.hadamard import fwht
 
-from .conftest import make_model
+from tests.support.models import make_model
 
 transformers = pytest.importorskip("transformers")
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM

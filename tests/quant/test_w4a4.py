@@ -15,7 +15,7 @@ from osp.quant import quantizers as Q
 from osp.quant.hadamard import fwht
 from osp.quant.layers import KVQuantizer
 
-from .conftest import make_model
+from tests.support.models import make_model
 
 
 def snapshot(model: nn.Module) -> dict:

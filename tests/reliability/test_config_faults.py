@@ -8,7 +8,7 @@ import torch
 
 from osp.cli.train import main
 
-from .conftest import error_line, osp, train_args
+from tests.support.cli import error_line, osp, train_args
 
 
 @pytest.mark.parametrize("override, words", [

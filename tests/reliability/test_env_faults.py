@@ -12,7 +12,7 @@ import pytest
 
 from osp.training.checkpoints import checkpoint_step
 
-from .conftest import error_line, osp, snapshot, train_args
+from tests.support.cli import error_line, osp, snapshot, train_args
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def read_only_dir(tmp_path) -> Path:
 
 def test_skip_limit_stops_a_diverging_run_in_one_line(corpus, tmp_path):
     proc = osp(*train_args(corpus, tmp_path, "trainer.max_steps=20", "callbacks.stability.action=skip",
-                           "+callbacks.poison._target_=tests.training.helpers.PoisonGradient",
+                           "+callbacks.poison._target_=tests.support.callbacks.PoisonGradient",
                            "+callbacks.poison.step=[1,2,3,4,5,6]"))
     line = error_line(proc)
     assert proc.returncode == 1
@@ -72,7 +72,7 @@ def test_read_only_export_target_is_one_line(trained, read_only_dir):
 
 def test_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_earlier_one(corpus, tmp_path):
     proc = osp(*train_args(corpus, tmp_path, "trainer.max_steps=6",
-                           "+callbacks.fail._target_=tests.training.helpers.FailSaveAt",
+                           "+callbacks.fail._target_=tests.support.callbacks.FailSaveAt",
                            "+callbacks.fail.step=4"))
     line = error_line(proc)
     checkpoints = tmp_path / "base" / "checkpoints"

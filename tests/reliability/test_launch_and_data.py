@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .conftest import error_line, osp, strict_json, train_args
+from tests.support.cli import error_line, osp, strict_json, train_args
 
 
 def test_lightning_launches_two_cpu_devices_from_osp_train(corpus, tmp_path):

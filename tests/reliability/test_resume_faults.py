@@ -12,7 +12,8 @@ from osp.export import load_model
 from osp.training.checkpoints import checkpoint_step
 from osp.training.rundir import ARTEFACTS
 
-from .conftest import RUN, error_line, osp, snapshot, strict_json, tiny_overrides, train_args
+from tests.support.cli import RUN, error_line, osp, snapshot, strict_json, train_args
+from tests.support.training import tiny_overrides
 
 
 def test_changed_config_lists_every_difference_and_names_resume_allow(corpus, run_copy):
@@ -68,7 +69,7 @@ def test_kill_9_during_a_checkpoint_write_resumes_from_the_last_good_one(corpus,
     """A real SIGKILL while torch.save writes step0000006.ckpt.tmp; resume=auto removes it."""
     more = ["resume=auto", "trainer.max_steps=8", "resume_allow=[trainer.max_steps]"]
     killed = osp(*train_args(corpus, run_copy.parent, *more,
-                             "+callbacks.fail._target_=tests.training.helpers.FailSaveAt",
+                             "+callbacks.fail._target_=tests.support.callbacks.FailSaveAt",
                              "+callbacks.fail.step=6", "+callbacks.fail.fault=kill"))
     assert killed.returncode == -9, killed.stderr[-3000:]
     checkpoints = run_copy / "checkpoints"

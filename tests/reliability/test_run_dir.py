@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from osp.training.rundir import RunLock
 
-from .conftest import RUN, error_line, osp, snapshot, train_args
+from tests.support.cli import RUN, error_line, osp, snapshot, train_args
 
 
 def test_same_run_name_without_resume_is_refused_and_the_first_run_is_untouched(corpus, run_copy):

@@ -14,7 +14,8 @@ import pytest
 
 from osp.training.checkpoints import checkpoint_step
 
-from .conftest import REPO, osp, strict_json, subprocess_env, tiny_overrides
+from tests.support.cli import REPO, osp, strict_json
+from tests.support.training import subprocess_env, tiny_overrides
 
 
 def test_summary_of_a_finished_run_is_strict_json_with_its_status(trained):
@@ -26,7 +27,7 @@ def test_summary_of_a_finished_run_is_strict_json_with_its_status(trained):
 def test_sigint_saves_a_checkpoint_and_resume_auto_finishes(corpus, tmp_path):
     args = ["train", *tiny_overrides(corpus, tmp_path, "trainer.max_steps=6", "trainer.val_check_interval=3",
                                      "run_name=ctrl-c", "~callbacks.export")]
-    stopped = osp(*args, "+callbacks.kill._target_=tests.training.helpers.SignalAt", "+callbacks.kill.step=3",
+    stopped = osp(*args, "+callbacks.kill._target_=tests.support.callbacks.SignalAt", "+callbacks.kill.step=3",
                   "+callbacks.kill.signal_name=SIGINT")
     assert stopped.returncode == 130, stopped.stderr[-3000:]
     assert "Traceback" not in stopped.stderr + stopped.stdout and "KeyboardInterrupt" not in stopped.stderr
@@ -54,7 +55,7 @@ def _torchrun_available() -> bool:
 def test_torchrun_sh_passes_the_signal_on_and_exits_128_plus_it(corpus, tmp_path, signame):
     args = tiny_overrides(corpus, tmp_path, "trainer.max_steps=200", "trainer.val_check_interval=100",
                           "callbacks.checkpoint.every_n_train_steps=2", "trainer.precision=32-true",
-                          "~callbacks.export", "+callbacks.slow._target_=tests.training.helpers.SlowSteps")
+                          "~callbacks.export", "+callbacks.slow._target_=tests.support.callbacks.SlowSteps")
     env = subprocess_env(NGPU="1", TRAINER="ddp", RUN_NAME="launched",
                          TORCHRUN=f"{sys.executable} -m torch.distributed.run")
     proc = subprocess.Popen(["bash", str(REPO / "launch" / "torchrun.sh"), *args], cwd=REPO, env=env,

@@ -14,12 +14,8 @@ from osp.training.run import build_model_config
 RECIPES = presets("recipe")
 
 
-def compose_train(overrides: list[str]):
-    return compose(overrides)
-
-
 def test_default_is_the_tiny_recipe_on_the_demo_corpus_on_cpu():
-    cfg = compose_train([])
+    cfg = compose([])
     assert cfg.name == "tiny"
     assert cfg.trainer.accelerator == "cpu"
     assert cfg.data.source == "demo"
@@ -28,7 +24,7 @@ def test_default_is_the_tiny_recipe_on_the_demo_corpus_on_cpu():
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_composes_and_builds(recipe):
-    cfg = compose_train([f"recipe={recipe}"])
+    cfg = compose([f"recipe={recipe}"])
     assert cfg.name, "every recipe sets its name"
     model_cfg = build_model_config(cfg, vocab_size=512)
     with torch.device("meta"):
@@ -38,23 +34,23 @@ def test_every_recipe_composes_and_builds(recipe):
 
 
 def test_overrides_reach_the_model():
-    cfg = compose_train(["model.n_layers=2", "trainer.max_steps=7", "model.norm=ss"])
+    cfg = compose(["model.n_layers=2", "trainer.max_steps=7", "model.norm=ss"])
     assert build_model_config(cfg, 512).n_layers == 2
     assert cfg.trainer.max_steps == 7
 
 
 def test_unknown_group_option_lists_the_choices():
     with pytest.raises(ConfigCompositionException, match="(?s)Could not find 'optim/sgd'.*adamw"):
-        compose_train(["optim=sgd"])
+        compose(["optim=sgd"])
 
 
 def test_unknown_key_is_named():
     with pytest.raises(ConfigCompositionException, match="n_layer"):
-        compose_train(["model.n_layer=2"])
+        compose(["model.n_layer=2"])
 
 
 def test_bad_block_value_lists_allowed_values():
-    cfg = compose_train(["model.norm=layernorm"])
+    cfg = compose(["model.norm=layernorm"])
     with pytest.raises(ConfigError, match=r"model.norm='layernorm' is not allowed; choose one of \['rms', 'ss'\]"):
         build_model_config(cfg, 512)
 
@@ -62,7 +58,7 @@ def test_bad_block_value_lists_allowed_values():
 def test_run_dir_is_derived_from_the_run_name(monkeypatch):
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc123")
     assert run_id() == "abc123"
-    cfg = compose_train(["runs_root=/tmp/r"])
+    cfg = compose(["runs_root=/tmp/r"])
     assert cfg.run_dir == "/tmp/r/tiny-abc123"
     monkeypatch.setenv("SLURM_JOB_ID", "42")
     assert run_id() == "slurm42"
@@ -86,7 +82,7 @@ def test_every_preset_composes(group):
     options = presets(group)
     assert options
     for option in options:
-        cfg = compose_train([f"{group}={option}"])
+        cfg = compose([f"{group}={option}"])
         assert cfg.trainer.max_steps > 0 and cfg.data.seq_len > 0, option
 
 

@@ -26,7 +26,9 @@ from osp.export import load_model
 from osp.training.checkpoints import checkpoint_step, is_distributed_checkpoint
 from osp.training.run import train
 
-from .conftest import compose_train, subprocess_env, tiny_overrides
+from osp.conf import compose
+from tests.support.cli import REPO
+from tests.support.training import subprocess_env, tiny_overrides
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -38,9 +40,8 @@ COMMON = [
     "trainer.val_check_interval=5", "callbacks.checkpoint.every_n_train_steps=5",
     "callbacks.outliers.every_n_steps=5", "callbacks.quant_eval.every_n_steps=5",
     "callbacks.stability.action=skip",
-    "+callbacks.poison._target_=tests.training.helpers.PoisonGradient", "+callbacks.poison.step=3",
+    "+callbacks.poison._target_=tests.support.callbacks.PoisonGradient", "+callbacks.poison.step=3",
 ]
-REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -90,7 +91,7 @@ def reference(corpus, tmp_path_factory) -> Path:
     torch.set_num_threads(1)
     try:
         with pytest.warns(UserWarning, match="non-finite gradient at step 3: skipping"):
-            train(compose_train(tiny_overrides(corpus, root, *COMMON, "run_name=reference")))
+            train(compose(tiny_overrides(corpus, root, *COMMON, "run_name=reference")))
     finally:
         torch.set_num_threads(threads)
     return root / "reference"
@@ -112,7 +113,7 @@ def test_fsdp_preempted_and_resumed_matches_one_process(corpus, reference):
     root = reference.parent / "fsdp_runs"
     args = tiny_overrides(corpus, root, *COMMON, "trainer=fsdp", "trainer.strategy.param_dtype=fp32",
                           "data.batch_size=4", "activation_checkpointing=true")
-    signal_at = ["+callbacks.kill._target_=tests.training.helpers.SignalAt", "+callbacks.kill.step=4",
+    signal_at = ["+callbacks.kill._target_=tests.support.callbacks.SignalAt", "+callbacks.kill.step=4",
                  "+callbacks.kill.target=parent"]
     stopped = torchrun([*args, *signal_at], ["--master-port", str(free_port())], check=False)
     assert stopped.returncode != 0

@@ -18,11 +18,12 @@ from osp.training.checkpoints import checkpoint_step
 from osp.training.preemption import Preempted
 from osp.training.run import train
 
-from .conftest import compose_train, subprocess_env, tiny_overrides
+from osp.conf import compose
+from tests.support.cli import REPO
+from tests.support.training import subprocess_env, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
 STEPS = 30
 
 
@@ -47,7 +48,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_auto_finishes(corpus, tmp_path):
     args = tiny_overrides(corpus, tmp_path, f"trainer.max_steps={STEPS}", "trainer.val_check_interval=10",
                           "callbacks.checkpoint.every_n_train_steps=2", "run_name=preempted")
     run_dir = tmp_path / "preempted"
-    proc = osp_train([*args, "+callbacks.slow._target_=tests.training.helpers.SlowSteps"])
+    proc = osp_train([*args, "+callbacks.slow._target_=tests.support.callbacks.SlowSteps"])
     wait_for(run_dir / "checkpoints" / "step0000002.ckpt", proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
@@ -81,8 +82,8 @@ def test_sigusr1_under_slurm_requeues_the_job(corpus, tmp_path, monkeypatch, one
     (bin_dir / "scontrol").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    cfg = compose_train(tiny_overrides(corpus, tmp_path, "trainer.max_steps=8", "~callbacks.export",
-                                       "+callbacks.kill._target_=tests.training.helpers.SignalAt",
+    cfg = compose(tiny_overrides(corpus, tmp_path, "trainer.max_steps=8", "~callbacks.export",
+                                       "+callbacks.kill._target_=tests.support.callbacks.SignalAt",
                                        "+callbacks.kill.step=2", "+callbacks.kill.signal_name=SIGUSR1"))
     assert cfg.run_name == "tiny-slurm4242"  # a requeued job (same id) finds its run again
     with pytest.raises(Preempted) as stopped:

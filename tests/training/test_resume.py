@@ -18,7 +18,8 @@ from osp.training.checkpoints import checkpoint_step, latest_checkpoint
 from osp.training.preemption import Preempted
 from osp.training.run import train
 
-from .conftest import compose_train, tiny_overrides
+from osp.conf import compose
+from tests.support.training import tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +35,7 @@ COMPARED = ("steps", "tokens_seen", "train_loss", "val_loss", "kurtosis", "max_a
 
 
 def run(corpus, root: Path, name: str, *extra: str) -> dict:
-    return train(compose_train(tiny_overrides(corpus, root, *SETTINGS, f"run_name={name}", *extra)))
+    return train(compose(tiny_overrides(corpus, root, *SETTINGS, f"run_name={name}", *extra)))
 
 
 def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -72,7 +73,7 @@ def test_preempted_run_resumes_exactly(corpus, uninterrupted, one_thread):
     root, full = uninterrupted
     # SIGTERM to this very process after step 5: saved at the step boundary, then Preempted.
     with pytest.raises(Preempted) as stopped:
-        run(corpus, root, "cut", "+callbacks.kill._target_=tests.training.helpers.SignalAt",
+        run(corpus, root, "cut", "+callbacks.kill._target_=tests.support.callbacks.SignalAt",
             "+callbacks.kill.step=5")
     # The signal lands after Preemption looked at step 5 (callback order), so step 6 is the one saved.
     assert stopped.value.step == 6 and stopped.value.exit_code == 143

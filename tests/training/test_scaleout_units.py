@@ -24,7 +24,8 @@ from osp.training.loggers import ContinuedExperimentWriter, wandb_run_id
 from osp.training.parallel import FSDP2Strategy, apply_activation_checkpointing
 from osp.training.run import preflight
 
-from .conftest import compose_train
+from osp.conf import compose
+from tests.support.cli import REPO
 
 
 def save(path: Path, step: int) -> Path:
@@ -46,24 +47,24 @@ def distributed_folder(path: Path, step: int) -> Path:
 def test_trainer_group_offers_ddp_and_fsdp(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     monkeypatch.setenv("WORLD_SIZE", "8")
-    ddp = compose_train(["trainer=ddp"]).trainer
+    ddp = compose(["trainer=ddp"]).trainer
     # cpu.yaml's keys are inherited (and the tiny recipe's max_steps still applies)
     assert (ddp.devices, ddp.num_nodes, ddp.max_steps, ddp.log_every_n_steps) == (4, 2, 300, 10)
     assert isinstance(instantiate(ddp.strategy), DDPStrategy)
-    fsdp = compose_train(["trainer=fsdp", "trainer.strategy.param_dtype=fp32"]).trainer
+    fsdp = compose(["trainer=fsdp", "trainer.strategy.param_dtype=fp32"]).trainer
     strategy = instantiate(fsdp.strategy)
     assert isinstance(strategy, FSDP2Strategy) and fsdp.precision == "32-true"
     assert strategy.fsdp_options.param_dtype == torch.float32
     assert strategy.fsdp_options.reduce_dtype == torch.float32
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
-    assert compose_train(["trainer=ddp"]).trainer.devices == "auto"  # no torchrun: Lightning decides
+    assert compose(["trainer=ddp"]).trainer.devices == "auto"  # no torchrun: Lightning decides
 
 
 def test_bad_strategy_settings_are_named():
     with pytest.raises(ConfigError, match="trainer.strategy.param_dtype='fp8'"):
         FSDP2Strategy(param_dtype="fp8")
     with pytest.raises(ConfigError, match="use trainer=fsdp"):
-        preflight(compose_train(["trainer.strategy=fsdp"]))
+        preflight(compose(["trainer.strategy=fsdp"]))
 
 
 def test_activation_checkpointing_keeps_names_and_gradients():
@@ -185,7 +186,7 @@ def test_stability_guard_state_round_trips():
 
 # Launchers ---------------------------------------------------------------------------------------------
 
-LAUNCH = Path(__file__).resolve().parents[2] / "launch"
+LAUNCH = REPO / "launch"
 
 
 def test_torchrun_launcher_passes_overrides_after_its_own(tmp_path):

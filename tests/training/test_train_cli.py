@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from .synthetic_text import write_corpus
+from tests.support.synthetic_text import write_corpus
 
 pytestmark = pytest.mark.slow
 

@@ -1,16 +1,9 @@
-"""Shared fixtures for training tests: one synthetic corpus and one tokenizer/shard cache per session."""
+"""The tiny `osp train` configuration of the training, reliability and GPU tests, and the subprocess env."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
-import torch
-from osp.conf import compose
-
-from .synthetic_text import write_corpus
 
 # A 0.16M-parameter model on generated text: a few seconds per run on one CPU thread.
 TINY = [
@@ -25,30 +18,10 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """The corpus glob and a cache dir shared by every run of the session (the tokenizer is trained once)."""
-    root = tmp_path_factory.mktemp("training_data")
-    return {"paths": write_corpus(root / "corpus"), "cache": str(root / "cache")}
-
-
 def tiny_overrides(corpus: dict[str, str], runs_root: Path, *extra: str) -> list[str]:
+    """TINY on the session's corpus (the `corpus` fixture), runs under `runs_root`, then `extra`."""
     return [*TINY, f"data.paths={corpus['paths']}", f"data.cache_dir={corpus['cache']}",
             f"runs_root={runs_root}", *extra]
-
-
-def compose_train(overrides: list[str]):
-    return compose(overrides)
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """In-process training on one thread: with other work on the machine, two OpenMP threads spin-wait
-    for each other and run 10-40x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
