@@ -1,4 +1,4 @@
-"""Outlier metrics: OSP per-token kurtosis, per-channel kurtosis, max|h|, max/median (spec §6)."""
+"""Outlier metrics: OSP per-token kurtosis, per-channel kurtosis, max|h|, max/median."""
 
 from osp.metrics.activations import (
     MODES,

@@ -1,8 +1,8 @@
 """Outlier statistics of one hidden state H (..., d): pure functions on tensors.
 
-Definitions follow spec/algorithms.md §6. Every function flattens the leading dimensions into
-tokens, so H may be (B, T, d), (N, d) or (d,), and computes in fp32 whatever the input dtype
-(bf16 activations squared twice lose too many bits).
+Definitions are OSP's (arXiv 2506.19697) and He et al.'s (max/median). Every function flattens the
+leading dimensions into tokens, so H may be (B, T, d), (N, d) or (d,), and computes in fp32 whatever the
+input dtype (bf16 activations squared twice lose too many bits).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def token_max_median_ratio(h: Tensor) -> Tensor:
 
 
 def max_median_ratio(h: Tensor) -> Tensor:
-    """Mean over tokens of max_j |x_j| / median_j |x_j| (He et al.; uncentred |H| as spec §6.2)."""
+    """Mean over tokens of max_j |x_j| / median_j |x_j| (He et al.; of the uncentred |H|)."""
     return token_max_median_ratio(h).mean()
 
 

@@ -32,7 +32,7 @@ class QuantConfigError(ValueError):
 class QuantConfig:
     """Fake-quantization settings of the W4A4 view. A bit width of 16 turns that quantizer off.
 
-    Defaults follow the OSP/SpinQuant evaluation (spec `quantization.md` §1, §7): weights 4-bit symmetric
+    Defaults follow the OSP/SpinQuant evaluation (W4A4KV4, RTN): weights 4-bit symmetric
     per output channel with a per-row MSE clip sweep; every linear input inside the blocks 4-bit asymmetric
     per token (o_proj input in groups of head_dim); K after RoPE and a Hadamard over head_dim, V per head.
     """

@@ -6,9 +6,9 @@ zero point z (also in the signed frame), x_hat = s * (q - z).
 * Symmetric: z = 0, s = absmax / (2^(b-1) - 1), q = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1).
 * Asymmetric: OSP's unsigned codes u in [0, 2^b - 1] with zero round(-xmin / s), shifted by 2^(b-1):
   q = u - 2^(b-1), z = zero - 2^(b-1). The shift is exact in fp32 and keeps one signed int8 GEMM path
-  (`quantization.md` §3a); s * (q - z) equals OSP's s * (u - zero) bit for bit.
+  (the W4A4 GEMM's); s * (q - z) equals OSP's s * (u - zero) bit for bit.
 
-All math is fp32 (the spec's choice; OSP's harness runs in bf16 and differs on a few codes next to .5
+All math is fp32 (osp's choice; OSP's harness runs in bf16 and differs on a few codes next to .5
 boundaries). Rounding is `torch.round`, i.e. round half to even, like OSP's harness.
 """
 

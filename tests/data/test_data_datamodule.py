@@ -1,5 +1,5 @@
 """PretrainDataModule without a trainer: schedule, rank split, held-out blocks, resume state, errors,
-streaming, and Hydra instantiation of configs/data/*.yaml."""
+streaming, and Hydra instantiation of osp/conf/data/*.yaml."""
 
 from __future__ import annotations
 

@@ -182,7 +182,7 @@ def test_triton_kernel_matches_twin(shape, blocks):
 
 
 def test_triton_kernel_bf16_inputs_and_outputs():
-    """bf16 in, bf16 out, fp32 statistics (the interpreter upcasts dot operands, see environment.md §2)."""
+    """bf16 in, bf16 out, fp32 statistics (Triton's interpreter upcasts dot operands)."""
     from osp.model.kernels import clipped_attention as kernels
 
     q, k, v = (x.detach() for x in qkv(1, 4, 2, 29, 16, dtype=torch.bfloat16))

@@ -60,7 +60,7 @@ def test_symmetric_activation_quantization():
 
 def test_fp32_reference_vs_bf16_arithmetic_reference():
     # OSP's harness runs the same formulas in bf16 (x / scale rounded to 8 mantissa bits before rounding to
-    # a code, and a bf16 zero point); fp32 (the spec's choice) moves ~3% of the codes, and the two are
+    # a code, and a bf16 zero point); fp32 (osp's choice) moves ~3% of the codes, and the two are
     # equally accurate.
     torch.manual_seed(0)
     x = (torch.randn(256, 512) * torch.linspace(0.2, 3.0, 512)).bfloat16()

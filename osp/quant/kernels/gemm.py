@@ -2,7 +2,7 @@
 
 Hopper has no int4 MMA, so both operands stay two-nibbles-per-byte in memory and are unpacked in registers.
 With the even-k-low / odd-k-high layout the K-sum splits into an even and an odd half, so each tile is two
-int8 dots with no re-interleaving: acc += A_lo W_lo^T + A_hi W_hi^T (`quantization.md` §3b).
+int8 dots with no re-interleaving: acc += A_lo W_lo^T + A_hi W_hi^T.
 
 Epilogue (per-row activation scales): out = ((acc - z_a wsum) * s_a) * s_w (+ bias), wsum[n] = sum_k q_w[n, k].
 Activation groups along K (OSP's o_proj, group = head_dim): one K tile per group, accumulated in fp32 as
