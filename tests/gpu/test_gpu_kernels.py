@@ -32,8 +32,7 @@ from osp.model.kernels import clipped_attention as attn_kernels
 from osp.quant import ops
 from osp.quant import quantizers as Q
 from osp.quant.kernels import gemm as gemm_kernels
-from tests.model.test_clipped_softmax import qkv
-from tests.quant.test_kernels import _gemm_operands, _outlier_input
+from tests.support.kernel_inputs import gemm_operands, outlier_input, qkv
 
 pytestmark = pytest.mark.gpu
 
@@ -61,7 +60,7 @@ def _same(got, want) -> None:
 @pytest.mark.parametrize("group", [None, 128], ids=["rows", "g128"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_quant_rows_identical_to_twin(device, dtype, group, hadamard, bits, out):
-    x = _outlier_input(37, 256, dtype).to(device)
+    x = outlier_input(37, 256, dtype).to(device)
     zi = group is None
     got = ops.quant_rows(x, bits, False, group, 0.9, zi, hadamard, out, backend="triton")
     want = ops.quant_rows(x, bits, False, group, 0.9, zi, hadamard, out, backend="torch")
@@ -80,7 +79,7 @@ def test_quant_rows_identical_to_twin(device, dtype, group, hadamard, bits, out)
     ],
 )
 def test_quant_rows_shapes_identical_to_twin(device, m, k, group, hadamard, sym, bits, dtype):
-    x = _outlier_input(m, k, dtype).to(device)
+    x = outlier_input(m, k, dtype).to(device)
     for out in ("packed", "fake"):
         got = ops.quant_rows(x, bits, sym, group, 1.0, group is None, hadamard, out, backend="triton")
         want = ops.quant_rows(x, bits, sym, group, 1.0, group is None, hadamard, out, backend="torch")
@@ -92,7 +91,7 @@ def test_quant_rows_shapes_identical_to_twin(device, m, k, group, hadamard, sym,
 
 def _operands(m: int, n: int, k: int, group: int | None, device: torch.device) -> dict:
     """The interpreter suite's operands (built on the CPU, deterministic), moved to the device."""
-    _, codes, s_a, z_a, qw = _gemm_operands(m, n, k, group)
+    _, codes, s_a, z_a, qw = gemm_operands(m, n, k, group)
     bias = torch.randn(n, generator=torch.Generator().manual_seed(n))
     return dict(a_packed=codes.to(device), s_a=s_a.to(device), z_a=z_a.to(device),
                 w_packed=qw.packed().to(device), s_w=qw.scale.to(device),

@@ -8,14 +8,7 @@ import torch.nn.functional as F
 from osp.model import ModelConfig, Transformer
 from osp.model import clipped_softmax as cs
 from osp.model.clipped_softmax import clipped_attention, clipped_softmax, twin_backward, twin_forward
-
-
-def qkv(b=2, h=4, hkv=2, t=37, d=16, dtype=torch.float32):
-    """Random q (B, H, T, D), k, v (B, Hkv, T, D); scaled so some probabilities reach the clip bounds."""
-    q = (2.0 * torch.randn(b, h, t, d, dtype=dtype)).requires_grad_()
-    k = (2.0 * torch.randn(b, hkv, t, d, dtype=dtype)).requires_grad_()
-    v = torch.randn(b, hkv, t, d, dtype=dtype).requires_grad_()
-    return q, k, v
+from tests.support.kernel_inputs import qkv
 
 
 def naive_clipped_attention(q, k, v, gamma, zeta):

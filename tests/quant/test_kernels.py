@@ -15,23 +15,12 @@ import torch
 
 from osp.quant import ops
 from osp.quant import quantizers as Q
+from tests.support.kernel_inputs import gemm_operands, outlier_input
 
 pytestmark = pytest.mark.skipif(
     not ops.triton_available() or os.environ.get("TRITON_INTERPRET") != "1",
     reason="needs triton in interpreter mode",
 )
-
-
-def _outlier_input(m: int, k: int, dtype=torch.float32) -> torch.Tensor:
-    g = torch.Generator().manual_seed(m * 1000 + k)
-    x = torch.randn(m, k, generator=g) * 2
-    x[:, 3 % k] *= 20  # an outlier channel
-    x[m // 2] = 0.0  # an all-zero row (range -1..1 fallback)
-    if m > 2:
-        x[1] = 0.75  # a constant row (degenerate group range)
-    # values exactly halfway between codes exercise ties-to-even in both paths
-    x[0, : min(k, 8)] = torch.tensor([0.5, 1.5, 2.5, -0.5, 3.5, -1.5, 0.0, 7.5])[: min(k, 8)]
-    return x.to(dtype)
 
 
 # (M, K, group, hadamard, sym, bits): odd row counts, non-power-of-two K, groups, fused FWHT, 8-bit.
@@ -49,7 +38,7 @@ CASES = [
 
 @pytest.mark.parametrize("m,k,group,had,sym,bits", CASES)
 def test_quant_rows_packed_is_identical_to_twin(m, k, group, had, sym, bits):
-    x = _outlier_input(m, k)
+    x = outlier_input(m, k)
     zi = group is None
     got = ops.quant_rows(x, bits, sym, group, 1.0, zi, had, "packed", backend="triton")
     want = ops.quant_rows(x, bits, sym, group, 1.0, zi, had, "packed", backend="torch")
@@ -61,7 +50,7 @@ def test_quant_rows_packed_is_identical_to_twin(m, k, group, had, sym, bits):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m,k,group,had,sym,bits", CASES[:4])
 def test_quant_rows_fake_is_identical_to_twin(m, k, group, had, sym, bits, dtype):
-    x = _outlier_input(m, k, dtype)
+    x = outlier_input(m, k, dtype)
     got = ops.quant_rows(x, bits, sym, group, 0.9, group is None, had, "fake", backend="triton")
     want = ops.quant_rows(x, bits, sym, group, 0.9, group is None, had, "fake", backend="torch")
     assert got.dtype == dtype and torch.equal(got, want)
@@ -73,19 +62,11 @@ def test_quant_rows_keeps_leading_dims():
     assert codes.shape == (2, 3, 5, 32) and scale.shape == (2, 3, 5, 1) and zero.shape == scale.shape
 
 
-def _gemm_operands(m, n, k, group):
-    g = torch.Generator().manual_seed(m + n + k)
-    a, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
-    codes, s_a, z_a = Q.quant_rows(a, 4, group_size=group, zero_inclusive=group is None)
-    qw = Q.quantize_weight(w, 4, mse=False)
-    return a, codes, s_a, z_a, qw
-
-
 @pytest.mark.parametrize(
     "m,n,k,group", [(70, 50, 256, None), (33, 80, 512, 128), (16, 16, 130, None), (129, 65, 192, 64)]
 )
 def test_w4a4_gemm_matches_twin(m, n, k, group):
-    a, codes, s_a, z_a, qw = _gemm_operands(m, n, k, group)
+    a, codes, s_a, z_a, qw = gemm_operands(m, n, k, group)
     bias = torch.randn(n)
     args = (codes, s_a, z_a, qw.packed(), qw.scale, qw.group_sums(group), group, bias)
     got = ops.w4a4_gemm(*args, backend="triton")
@@ -112,11 +93,11 @@ def test_w4a4_gemm_integer_accumulator_is_exact(group):
 
 
 def test_w4a4_gemm_output_dtype_and_small_group_guard():
-    _, codes, s_a, z_a, qw = _gemm_operands(8, 8, 128, 32)
+    _, codes, s_a, z_a, qw = gemm_operands(8, 8, 128, 32)
     args = (codes, s_a, z_a, qw.packed(), qw.scale, qw.group_sums(32), 32)
     with pytest.raises(ValueError, match="groups of 32"):
         ops.w4a4_gemm(*args, backend="triton")  # one 32-code group per tile cannot compile on a GPU
-    _, codes, s_a, z_a, qw = _gemm_operands(8, 8, 128, None)
+    _, codes, s_a, z_a, qw = gemm_operands(8, 8, 128, None)
     out = ops.w4a4_gemm(
         codes, s_a, z_a, qw.packed(), qw.scale, qw.group_sums(), out_dtype=torch.float16, backend="triton"
     )
