@@ -90,11 +90,10 @@ def scale_facts(cfg: Any) -> dict[str, Any]:
 
 
 def scale_description(scale: str) -> str:
-    """The scale file's leading comment (after `# @package`), as one line."""
-    lines = (CONFIG_DIR / "scale" / f"{scale}.yaml").read_text().splitlines()[1:]
+    """The first paragraph of the scale file's leading comment (after `# @package`), as one line."""
     text = []
-    for line in lines:
-        if not line.startswith("# ") or line.startswith("# One arm"):
+    for line in (CONFIG_DIR / "scale" / f"{scale}.yaml").read_text().splitlines()[1:]:
+        if not line.startswith("# "):  # a bare "#" ends the paragraph, as does the first key
             break
         text.append(line[2:])
     return " ".join(text)
@@ -261,17 +260,28 @@ def write_plots(run_dirs: list[Path], out_dir: Path) -> list[Path]:
 
 # Entry point ---------------------------------------------------------------------------------------------
 
-def _parser() -> argparse.ArgumentParser:
-    scales = []
+def scales_help() -> str:
+    """Each scale's size, token budget and lr (composed from its file) and its description."""
+    lines = ["scales (osp/conf/scale/; one arm: osp train recipe=muon scale=NAME):"]
     for name in presets("scale"):
         f = scale_facts(compose(["recipe=osp_1p4b", f"scale={name}"]))
-        scales.append(f"  {name:10s} d {f['d_model']}, {f['n_layers']} layers, {f['steps']} steps x {f['batch_size']} x "
-                      f"{f['seq_len']} = {f['tokens'] / 1e6:.2f}M tokens, lr {f['lr']:g}:\n  {'':10s} "
-                      f"{scale_description(name)}")
-    p = argparse.ArgumentParser(prog="osp bench paper-table", description=__doc__.splitlines()[0],
-                                epilog="scales (osp/conf/scale/; one arm: osp train recipe=muon scale=NAME):\n"
-                                       + "\n".join(scales),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+        lines.append(f"  {name:10s} d {f['d_model']}, {f['n_layers']} layers, {f['steps']} steps x {f['batch_size']} "
+                     f"x {f['seq_len']} = {f['tokens'] / 1e6:.2f}M tokens, lr {f['lr']:g}:\n  {'':10s} "
+                     f"{scale_description(name)}")
+    return "\n".join(lines)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Composes the scales for the epilog only when help is printed, not at every start."""
+
+    def format_help(self) -> str:
+        self.epilog = scales_help()
+        return super().format_help()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="osp bench paper-table", description=__doc__.splitlines()[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=presets("scale"), default="cpu")
     p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), metavar="ARM",
                    help=f"arms to train, in table order (default: all of {', '.join(ARMS)})")

@@ -37,6 +37,7 @@ from torch import nn
 from osp.bench.optim import machine
 from osp.conf import compose
 from osp.model import ModelConfig, Transformer
+from osp.optim import OptimConfig
 from osp.precision import autocast_for
 from osp.tables import format_rows
 from osp.training.module import LanguageModelModule, next_token_loss
@@ -117,11 +118,10 @@ class Setup:
     """What every loop shares."""
 
     model_cfg: ModelConfig
-    optim_cfg: Any
+    optim_cfg: OptimConfig
     batch: torch.Tensor           # (B, T + 1) on the device
     device: torch.device
     precision: str                # "bf16-mixed" | "32-true"
-    grad_clip: float | None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast_for(self.precision, self.device)
@@ -149,8 +149,8 @@ class BareLoop:
             with s.autocast():
                 loss = next_token_loss(self.forward(inputs), targets)
             loss.backward()
-            if s.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip)
+            if s.optim_cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.params, s.optim_cfg.grad_clip)
             self.optimizer.step()
             if self.scheduler is not None:
                 self.scheduler.step()
@@ -233,7 +233,7 @@ def lightning_trainer(setup: Setup, steps: int, callbacks: list[L.Callback]) -> 
         accelerator="gpu" if setup.device.type == "cuda" else "cpu", devices=1, precision=setup.precision,
         max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        gradient_clip_val=setup.grad_clip, callbacks=callbacks,
+        gradient_clip_val=setup.optim_cfg.grad_clip, callbacks=callbacks,
     )
 
 
@@ -269,9 +269,7 @@ class FitLoop:
 
 def build_loops(setup: Setup, names: list[str]) -> tuple[dict[str, Any], dict[str, int]]:
     """The selected loops (name -> object with run(steps) -> step seconds) and their parameter counts."""
-    from osp.optim import OptimConfig
-
-    c = OptimConfig.from_dict(setup.optim_cfg)
+    c = setup.optim_cfg
 
     def torch_adamw(model: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.AdamW(model.parameters(), lr=c.adamw_lr, betas=c.adamw_betas, eps=c.eps,
@@ -406,14 +404,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model_cfg = ModelConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_layers=args.n_layers,
                             n_heads=args.n_heads, ffn_hidden=args.ffn_hidden, max_seq_len=args.seq_len)
     batch = torch.randint(args.vocab_size, (args.batch_size, args.seq_len + 1), device=device)
-    setup = Setup(model_cfg, cfg.optim, batch, device, args.precision, cfg.optim.get("grad_clip"))
+    setup = Setup(model_cfg, OptimConfig.from_dict(cfg.optim), batch, device, args.precision)
     tokens = args.batch_size * args.seq_len
 
     loops, params = build_loops(setup, args.loops)
     times = time_loops(loops, args.steps, args.reps, args.warmup, args.seed)
     print(f"osp bench train: d {args.d_model}, {args.n_layers} layers, {args.n_heads} heads, "
           f"FFN {args.ffn_hidden}, vocab {args.vocab_size}, batch {args.batch_size} x {args.seq_len} = "
-          f"{tokens:,} tokens, {args.precision}, osp optim={args.optim}, grad clip {setup.grad_clip}; "
+          f"{tokens:,} tokens, {args.precision}, osp optim={args.optim}, grad clip {setup.optim_cfg.grad_clip}; "
           f"median of {args.reps} x {args.steps} interleaved steps\n{machine(device)}\n")
     print(format_rows([["loop", "params", "step ms", "spread", "tokens/s", "vs plain"],
                        *loop_rows(times, params, tokens)]))

@@ -93,7 +93,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> None:
     from osp.export import CheckpointError, load_model
-
     from osp.quant import QuantConfig, QuantConfigError
 
     args = parse_args(argv)

@@ -8,7 +8,6 @@ too, since the quantized view keeps embedding, EmbProj and head in full precisio
 from __future__ import annotations
 
 import json
-import logging
 import os
 import warnings
 from pathlib import Path
@@ -21,8 +20,6 @@ from osp.torch_files import DISTRIBUTED_META, load_torch_file
 
 from .hf import CUSTOM_BLOCK_KEYS, OSP_MODEL_TYPE
 from .tokenizer import load_tokenizer
-
-log = logging.getLogger(__name__)
 
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 
