@@ -87,12 +87,12 @@ def calibration_ids(args: argparse.Namespace, tokenizer, seq_len: int) -> list[l
     """Sequences of seq_len token ids: the texts packed end to end (EOS between them), or a run's blocks."""
     if args.calib_run is not None:
         try:
-            from osp.cli.eval import build_datamodule
+            from osp.cli.eval import build_pipeline
         except ImportError:
             raise SystemExit("llmcompressor_oneshot: --calib-run needs osp importable here (pip install -e "
                              "<osp checkout>, or PYTHONPATH=<osp checkout>); or pass --calib-file") from None
-        dm = build_datamodule(args.calib_run, None, None, seq_len)  # blocks hold seq_len + 1 tokens
-        return dm.train_blocks(args.samples)[:, :seq_len].tolist()
+        data = build_pipeline(args.calib_run, None, None, seq_len)  # blocks hold seq_len + 1 tokens
+        return data.train_blocks(args.samples)[:, :seq_len].tolist()
     texts = read_texts(args.calib_file or DEFAULT_CALIB)
     stream: list[int] = []
     eos = tokenizer.eos_token_id

@@ -1,7 +1,7 @@
 """`osp bench data`: tokenization throughput of osp's shard builder against raw `tokenizers` on the same text.
 
     osp bench data                       # the demo corpus, its BPE 4096
-    osp bench data --source files paths='corpus/*.jsonl' --chars 50000000
+    osp bench data --source files source.paths='corpus/*.jsonl' --chars 50000000
 
 Both arms encode the same documents (the first `--chars` characters of the training split, held in memory
 so that reading files is not timed) with the same tokenizer:
@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 
 
-def _documents(dm: Any, chars: int) -> list[str]:
+def _documents(data: Any, chars: int) -> list[str]:
     docs, total = [], 0
-    for doc in dm.source.documents("train"):
+    for doc in data.source.documents("train"):
         docs.append(doc)
         total += len(doc)
         if total >= chars:
@@ -40,13 +40,13 @@ def _documents(dm: Any, chars: int) -> list[str]:
 
 
 def run(values: dict[str, Any], chars: int, repeats: int) -> dict[str, Any]:
-    from osp.data.datamodule import PretrainDataModule
+    from osp.data import DataConfig
     from osp.data.packing import write_shard
     from osp.data.tokenizer import DocumentEncoder, token_dtype, vocab_size_of
 
-    dm = PretrainDataModule(**values)
-    tokenizer = dm.tokenizer
-    docs = _documents(dm, chars)
+    data = DataConfig.from_dict(values).pipeline()
+    tokenizer = data.tokenizer
+    docs = _documents(data, chars)
     n_chars = sum(map(len, docs))
     backend = tokenizer.backend_tokenizer
     encoder = DocumentEncoder(tokenizer)
@@ -83,7 +83,7 @@ def run(values: dict[str, Any], chars: int, repeats: int) -> dict[str, Any]:
         "seconds": median, "chars_per_s": {k: n_chars / s for k, s in median.items()},
         "tokens_per_s": {k: tokens["raw"] / s for k, s in median.items()},
         "ratio": median["raw"] / median["osp"], "threads": os.cpu_count(),
-        "tokenizer": dm.tokenizer_spec, "source": dm.source.describe(),
+        "tokenizer": data.config.tokenizer, "source": data.source.describe(),
     }
 
 

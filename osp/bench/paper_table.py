@@ -292,7 +292,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                    help="extra Hydra override for every arm (repeatable), e.g. --set data=files "
-                        "--set data.paths='corpus/*.txt'")
+                        "--set data.source.paths='corpus/*.txt'")
     p.add_argument("--reuse", action="store_true",
                    help="do not retrain arms whose run dir has a summary.json (re-render the table)")
     p.add_argument("--export", action="store_true", help="keep each arm's Hugging Face export (for osp eval)")

@@ -1,7 +1,7 @@
 """`osp data prepare | info`: build the corpus, tokenizer and token shards ahead of a run, or show the cache.
 
     osp data prepare                                   # the demo corpus (osp/conf/data/demo.yaml)
-    osp data prepare --source files paths='/corpus/*.jsonl' vocab_size=8192
+    osp data prepare --source files source.paths='/corpus/*.jsonl' vocab_size=8192
     osp data prepare --config my_data.yaml seq_len=1024
     osp data info                                      # what the cache holds
 
@@ -53,7 +53,6 @@ def load_data_config(source: str | None, config: str | None, overrides: list[str
     except (HydraException, OmegaConfBaseException) as err:
         raise SystemExit(f"osp data: {str(err).strip().splitlines()[0]}") from None
     assert isinstance(values, dict)
-    values.pop("_target_", None)
     return values
 
 
@@ -65,24 +64,23 @@ def _print_rows(rows: list[tuple[str, ...]]) -> None:
 
 def prepare(values: dict[str, Any]) -> dict[str, Any]:
     """Build everything a run needs and print where it is; returns the summary."""
-    from osp.data.datamodule import PretrainDataModule
-    from osp.data.sources import DemoCorpus
+    from osp.data import DataConfig, DemoCorpus
 
     started = time.perf_counter()
-    dm = PretrainDataModule(**values)
-    dm.prepare_data()
-    summary = dm.summary()
+    data = DataConfig.from_dict(values).pipeline()
+    data.prepare()
+    summary = data.summary()
     summary["seconds"] = round(time.perf_counter() - started, 2)
     print(f"source     {summary['source']}")
-    if isinstance(dm.source, DemoCorpus):
-        for name, manifest in dm.source.manifests().items():
+    if isinstance(data.source, DemoCorpus):
+        for name, manifest in data.source.manifests().items():
             docs = manifest["documents"]
             print(f"  {name:<10} {sum(d['split'] == 'train' for d in docs)} train / "
                   f"{sum(d['split'] == 'val' for d in docs)} val documents, "
                   f"{human_bytes(sum(d['bytes'] for d in docs))} from {manifest['package']}")
     print(f"tokenizer  {summary['tokenizer']} (vocab {summary['vocab_size']})"
           + (f"  {summary['tokenizer_path']}" if "tokenizer_path" in summary else ""))
-    rows = [("split", "tokens", "documents", f"blocks of {dm.block_len}", "size", "path")]
+    rows = [("split", "tokens", "documents", f"blocks of {data.block_len}", "size", "path")]
     for split in ("train", "val"):
         info = summary[split]
         if info.get("streamed"):
@@ -140,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     prep.add_argument("--config", help="a data config file instead of a preset")
     prep.add_argument("--json", action="store_true", help="also print the summary as JSON")
     prep.add_argument("overrides", nargs="*",
-                      help="key=value settings, e.g. paths='/data/*.txt' vocab_size=8192")
+                      help="key=value settings, e.g. source.paths='/data/*.txt' vocab_size=8192")
     show = commands.add_parser("info", help="list the cached corpora, tokenizers and shards")
     show.add_argument("--cache-dir", help="cache root (default: $OSP_CACHE_DIR or ~/.cache/osp)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -148,11 +146,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "info":
         info(args.cache_dir)
         return
-    from osp.data.sources import DataError
+    from osp.data import DataError
+    from osp.model import ConfigError
 
     try:
         summary = prepare(load_data_config(args.source, args.config, args.overrides))
-    except DataError as err:
+    except (DataError, ConfigError) as err:
         raise SystemExit(f"osp data prepare: {err}") from err
     if args.json:
         print(json.dumps(summary, indent=2))

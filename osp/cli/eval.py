@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from osp.atomic import write_text
 from osp.precision import autocast_for, resolve_precision
 
-DEMO_DATA = {"_target_": "osp.data.datamodule.PretrainDataModule", "source": "demo", "seq_len": 256}
+DEMO_DATA = {"source": {"kind": "demo"}, "seq_len": 256}
 
 
 def find_run_config(model_path: Path) -> Path | None:
@@ -51,9 +50,11 @@ def run_precision(model_path: Path, data_config: str | None, device: str) -> str
     return resolve_precision(precision, "gpu" if torch.device(device).type == "cuda" else "cpu")
 
 
-def build_datamodule(model_path: Path, data_config: str | None, tokenizer_dir: Path | None, seq_len: int | None):
-    """The run's own data config when it can be found (same held-out blocks as in training), else the demo corpus
-    tokenized with the model's tokenizer."""
+def build_pipeline(model_path: Path, data_config: str | None, tokenizer_dir: Path | None, seq_len: int | None):
+    """The data pipeline (no Lightning) of the run's own data config when it can be found (same held-out blocks
+    as in training), else of the demo corpus tokenized with the model's tokenizer."""
+    from osp.data import DataConfig
+
     config_file = Path(data_config) if data_config else find_run_config(model_path)
     if config_file is not None:
         data = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
@@ -66,7 +67,7 @@ def build_datamodule(model_path: Path, data_config: str | None, tokenizer_dir: P
         data = dict(DEMO_DATA, tokenizer=str(tokenizer_dir))
     if seq_len is not None:
         data["seq_len"] = seq_len
-    return instantiate(data)
+    return DataConfig.from_dict(data).pipeline()
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -109,35 +110,42 @@ def main(argv: list[str]) -> None:
         print(f"osp eval: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     tokenizer_dir = Path(args.tokenizer) if args.tokenizer else _tokenizer_dir(model_path)
-    dm = build_datamodule(model_path, args.data_config, tokenizer_dir, args.seq_len)
-    if dm.vocab_size > model.cfg.vocab_size:
-        raise SystemExit(f"osp eval: the data's tokenizer has {dm.vocab_size} ids but the model only "
-                         f"{model.cfg.vocab_size}; pass the model's --tokenizer")
-    do_quant = not args.kurtosis or bool(args.quant)
-    do_kurtosis = not args.quant or args.kurtosis
-    precision = args.precision or run_precision(model_path, args.data_config, args.device)
-    results: dict[str, Any] = {"model": str(model_path), "precision": precision}
-    with autocast_for(precision, args.device):
-        _evaluate(args, model, dm, do_quant, do_kurtosis, results)
+    from osp.data import DataError
+    from osp.model import ConfigError
+
+    try:
+        data = build_pipeline(model_path, args.data_config, tokenizer_dir, args.seq_len)
+        if data.vocab_size > model.cfg.vocab_size:
+            raise SystemExit(f"osp eval: the data's tokenizer has {data.vocab_size} ids but the model only "
+                             f"{model.cfg.vocab_size}; pass the model's --tokenizer")
+        do_quant = not args.kurtosis or bool(args.quant)
+        do_kurtosis = not args.quant or args.kurtosis
+        precision = args.precision or run_precision(model_path, args.data_config, args.device)
+        results: dict[str, Any] = {"model": str(model_path), "precision": precision}
+        with autocast_for(precision, args.device):
+            _evaluate(args, model, data, do_quant, do_kurtosis, results)
+    except (DataError, ConfigError) as err:
+        print(f"osp eval: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     if args.json:
         write_text(args.json, json.dumps(results, indent=2, default=str) + "\n")
 
 
-def _evaluate(args: argparse.Namespace, model: torch.nn.Module, dm: Any, do_quant: bool, do_kurtosis: bool,
+def _evaluate(args: argparse.Namespace, model: torch.nn.Module, data: Any, do_quant: bool, do_kurtosis: bool,
               results: dict[str, Any]) -> None:
     from osp.metrics import evaluate_kurtosis, format_kurtosis
     from osp.quant.perplexity import evaluate_quant
 
     if do_quant:
-        blocks = dm.heldout_blocks(args.quant_blocks).to(args.device)
-        calib = dm.train_blocks(args.calib_blocks).to(args.device) if args.gptq else None
+        blocks = data.heldout_blocks(args.quant_blocks).to(args.device)
+        calib = data.train_blocks(args.calib_blocks).to(args.device) if args.gptq else None
         q = evaluate_quant(model, blocks, preset=args.quant or "w4a4kv4", hadamard=args.hadamard, gptq=args.gptq,
                            calib_blocks=calib, batch_size=args.batch_size)
         results["quant"] = q
         print(f"perplexity on {q['tokens']:,} held-out tokens: fp {q['ppl_fp']:.4f}   "
               f"{q['preset']} {q['ppl_quant']:.4f}   ratio {q['ratio']:.4f}")
     if do_kurtosis:
-        ids = dm.heldout_blocks(args.kurtosis_blocks)[:, :-1].to(args.device)
+        ids = data.heldout_blocks(args.kurtosis_blocks)[:, :-1].to(args.device)
         modes = ("context", "osp_exact") if args.mode == "both" else (args.mode,)
         for mode in modes:
             k = evaluate_kurtosis(model, ids, mode)

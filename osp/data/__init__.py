@@ -1,26 +1,23 @@
-"""Data pipeline: text sources -> tokenizer -> packed token blocks -> a stateful, per-rank DataModule.
+"""Data pipeline: a text source -> tokenizer -> token shards -> held-out blocks and per-rank, resumable batches.
 
-`PretrainDataModule` is imported lazily: it pulls in Lightning (seconds), which the extractors,
-sources and tokenizer utilities do not need.
+    from osp.data import DataConfig
+    pipeline = DataConfig.from_dict({"source": {"kind": "files", "paths": "corpus/*.txt"}}).pipeline()
+    pipeline.heldout_blocks(16)          # no Lightning needed
+    dm = DataConfig.from_dict(cfg.data).datamodule()   # the LightningDataModule `osp train` uses
+
+Modules: sources (the TextSource interface, DataError), demo/ (the demo corpus and its extractors), files,
+hub (one module per source), config (DataConfig, the SOURCES registry), tokenizer, packing (token shards),
+pipeline (TokenPipeline, the batch order), datamodule (the thin LightningDataModule; imports Lightning,
+so it is not imported here).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from osp.data.config import SOURCES, DataConfig, build_source
+from osp.data.demo import DemoCorpus
+from osp.data.files import LocalFiles
+from osp.data.hub import HubDataset
+from osp.data.sources import DataError, TextSource
 
-from osp.data.sources import DataError, DemoCorpus, HubDataset, LocalFiles, TextSource, build_source
-
-if TYPE_CHECKING:
-    from osp.data.datamodule import PretrainDataModule
-
-__all__ = [
-    "DataError", "DemoCorpus", "HubDataset", "LocalFiles", "PretrainDataModule", "TextSource", "build_source",
-]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "PretrainDataModule":
-        from osp.data.datamodule import PretrainDataModule
-
-        return PretrainDataModule
-    raise AttributeError(f"module 'osp.data' has no attribute {name!r}")
+__all__ = ["SOURCES", "DataConfig", "DataError", "DemoCorpus", "HubDataset", "LocalFiles", "TextSource",
+           "build_source"]

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from osp.conf.resolvers import launch_rank
 from osp.atomic import write_json
+from osp.data.config import DataConfig
 from osp.data.tokenizer import save_tokenizer
 from osp.model import ConfigError, ModelConfig
 from osp.precision import AUTO, resolve_precision
@@ -55,7 +56,8 @@ def build_model_config(cfg: DictConfig, vocab_size: int) -> ModelConfig:
 
 
 def preflight(cfg: DictConfig) -> None:
-    """Check the optimizer and schedule settings before any data is touched, so a typo fails in a second."""
+    """Check the model, data, optimizer and schedule settings before any data is touched, so a typo fails in a
+    second."""
     from osp.optim import OptimConfig
 
     max_steps = cfg.trainer.get("max_steps")
@@ -70,6 +72,7 @@ def preflight(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.strategy={cfg.trainer.strategy!r} is Lightning's FSDP1 wrapper, which "
                           "osp does not support; use trainer=fsdp (FSDP2)")
     build_model_config(cfg, vocab_size=1)
+    DataConfig.from_dict(cfg.data)
     seq_len, max_seq_len = cfg.data.get("seq_len"), cfg.model.get("max_seq_len")
     if isinstance(seq_len, int) and isinstance(max_seq_len, int) and seq_len > max_seq_len:
         raise ConfigError(f"data.seq_len={seq_len} exceeds model.max_seq_len={max_seq_len}; lower "
@@ -171,19 +174,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         rundir.check_fresh(run_dir, str(cfg.run_name), cfg.resume)
     resumed = read_resume_checkpoint(ckpt_path) if ckpt_path else None
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    datamodule = instantiate(cfg.data)
-    record = run_record(cfg, datamodule.source_fingerprint(), datamodule.tokenizer_fingerprint())
+    datamodule = DataConfig.from_dict(cfg.data).datamodule()
+    data = datamodule.pipeline
+    record = run_record(cfg, data.source_fingerprint(), data.tokenizer_fingerprint())
     accepted = []
     if resumed is not None:
         accepted = check_resume(resumed.get("osp", {}).get("run"), record, list(cfg.get("resume_allow") or []),
                                 ckpt_path, str(run_dir / "tokenizer"))
-    module = build_module(cfg, datamodule.vocab_size, record)
+    module = build_module(cfg, data.vocab_size, record)
     if resumed is not None:
         check_shapes(module, resumed, ckpt_path)
     trainer = build_trainer(cfg, run_dir, build_callbacks(cfg), build_loggers(cfg, run_dir, resumed))
     if trainer.is_global_zero:
         # Beside the checkpoints, so export and eval find the tokenizer from the run dir alone.
-        save_tokenizer(datamodule.tokenizer, run_dir / "tokenizer", model_max_length=int(cfg.model.max_seq_len))
+        save_tokenizer(data.tokenizer, run_dir / "tokenizer", model_max_length=int(cfg.model.max_seq_len))
         n = module.model.num_params()
         print(f"osp: run {cfg.run_name} -> {run_dir}  |  model {n / 1e6:.2f}M params "
               f"({module.model.num_params(exclude_embedding=True) / 1e6:.2f}M non-embedding)"

@@ -13,6 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from osp.data.config import DataConfig
 from osp.model import ConfigError
 
 # Keys that say where and how verbosely a run goes, not what it computes: free to change on resume.
@@ -26,6 +27,7 @@ def run_record(cfg: DictConfig, source_fingerprint: str, tokenizer_fingerprint: 
     config = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(config, dict)
     config.pop("hydra", None)
+    config["data"] = DataConfig.from_dict(cfg.data).to_dict()  # every setting, in the one nested form
     return {"config": flatten(config), "source_fingerprint": source_fingerprint,
             "tokenizer_fingerprint": tokenizer_fingerprint}
 
@@ -40,6 +42,19 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def nested_data(flat: dict[str, Any]) -> dict[str, Any]:
+    """A record's flat config with its `data.*` keys in the current nested form: records written before the
+    data node was nested (`data.source: demo`, `data.paths`, a `data._target_`) compare with today's."""
+    data = {key[len("data."):]: value for key, value in flat.items() if key.startswith("data.")}
+    if not isinstance(data.get("source"), str):
+        return flat
+    try:
+        nested = DataConfig.from_dict(data).to_dict()
+    except ConfigError:  # not a data node osp can read: compare it as it is
+        return flat
+    return {**{k: v for k, v in flat.items() if not k.startswith("data.")}, **flatten({"data": nested})}
 
 
 def _matches(key: str, prefixes: tuple[str, ...] | list[str]) -> bool:
@@ -74,7 +89,7 @@ def check_resume(stored: dict[str, Any] | None, current: dict[str, Any], allow: 
     unknown_allow = [a for a in allow if not isinstance(a, str)]
     if unknown_allow:
         raise ConfigError(f"resume_allow takes config keys (e.g. [optim.lr,trainer.max_steps]), got {allow!r}")
-    rows = differences(stored.get("config", {}), current["config"])
+    rows = differences(nested_data(stored.get("config", {})), current["config"])
     if stored.get("source_fingerprint") != current["source_fingerprint"]:
         rows.append((DATA, "the data the run started with", "changed files or dataset"))
     tok_stored, tok_now = stored.get("tokenizer_fingerprint"), current.get("tokenizer_fingerprint")

@@ -10,7 +10,7 @@ from tests.support.synthetic_text import write_corpus
 
 def test_bench_data_compares_osp_with_raw_tokenizers(tmp_path, capsys):
     paths = write_corpus(tmp_path / "corpus")
-    result = bench_data.main(["--source", "files", "--chars", "200000", "--repeats", "2", f"paths={paths}",
+    result = bench_data.main(["--source", "files", "--chars", "200000", "--repeats", "2", f"source.paths={paths}",
                               f"cache_dir={tmp_path / 'cache'}", "vocab_size=400"])
     assert result["documents"] > 0 and result["chars"] > 0
     assert result["tokens"] > 0 and set(result["seconds"]) == {"raw", "osp"}
@@ -31,5 +31,5 @@ def test_bench_data_refuses_a_shard_that_differs(tmp_path, monkeypatch):
 
     monkeypatch.setattr(packing, "write_shard", lossy)
     with pytest.raises(AssertionError, match="differs from the raw"):
-        bench_data.main(["--source", "files", "--chars", "50000", "--repeats", "1", f"paths={paths}",
+        bench_data.main(["--source", "files", "--chars", "50000", "--repeats", "1", f"source.paths={paths}",
                          f"cache_dir={tmp_path / 'cache'}", "vocab_size=400"])

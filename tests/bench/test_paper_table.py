@@ -26,7 +26,7 @@ SPEC = {
     "muon_embproj": (703.23, 12.3, 114.6, 22.3, 30.4, 36.2, 40.0),
     "osp": (0.04, 11.2, 19.6, 13.5, 37.5, 38.9, 41.4),
 }
-TINY_DATA = ["data=files", "data.vocab_size=384", "data.val_fraction=0.1"]
+TINY_DATA = ["data=files", "data.vocab_size=384", "data.source.val_fraction=0.1"]
 
 
 def test_paper_numbers_are_the_readme_values():
@@ -80,7 +80,7 @@ def test_arm_is_its_recipe_at_cpu_scale(arm, tmp_path):
     optim = OptimConfig.from_dict(cfg.optim)
     assert optim.name == ("adamw" if arm == "adam" else "muon") and optim.lr == 1e-2
     assert (optim.routing["embedding"] == "muon") == (arm == "muon_only")
-    assert cfg.data.source == "demo" and cfg.trainer.accelerator == "cpu"
+    assert cfg.data.source.kind == "demo" and cfg.trainer.accelerator == "cpu"
     assert cfg.trainer.max_steps == 600 and cfg.trainer.val_check_interval == 600
     assert cfg.callbacks.quant_eval.every_n_steps == 600  # QuantEval once, at the end
     assert cfg.run_dir == f"{tmp_path}/{arm}"
@@ -114,7 +114,7 @@ def test_paper_table_end_to_end_at_test_scale(tmp_path, monkeypatch, capsys):
     corpus = write_corpus(tmp_path / "corpus")
     out = tmp_path / "out"
     args = ["--scale", "test", "--arms", "osp", "adam", "--out", str(out),
-            *(x for o in [*TINY_DATA, f"data.paths={corpus}"] for x in ("--set", o))]
+            *(x for o in [*TINY_DATA, f"data.source.paths={corpus}"] for x in ("--set", o))]
     payload = paper_table.main(args)
     printed = capsys.readouterr().out
 

@@ -51,7 +51,7 @@ def test_paper_recipe_builds_the_1p4b_llama(name):
     optim = OptimConfig.from_dict(cfg.optim)
     assert optim.name == optimizer and optim.routing == routing
     assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
-    assert cfg.data.name == "HuggingFaceTB/smollm-corpus"
+    assert cfg.data.source.name == "HuggingFaceTB/smollm-corpus"
     assert cfg.data.tokenizer == "HuggingFaceTB/SmolLM-135M"
     assert cfg.data.seq_len == 2048 and model_cfg.max_seq_len == 2048
     per_step = cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * 32 * cfg.data.seq_len

@@ -11,8 +11,8 @@ from osp.cli.data import load_data_config, main
 
 def test_prepare_files_then_info(tmp_path, corpus_files, capsys):
     cache = tmp_path / "cache"
-    main(["prepare", "--source", "files", f"paths={corpus_files}/*", "vocab_size=300", "seq_len=15",
-          "val_fraction=0.2", f"cache_dir={cache}", "--json"])
+    main(["prepare", "--source", "files", f"source.paths={corpus_files}/*", "vocab_size=300", "seq_len=15",
+          "source.val_fraction=0.2", f"cache_dir={cache}", "--json"])
     out = capsys.readouterr().out
     summary = json.loads(out[out.index("{"):])
     assert summary["vocab_size"] <= 300 and summary["train"]["tokens"] > summary["val"]["tokens"] > 0
@@ -25,7 +25,7 @@ def test_prepare_files_then_info(tmp_path, corpus_files, capsys):
 
 
 def test_prepare_the_demo_corpus_from_local_packages(tmp_path, demo_debs, capsys):
-    main(["prepare", f"deb_dir={demo_debs}", f"cache_dir={tmp_path / 'cache'}", "vocab_size=260", "seq_len=7",
+    main(["prepare", f"source.deb_dir={demo_debs}", f"cache_dir={tmp_path / 'cache'}", "vocab_size=260", "seq_len=7",
           "batch_size=2"])
     out = capsys.readouterr().out
     assert "demo (austen + web_bible)" in out
@@ -35,14 +35,13 @@ def test_prepare_the_demo_corpus_from_local_packages(tmp_path, demo_debs, capsys
 
 
 def test_config_presets_and_errors(tmp_path, corpus_files):
-    values = load_data_config("demo", None, ["seq_len=64", "include_bible=false"])
-    assert values["seq_len"] == 64 and values["include_bible"] is False and values["seed"] == 1234
-    assert "_target_" not in values
+    values = load_data_config("demo", None, ["seq_len=64", "source.include_bible=false"])
+    assert values["seq_len"] == 64 and values["source"]["include_bible"] is False and values["seed"] == 1234
     with pytest.raises(SystemExit, match="presets: demo, files, hub"):
         main(["prepare", "--source", "nope"])
     with pytest.raises(SystemExit, match="key=value"):
         main(["prepare", "seq_len"])
-    with pytest.raises(SystemExit, match="val split is empty.*data.val_fraction is 0.01: raise it"):
-        main(["prepare", "--source", "files", f"paths={corpus_files}/book0.txt", f"cache_dir={tmp_path}"])
+    with pytest.raises(SystemExit, match="val split is empty.*data.source.val_fraction is 0.01: raise it"):
+        main(["prepare", "--source", "files", f"source.paths={corpus_files}/book0.txt", f"cache_dir={tmp_path}"])
     with pytest.raises(SystemExit, match="no .txt/.jsonl/.json/.parquet files match"):
-        main(["prepare", "--source", "files", f"paths={tmp_path}/none*.txt", f"cache_dir={tmp_path}"])
+        main(["prepare", "--source", "files", f"source.paths={tmp_path}/none*.txt", f"cache_dir={tmp_path}"])

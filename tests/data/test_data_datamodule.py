@@ -1,29 +1,19 @@
-"""PretrainDataModule without a trainer: schedule, rank split, held-out blocks, resume state, errors,
-streaming, and Hydra instantiation of osp/conf/data/*.yaml."""
+"""The data pipeline and its LightningDataModule without a trainer: schedule, rank split, held-out blocks, resume
+state, errors, streaming. (DataConfig and the presets: test_data_config.py.)"""
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from hydra.utils import instantiate
-from omegaconf.errors import MissingMandatoryValue
-
-from osp.conf import compose
-from osp.data.datamodule import BatchSchedule, PretrainDataModule
+from osp.data.datamodule import PretrainDataModule
+from osp.data.pipeline import BatchSchedule
 from osp.data.sources import DataError
-
-
-
-def make_dm(corpus_files: Path, cache: Path, **overrides) -> PretrainDataModule:
-    args = dict(source="files", paths=str(corpus_files / "*"), val_fraction=0.15, vocab_size=300, seq_len=15,
-                batch_size=4, seed=7, val_blocks=8, cache_dir=str(cache))
-    args.update(overrides)
-    return PretrainDataModule(**args)
+from osp.model import ConfigError
+from tests.support.data import hub_source, make_dm
 
 
 def batches(dm: PretrainDataModule, n: int | None = None) -> list[torch.Tensor]:
@@ -82,7 +72,7 @@ def test_train_batches_are_shard_blocks_in_schedule_order(tmp_path, corpus_files
 def test_train_and_validation_never_share_a_document(tmp_path, corpus_files):
     dm = make_dm(corpus_files, tmp_path)
     train_docs = markers(dm, torch.cat(batches(dm)))
-    val_docs = markers(dm, dm.heldout_blocks(len(dm._heldout_order()[1])))
+    val_docs = markers(dm, dm.heldout_blocks(len(dm.pipeline.heldout_order())))
     assert train_docs and val_docs and not train_docs & val_docs
 
 
@@ -107,7 +97,7 @@ def test_ranks_get_disjoint_shares_of_each_global_batch(tmp_path, corpus_files):
         assert r0.shape == r1.shape == (4, 16)
         assert not rows(r0) & rows(r1)
         assert rows(r0) | rows(r1) == rows(global_batch)
-    with pytest.raises(ValueError, match="world_size and data.rank go together"):
+    with pytest.raises(ValueError, match="world_size and rank go together"):
         make_dm(corpus_files, tmp_path, world_size=2)
 
 
@@ -157,12 +147,12 @@ def test_errors_for_missing_empty_and_too_small_data(tmp_path, corpus_files):
         make_dm(tmp_path / "nowhere", tmp_path).prepare_data()
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(DataError, match="the train split is empty"):
-        make_dm(tmp_path, tmp_path / "c1", paths=str(tmp_path / "empty.txt")).train_dataloader()
+        make_dm(tmp_path, tmp_path / "c1", {"paths": str(tmp_path / "empty.txt")}).train_dataloader()
     with pytest.raises(DataError, match="fewer than one global batch"):
         make_dm(corpus_files, tmp_path, batch_size=100_000).train_dataloader()
-    with pytest.raises(DataError, match="the val split is empty"):
-        make_dm(corpus_files, tmp_path, val_fraction=0.0).heldout_blocks(1)
-    with pytest.raises(ValueError, match="data.seq_len must be >= 1"):
+    with pytest.raises(DataError, match=r"the val split is empty.*data.source.val_fraction is 0.0: raise it"):
+        make_dm(corpus_files, tmp_path, {"val_fraction": 0.0}).heldout_blocks(1)
+    with pytest.raises(ConfigError, match="data.seq_len=0 must be an integer >= 1"):
         make_dm(corpus_files, tmp_path, seq_len=0)
 
 
@@ -176,8 +166,7 @@ def test_pretrained_tokenizer_folder(tmp_path, corpus_files):
 
 def test_streamed_source_packs_resumes_and_splits_by_rank(tmp_path, corpus_files):
     def hub(**kw) -> PretrainDataModule:
-        return make_dm(corpus_files, tmp_path, source="hub", name="json", paths=None,
-                       data_files=str(corpus_files / "web.jsonl"), val_docs=8, **kw)
+        return make_dm(corpus_files, tmp_path, hub_source(corpus_files), **kw)
 
     dm = hub()
     iterator = iter(dm.train_dataloader())
@@ -193,31 +182,14 @@ def test_streamed_source_packs_resumes_and_splits_by_rank(tmp_path, corpus_files
     assert shares[0] and shares[1] and not shares[0] & shares[1]
 
 
-def test_hydra_configs_instantiate(tmp_path):
-    demo = compose(["+data=demo"], config_name=None)
-    seeded = compose(["+data=demo", "+seed=5"], config_name=None)
-    hub = compose(["+data=hub"], config_name=None)
-    files = compose(["+data=files"], config_name=None)
-    files_set = compose(["+data=files", f"data.paths={tmp_path}/*.txt"], config_name=None)
-    dm = instantiate(demo.data)  # building is lazy: nothing is fetched here
-    assert isinstance(dm, PretrainDataModule)
-    settings = (dm.source.kind, dm.bpe_vocab_size, dm.seq_len, dm.batch_size, dm.seed)
-    assert settings == ("demo", 4096, 256, 16, 1234)
-    assert instantiate(seeded.data).seed == 5
-    assert instantiate(hub.data).source.name == "HuggingFaceFW/fineweb-edu"
-    with pytest.raises(MissingMandatoryValue):
-        instantiate(files.data)
-    assert instantiate(files_set.data).source.kind == "files"
-
-
 def test_train_blocks_come_from_the_training_split(tmp_path, corpus_files):
     from osp.data.packing import PackedBlocks
 
     dm = make_dm(corpus_files, tmp_path)
-    calib = dm.train_blocks(4)
+    calib = dm.pipeline.train_blocks(4)
     assert calib.shape == (4, 16)
-    torch.testing.assert_close(calib, dm.train_blocks(4))
-    train_blocks = PackedBlocks(dm.shard("train"), 16)
+    torch.testing.assert_close(calib, dm.pipeline.train_blocks(4))
+    train_blocks = PackedBlocks(dm.pipeline.shard("train"), 16)
     train = {tuple(train_blocks.take(np.array([i]))[0].tolist()) for i in range(len(train_blocks))}
     assert {tuple(b.tolist()) for b in calib} <= train
     assert not {tuple(b.tolist()) for b in dm.heldout_blocks(8)} & {tuple(b.tolist()) for b in calib}

@@ -11,16 +11,18 @@ import numpy as np
 import pytest
 from data_builders import generated_documents
 
-from osp.data import sources
+from osp.data import files as files_source
 from osp.data import tokenizer as tokenizer_module
 from osp.data.packing import cached_shard, load_shard, sidecar, write_shard
-from osp.data.sources import DataError, DataWarning, DemoCorpus, LocalFiles, read_documents
+from osp.data import DataError, DemoCorpus, LocalFiles
+from osp.data.files import read_documents
+from osp.data.sources import DataWarning
 from osp.data.tokenizer import _pieces, _training_pieces, build_tokenizer, tokenizer_fingerprint
 
 
 @pytest.fixture(autouse=True)
 def _fresh_warning_registry(monkeypatch):
-    monkeypatch.setattr(sources, "_warned_files", set())  # "once per file" must not leak between tests
+    monkeypatch.setattr(files_source, "_warned_files", set())  # "once per file" must not leak between tests
 
 
 def _latin1_text(n_bad: int) -> bytes:
@@ -73,7 +75,7 @@ def test_a_mostly_undecodable_file_is_refused(tmp_path, name):
 def test_a_binary_file_is_refused(tmp_path):
     path = tmp_path / "weights.txt"
     path.write_bytes(np.arange(1000, dtype=np.float32).tobytes())
-    with pytest.raises(DataError, match=r"weights\.txt: contains NUL bytes.*remove it from data\.paths"):
+    with pytest.raises(DataError, match=r"weights\.txt: contains NUL bytes.*remove it from data\.source\.paths"):
         list(read_documents(path))
 
 

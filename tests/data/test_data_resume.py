@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from osp.data.datamodule import PretrainDataModule
+from tests.support.data import make_dm
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers"),
@@ -52,10 +53,7 @@ def trainer(tmp_path: Path, max_steps: int, **kwargs) -> L.Trainer:
 
 
 def datamodule(corpus_files: Path, cache: Path, **kw) -> PretrainDataModule:
-    args = dict(source="files", paths=str(corpus_files / "*"), val_fraction=0.15, vocab_size=300, seq_len=15,
-                batch_size=96, seed=11, cache_dir=str(cache))
-    args.update(kw)
-    return PretrainDataModule(**args)
+    return make_dm(corpus_files, cache, **{"batch_size": 96, "seed": 11, "val_blocks": 64, **kw})
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

@@ -10,8 +10,9 @@ import shutil
 import pytest
 from data_builders import generated_documents
 
-from osp.data import sources
-from osp.data.sources import DataError, DataWarning, DemoCorpus, HubDataset, LocalFiles, build_source
+from osp.data import DataError, DemoCorpus, HubDataset, LocalFiles
+from osp.data.demo import corpus as demo_corpus
+from osp.data.sources import DataWarning
 
 
 def test_demo_corpus_extracts_splits_and_caches(tmp_path, demo_debs):
@@ -59,7 +60,7 @@ def test_demo_corpus_missing_debs_explain_what_to_do(tmp_path):
 
 def test_demo_corpus_without_apt_get(tmp_path, monkeypatch):
     monkeypatch.delenv("OSP_DEMO_DEB_DIR", raising=False)
-    monkeypatch.setattr(sources.shutil, "which", lambda name: None)
+    monkeypatch.setattr(demo_corpus.shutil, "which", lambda name: None)
     with pytest.raises(DataError, match="apt-get is not available") as err:
         DemoCorpus(cache_dir=str(tmp_path / "c")).prepare()
     assert "data=files" in str(err.value)
@@ -76,8 +77,8 @@ def test_demo_corpus_when_apt_get_fails(tmp_path, monkeypatch):
         return Failed()
 
     monkeypatch.delenv("OSP_DEMO_DEB_DIR", raising=False)
-    monkeypatch.setattr(sources.shutil, "which", lambda name: "/usr/bin/apt-get")
-    monkeypatch.setattr(sources, "_apt_get", fake_apt)
+    monkeypatch.setattr(demo_corpus.shutil, "which", lambda name: "/usr/bin/apt-get")
+    monkeypatch.setattr(demo_corpus, "_apt_get", fake_apt)
     with pytest.raises(DataError, match="Unable to locate package"):
         DemoCorpus(cache_dir=str(tmp_path / "c")).prepare()
     assert calls == ["download", "update"]  # a missing package list triggers one `apt-get update`
@@ -123,7 +124,7 @@ def test_local_files_val_paths_and_fingerprint(corpus_files):
 def test_local_files_errors(tmp_path):
     with pytest.raises(DataError, match="no .txt/.jsonl/.json/.parquet files match"):
         list(LocalFiles(paths=str(tmp_path / "missing*.txt")).documents("train"))
-    with pytest.raises(DataError, match="data.paths is empty"):
+    with pytest.raises(DataError, match="data.source.paths is empty"):
         list(LocalFiles(paths=[]).documents("train"))
     (tmp_path / "x.jsonl").write_text('{"body": "text"}\n')
     with pytest.raises(DataError, match=r"x.jsonl:1: no field 'text' \(found \['body'\]\)"):
@@ -133,8 +134,6 @@ def test_local_files_errors(tmp_path):
         list(LocalFiles(paths=str(tmp_path / "y.jsonl")).documents("train"))
     with pytest.raises(ValueError, match="split must be one of"):
         list(LocalFiles(paths=str(tmp_path / "x.jsonl")).documents("test"))
-    with pytest.raises(ValueError, match="data.source must be one of"):
-        build_source("web")
 
 
 def test_hub_source_streams_in_order_and_splits_by_rank(corpus_files):
@@ -148,7 +147,7 @@ def test_hub_source_streams_in_order_and_splits_by_rank(corpus_files):
 
 
 def test_hub_source_errors(corpus_files, tmp_path):
-    with pytest.raises(DataError, match="data.name is empty"):
+    with pytest.raises(DataError, match="data.source.name is empty"):
         HubDataset(name="")
     bad_field = HubDataset(name="json", data_files=str(corpus_files / "web.jsonl"), text_field="body")
     with pytest.raises(DataError, match="no field 'body'"):

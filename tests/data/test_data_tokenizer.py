@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from osp.data import tokenizer as tokenizer_module
-from osp.data.sources import DataError, LocalFiles
+from osp.data import DataError, LocalFiles
 from osp.data.tokenizer import (EOS_TOKEN, DocumentEncoder, build_tokenizer, load_pretrained, token_dtype,
                                 tokenizer_fingerprint, train_bpe, vocab_size_of)
 

@@ -22,8 +22,8 @@ def test_a_binary_training_file_is_one_line_naming_it(corpus, tmp_path):
     data.mkdir()
     (data / "notes.txt").write_text("Plain words in a plain file. " * 200)
     (data / "photo.txt").write_bytes(bytes(range(256)) * 64)  # NUL bytes: binary
-    proc = osp(*train_args(corpus, tmp_path / "runs", f"data.paths={data}/*.txt",
+    proc = osp(*train_args(corpus, tmp_path / "runs", f"data.source.paths={data}/*.txt",
                            f"data.cache_dir={tmp_path / 'cache'}"))
     line = error_line(proc)
-    assert "photo.txt" in line and "NUL bytes" in line and "data.paths" in line
+    assert "photo.txt" in line and "NUL bytes" in line and "data.source.paths" in line
     assert not (tmp_path / "runs" / "base" / "checkpoints").exists()

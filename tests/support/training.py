@@ -8,7 +8,7 @@ from pathlib import Path
 # A 0.16M-parameter model on generated text: a few seconds per run on one CPU thread.
 TINY = [
     "data=files", "data.vocab_size=384", "data.seq_len=64", "data.batch_size=8", "data.val_blocks=8",
-    "data.val_fraction=0.1",
+    "data.source.val_fraction=0.1",
     "model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.ffn_hidden=192",
     "optim.lr=3e-3", "optim.warmup_steps=3", "trainer.precision=32-true", "trainer.log_every_n_steps=1",
     "logger.wandb.enabled=false", "callbacks.quant_eval.num_blocks=4", "callbacks.quant_eval.batch_size=2",
@@ -20,7 +20,7 @@ TINY = [
 
 def tiny_overrides(corpus: dict[str, str], runs_root: Path, *extra: str) -> list[str]:
     """TINY on the session's corpus (the `corpus` fixture), runs under `runs_root`, then `extra`."""
-    return [*TINY, f"data.paths={corpus['paths']}", f"data.cache_dir={corpus['cache']}",
+    return [*TINY, f"data.source.paths={corpus['paths']}", f"data.cache_dir={corpus['cache']}",
             f"runs_root={runs_root}", *extra]
 
 

@@ -7,6 +7,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from osp.conf import CONFIG_DIR, compose, presets
+from osp.data import SOURCES
 from osp.model import ConfigError, Transformer
 from osp.conf.resolvers import run_id
 from osp.training.run import build_model_config
@@ -18,7 +19,7 @@ def test_default_is_the_tiny_recipe_on_the_demo_corpus_on_cpu():
     cfg = compose([])
     assert cfg.name == "tiny"
     assert cfg.trainer.accelerator == "cpu"
-    assert cfg.data.source == "demo"
+    assert cfg.data.source.kind == "demo"
     assert cfg.model.max_seq_len == cfg.data.seq_len
 
 
@@ -90,9 +91,9 @@ def test_every_preset_composes(group):
 def test_every_data_preset_loads_for_osp_data(source):
     from osp.cli.data import load_data_config
 
-    overrides = ["seq_len=32"] + (["paths=/corpus/*.txt"] if source == "files" else [])
+    overrides = ["seq_len=32"] + (["source.paths=/corpus/*.txt"] if source == "files" else [])
     values = load_data_config(source, None, overrides)
-    assert values["seq_len"] == 32 and "defaults" not in values and "_target_" not in values
+    assert values["seq_len"] == 32 and "defaults" not in values and values["source"]["kind"] in SOURCES
 
 
 def test_osp_data_names_a_missing_mandatory_key():

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 TINY = [
     "data=files", "data.vocab_size=384", "data.seq_len=64", "data.batch_size=8", "data.val_blocks=8",
-    "data.val_fraction=0.1",
+    "data.source.val_fraction=0.1",
     "model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.ffn_hidden=192",
     "optim.lr=3e-3", "optim.warmup_steps=5", "trainer.max_steps=60", "trainer.val_check_interval=30",
     "trainer.precision=32-true", "logger=none", "callbacks.checkpoint.every_n_train_steps=30",
@@ -35,7 +35,7 @@ def trained(tmp_path_factory):
     """One tiny `osp train` run with the default callbacks (metrics, W4A4 eval, export)."""
     tmp_path = tmp_path_factory.mktemp("e2e")
     corpus = write_corpus(tmp_path / "corpus")
-    proc = run_osp(["train", *TINY, f"data.paths={corpus}", f"runs_root={tmp_path}/runs", "run_name=e2e"], tmp_path)
+    proc = run_osp(["train", *TINY, f"data.source.paths={corpus}", f"runs_root={tmp_path}/runs", "run_name=e2e"], tmp_path)
     return tmp_path, tmp_path / "runs" / "e2e", proc
 
 
@@ -87,7 +87,7 @@ def test_config_errors_are_one_clear_line(tmp_path):
 
 
 def test_missing_data_is_a_clear_error(tmp_path):
-    proc = run_osp(["train", *TINY, f"data.paths={tmp_path}/nothing/*.txt", f"runs_root={tmp_path}/runs"],
+    proc = run_osp(["train", *TINY, f"data.source.paths={tmp_path}/nothing/*.txt", f"runs_root={tmp_path}/runs"],
                    tmp_path, check=False)
     assert proc.returncode == 1
     assert "osp train: error:" in proc.stderr and "nothing" in proc.stderr

@@ -9,7 +9,7 @@ import pytest
 from data_builders import (BIBLE_NT, BIBLE_OT, make_deb, r_character_vector, r_integer_vector, rdb_blob,
                       write_ztext)
 
-from osp.data.extract import (extract_austen, extract_bible_books, osis_to_text, read_deb_files,
+from osp.data.demo.extract import (extract_austen, extract_bible_books, osis_to_text, read_deb_files,
                               read_rdb_character_vectors, read_ztext_verses)
 
 
