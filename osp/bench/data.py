@@ -9,7 +9,7 @@ so that reading files is not timed) with the same tokenizer:
 - raw: `tokenizers.Tokenizer.encode_batch` on the documents as they are (the Rust library's own speed, on
   every core it is allowed);
 - osp: what `osp data prepare` runs, `DocumentEncoder.encode` (long documents cut at id-neutral points,
-  batches of ~4M characters) feeding `write_shard` (uint16/uint32 ids, one sidecar) in a temporary folder.
+  batches of ~4M characters) feeding `write_shard` (uint16/uint32 ids, pieces + an index) in a temporary folder.
 
 Arms alternate (raw, osp, raw, osp, ...) and each reports its median over `--repeats`, so drifting load on a
 shared machine hits both alike. The ids of both arms are compared once: the shard must hold exactly the raw
@@ -54,7 +54,7 @@ def run(values: dict[str, Any], chars: int, repeats: int) -> dict[str, Any]:
     eos = tokenizer.eos_token_id
 
     with tempfile.TemporaryDirectory(prefix="osp-bench-data-") as tmp:
-        shard_path = Path(tmp) / "bench.bin"
+        shard_path = Path(tmp) / "bench.json"
 
         def raw() -> int:
             return sum(len(e.ids) for e in backend.encode_batch(docs, add_special_tokens=False))
@@ -65,8 +65,8 @@ def run(values: dict[str, Any], chars: int, repeats: int) -> dict[str, Any]:
 
         # Same ids: the shard is the raw ids with one EOS after each document.
         expected = [np.asarray(e.ids, dtype=dtype) for e in backend.encode_batch(docs, add_special_tokens=False)]
-        osp()
-        stored = np.fromfile(shard_path, dtype=np.dtype(dtype).newbyteorder("<"))
+        shard = write_shard(shard_path, encoder.encode(docs), dtype=dtype, eos_id=eos)
+        stored = shard.read(0, shard.num_tokens)
         joined = np.concatenate([np.append(ids, np.array([eos], dtype=dtype)) for ids in expected])
         if not np.array_equal(stored, joined):
             raise AssertionError("osp's shard differs from the raw tokenizer's ids")

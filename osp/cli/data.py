@@ -80,14 +80,14 @@ def prepare(values: dict[str, Any]) -> dict[str, Any]:
                   f"{human_bytes(sum(d['bytes'] for d in docs))} from {manifest['package']}")
     print(f"tokenizer  {summary['tokenizer']} (vocab {summary['vocab_size']})"
           + (f"  {summary['tokenizer_path']}" if "tokenizer_path" in summary else ""))
-    rows = [("split", "tokens", "documents", f"blocks of {data.block_len}", "size", "path")]
+    rows = [("split", "tokens", "documents", f"blocks of {data.block_len}", "size", "files", "path")]
     for split in ("train", "val"):
         info = summary[split]
         if info.get("streamed"):
-            rows.append((split, "streamed", "-", "-", "-", "-"))
+            rows.append((split, "streamed", "-", "-", "-", "-", "-"))
         else:
             rows.append((split, f"{info['tokens']:,}", f"{info['documents']:,}", f"{info['blocks']:,}",
-                         human_bytes(info["bytes"]), info["path"]))
+                         human_bytes(info["bytes"]), str(info["files"]), info["path"]))
     _print_rows(rows)
     print(f"ready in {summary['seconds']:.1f} s (cache: {cache_root(values.get('cache_dir'))})")
     return summary
@@ -119,12 +119,17 @@ def info(cache_dir: str | None = None) -> None:
     shards = sorted((root / "shards").glob("*.json"))
     if shards:
         print("token shards:")
-        rows = [("split", "source", "tokens", "dtype", "size", "path")]
+        rows = [("split", "source", "tokens", "dtype", "size", "files", "index")]
         for path in shards:
-            meta = json.loads(path.read_text())
+            try:
+                meta = json.loads(path.read_text())
+                pieces = [path.parent / piece["file"] for piece in meta["pieces"]]
+                size = human_bytes(sum(p.stat().st_size for p in pieces if p.exists()))
+            except (ValueError, OSError, KeyError, TypeError):  # damaged, or an older format
+                rows.append(("?", "?", "?", "?", "?", "?", f"{path} (damaged or older: rebuilt on next use)"))
+                continue
             rows.append((meta.get("split", "?"), meta.get("source", "?"), f"{meta['num_tokens']:,}",
-                         meta["dtype"],
-                         human_bytes(path.with_suffix(".bin").stat().st_size), str(path.with_suffix(".bin"))))
+                         meta["dtype"], size, str(len(pieces)), str(path)))
         _print_rows(rows)
 
 

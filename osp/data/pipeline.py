@@ -198,10 +198,11 @@ class TokenPipeline:
         return self._tokenizer_fp
 
     def shard_path(self, split: Split) -> Path:
-        """Where the token shard of `split` lives: keyed by source content, tokenizer and split."""
+        """The index of the token shard of `split` (its pieces lie beside it): keyed by source content,
+        tokenizer and split."""
         self.tokenizer  # noqa: B018 - sets the tokenizer fingerprint
         key = fingerprint("shard", self.source_fingerprint(), self._tokenizer_fp, split)[:16]
-        return cache_root(self.config.cache_dir) / "shards" / f"{self.source.kind}-{split}-{key}.bin"
+        return cache_root(self.config.cache_dir) / "shards" / f"{self.source.kind}-{split}-{key}.json"
 
     def shard(self, split: Split) -> TokenShard:
         """The pre-tokenized split (built on first use, then loaded from the cache)."""
@@ -289,7 +290,8 @@ class TokenPipeline:
                 info[split] = {"streamed": True}
                 continue
             shard = self.shard(split)  # type: ignore[arg-type]
-            info[split] = {"path": str(shard.path), "bytes": shard.nbytes, "tokens": shard.num_tokens,
+            info[split] = {"path": str(shard.path), "files": len(shard.files), "bytes": shard.nbytes,
+                           "tokens": shard.num_tokens,
                            "documents": shard.meta["num_documents"],
                            "blocks": shard.num_blocks(self.block_len), "dtype": shard.meta["dtype"]}
         return info

@@ -19,9 +19,12 @@ def test_prepare_files_then_info(tmp_path, corpus_files, capsys):
     assert summary["train"]["blocks"] == summary["train"]["tokens"] // 16
     assert f"{summary['train']['tokens']:,}" in out and summary["train"]["path"] in out
 
+    assert summary["train"]["files"] == 1 and summary["train"]["path"].endswith(".json")
+    (cache / "shards" / "files-train-0123456789abcdef.json").write_text('{"format": 2, "num_tokens": 5}')
     main(["info", "--cache-dir", str(cache)])
     out = capsys.readouterr().out
     assert "tokenizers:" in out and "token shards:" in out and summary["val"]["path"] in out
+    assert "files-train-0123456789abcdef.json (damaged or older: rebuilt on next use)" in out
 
 
 def test_prepare_the_demo_corpus_from_local_packages(tmp_path, demo_debs, capsys):

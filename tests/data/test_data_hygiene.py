@@ -13,7 +13,7 @@ from data_builders import generated_documents
 
 from osp.data import files as files_source
 from osp.data import tokenizer as tokenizer_module
-from osp.data.packing import cached_shard, load_shard, sidecar, write_shard
+from osp.data.packing import cached_shard, load_shard, write_shard
 from osp.data import DataError, DemoCorpus, LocalFiles
 from osp.data.files import read_documents
 from osp.data.sources import DataWarning
@@ -136,27 +136,27 @@ def _docs(lengths):
 
 
 def test_a_shard_with_a_flipped_byte_is_rebuilt(tmp_path):
-    path = tmp_path / "s.bin"
-    original = write_shard(path, _docs([50, 30]), dtype=np.dtype(np.uint16), eos_id=255)
-    expected = np.array(original.tokens)
-    assert json.loads(sidecar(path).read_text())["sha256"]
-    with open(path, "r+b") as f:  # same size: only the checksum can tell
+    path = tmp_path / "s.json"
+    original = write_shard(path, _docs([50, 30]), dtype=np.dtype(np.uint16), eos_id=255, piece_tokens=40)
+    expected = np.array(original.read(0, original.num_tokens))
+    assert all(piece["sha256"] for piece in json.loads(path.read_text())["pieces"])
+    with open(tmp_path / "s-00001.bin", "r+b") as f:  # same size: only the checksum can tell
         f.seek(10)
         f.write(b"\x07")
-    with pytest.warns(DataWarning, match=r"s\.bin: damaged cache entry \(its size or sha256"):
+    with pytest.warns(DataWarning, match=r"s-00001\.bin: damaged cache entry \(missing, or its size or sha256"):
         assert load_shard(path) is None
     with pytest.warns(DataWarning):
         rebuilt = cached_shard(path, _docs([50, 30]), dtype=np.dtype(np.uint16), eos_id=255)
-    np.testing.assert_array_equal(rebuilt.tokens, expected)
+    np.testing.assert_array_equal(rebuilt.read(0, rebuilt.num_tokens), expected)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # intact again: loads without a warning
         assert load_shard(path) is not None
 
 
 def test_a_shard_with_an_unreadable_sidecar_is_rebuilt(tmp_path):
-    path = tmp_path / "s.bin"
+    path = tmp_path / "s.json"
     write_shard(path, _docs([20]), dtype=np.dtype(np.uint16), eos_id=255)
-    sidecar(path).write_text('{"format": 2, "dty')
+    path.write_text('{"format": 3, "dty')
     with pytest.warns(DataWarning, match=r"s\.json: damaged cache entry \(not readable JSON\)"):
         shard = cached_shard(path, _docs([20]), dtype=np.dtype(np.uint16), eos_id=255)
     assert shard.num_tokens == 21
@@ -165,11 +165,11 @@ def test_a_shard_with_an_unreadable_sidecar_is_rebuilt(tmp_path):
 def test_intact_cache_entries_load_without_warnings(tmp_path, corpus_files):
     source = LocalFiles(paths=str(corpus_files / "*"), val_fraction=0.1)
     build_tokenizer("bpe", source, 300, cache_dir=str(tmp_path))
-    write_shard(tmp_path / "s.bin", _docs([20]), dtype=np.dtype(np.uint16), eos_id=255)
+    write_shard(tmp_path / "s.json", _docs([20]), dtype=np.dtype(np.uint16), eos_id=255)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_tokenizer("bpe", source, 300, cache_dir=str(tmp_path))
-        assert load_shard(tmp_path / "s.bin") is not None
+        assert load_shard(tmp_path / "s.json") is not None
 
 
 def test_a_damaged_cached_tokenizer_is_retrained(tmp_path, corpus_files):

@@ -8,6 +8,7 @@ Same process, same thread count, CPU: parameters and the logged loss curve must 
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from osp.training.preemption import Preempted
 from osp.training.run import train
 
 from osp.conf import compose
-from tests.support.training import tiny_overrides
+from tests.support.synthetic_text import synthetic_documents
+from tests.support.training import TINY, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -98,3 +100,30 @@ def test_crash_resumes_from_the_newest_step_checkpoint(corpus, uninterrupted, on
         assert checkpoint_step(latest_checkpoint(crashed / "checkpoints")) == 8
         resumed = run(corpus, root, "crashed", "resume=auto")
     assert_same_run(crashed, root / "full", resumed, full)
+
+
+def _hub_overrides(root: Path, data_files: str, name: str, *extra: str) -> list[str]:
+    """TINY on a streamed source: datasets' json builder over a local file (the hub code path, offline)."""
+    tiny = [o for o in TINY if not o.startswith(("data=", "data.source."))]
+    return [*tiny, "data=hub", "data.source.name=json", "data.source.config_name=null",
+            f"data.source.data_files={data_files}", "data.source.val_docs=12", "data.num_workers=0",
+            "data.pin_memory=false", "data.tokenizer_train_chars=null", f"data.cache_dir={root / 'cache'}",
+            "optim=muon", "trainer.max_steps=8", "trainer.val_check_interval=4",
+            "callbacks.checkpoint.every_n_train_steps=4", "callbacks.outliers.every_n_steps=4",
+            "callbacks.quant_eval.every_n_steps=4", "~callbacks.export", f"runs_root={root}", f"run_name={name}",
+            *extra]
+
+
+def test_a_streamed_run_resumes_at_exactly_the_next_batch(tmp_path, one_thread):
+    """data=hub end to end (offline, a local jsonl through the streaming code): a run preempted mid-stream and
+    resumed ends bitwise as the uninterrupted one, so the stream continued at exactly the next document."""
+    data_files = tmp_path / "web.jsonl"
+    data_files.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in synthetic_documents(150, seed=3)))
+    full = train(compose(_hub_overrides(tmp_path, str(data_files), "full")))
+    assert full["steps"] == 8
+    with pytest.raises(Preempted) as stopped:
+        train(compose(_hub_overrides(tmp_path, str(data_files), "cut", "+callbacks.kill.step=3",
+                                     "+callbacks.kill._target_=tests.support.callbacks.SignalAt")))
+    assert stopped.value.step == 4
+    resumed = train(compose(_hub_overrides(tmp_path, str(data_files), "cut", "resume=auto")))
+    assert_same_run(tmp_path / "cut", tmp_path / "full", resumed, full)
