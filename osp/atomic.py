@@ -19,11 +19,12 @@ from typing import Any
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike[str], replace_folder: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to `target`; rename it onto `target` only if the block succeeds.
 
-    A crash or an exception leaves no half-written `target` behind. Works for files and directories (a
-    directory target that already exists is kept: another process built the same content first).
+    A crash or an exception leaves no half-written `target` behind. Works for files and directories. A
+    directory target that already exists is kept (another process built the same content first), unless
+    `replace_folder`: then the new folder replaces it through `replace_path`.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -32,6 +33,8 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield inner
         if inner.is_dir() and target.exists():
+            if replace_folder:
+                replace_path(inner, target)
             return
         os.replace(inner, target)
     finally:

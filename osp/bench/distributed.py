@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from osp.atomic import write_text
+from osp.tables import format_rows
 
 MODES = {  # name -> (trainer config, ranks, threads per rank)
     "single": ("cpu", 1, 2),
@@ -158,9 +159,9 @@ def _format(results: list[dict[str, Any]], args: argparse.Namespace, load: tuple
         f"machine: {os.cpu_count()} CPUs, load average {load[0]:.2f} before / {load[1]:.2f} after; "
         f"torch {torch.__version__}, gloo",
         "",
-        f"{'mode':<10}{'ranks x threads':>16}{'precision':>16}{'tokens/s':>10}{'step ms':>9}"
-        f"{'params MB/rank':>16}{'optim MB/rank':>15}{'peak RSS MB/rank':>18}",
     ]
+    table = [["mode", "ranks x threads", "precision", "tokens/s", "step ms", "params MB/rank", "optim MB/rank",
+              "peak RSS MB/rank"]]
     rows: dict[str, dict[str, float]] = {}
     for result in results:
         mode, ranks = result["mode"], result["ranks"]
@@ -171,10 +172,9 @@ def _format(results: list[dict[str, Any]], args: argparse.Namespace, load: tuple
                "rss_mb": max(r["peak_rss_bytes"] for r in ranks) / mb}
         rows[mode] = row
         layout = f"{len(ranks)} x {MODES[mode][2]}"
-        lines.append(f"{mode:<10}{layout:>16}{ranks[0]['precision']:>16}{row['tokens_per_s']:>10,.0f}"
-                     f"{row['step_ms']:>9.1f}{row['param_mb']:>16.2f}{row['optim_mb']:>15.2f}"
-                     f"{row['rss_mb']:>18.0f}")
-    lines.append("")
+        table.append([mode, layout, ranks[0]["precision"], f"{row['tokens_per_s']:,.0f}", f"{row['step_ms']:.1f}",
+                      f"{row['param_mb']:.2f}", f"{row['optim_mb']:.2f}", f"{row['rss_mb']:.0f}"])
+    lines += [format_rows(table), ""]
     for base in ("single", "single-1t"):
         if base in rows and "ddp" in rows:
             speedup = rows["ddp"]["tokens_per_s"] / rows[base]["tokens_per_s"]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from osp.data.cache import cache_root, human_bytes
+from osp.tables import format_rows
 
 
 def load_data_config(source: str | None, config: str | None, overrides: list[str]) -> dict[str, Any]:
@@ -57,9 +58,7 @@ def load_data_config(source: str | None, config: str | None, overrides: list[str
 
 
 def _print_rows(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    print(format_rows(rows, listing=True))
 
 
 def prepare(values: dict[str, Any]) -> dict[str, Any]:

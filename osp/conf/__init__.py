@@ -2,6 +2,9 @@
 
 `compose(overrides)` is the one way to get the config `osp train <overrides>` would run with; `osp train`
 itself, `osp plan`, `osp data`, the benches and the tests all go through it.
+
+`model/base` is not a file: it is `osp.model.ModelConfig`'s defaults, registered here in Hydra's config store
+so that the model presets extend the dataclass instead of restating it.
 """
 
 from __future__ import annotations
@@ -9,12 +12,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from osp.conf.resolvers import register_resolvers
+from osp.model.config import config_defaults
 
 CONFIG_DIR = Path(__file__).resolve().parent
 TRAIN_CONFIG = "train"
+ConfigStore.instance().store(group="model", name="base", node=config_defaults())
 
 
 def compose(overrides: Sequence[str] = (), config_name: str | None = TRAIN_CONFIG) -> DictConfig:

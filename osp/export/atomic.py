@@ -1,5 +1,5 @@
-"""Write an export so that readers see either the old complete one or the new complete one, and never let
-`--force` replace anything but an earlier export.
+"""The export target policy on top of osp.atomic: readers see either the old complete export or the new
+complete one, and `--force` never replaces anything but an earlier export.
 
 `force` replaces a folder only when everything in it is an export's (config, weights, tokenizer, custom
 code), and a file only when it is a GGUF file: a run dir, its checkpoints, a folder that holds the source
@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import fnmatch
 import os
-import shutil
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from osp.atomic import atomic_path
 
 # What osp export writes into a folder (hf.py, the tokenizer, the custom-code files, Python's bytecode cache).
 EXPORT_FILES = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
@@ -60,53 +60,23 @@ def check_file_target(target: Path, force: bool) -> None:
                                   "even with --force: choose another target")
 
 
-def _sibling(target: Path, kind: str) -> Path:
-    return target.parent / f".{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
 @contextmanager
 def atomic_directory(target: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a fresh sibling directory of `target`; when the block succeeds it becomes `target`.
-
-    A sibling (same parent, so the same file system) makes the final step a rename. An existing target is
-    renamed aside first and deleted only once the new folder is in place, so a crash at any point leaves
-    either the old or the new folder complete (plus, at worst, a hidden leftover sibling).
-    """
+    """Yield a fresh folder beside `target`; when the block succeeds it becomes `target` (osp.atomic: an
+    earlier export is renamed aside and removed only once the new one is in place). The target policy is
+    checked before and again just before the rename (someone may have written there meanwhile)."""
     target = Path(target)
     check_target(target, force)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = _sibling(target, "tmp"), _sibling(target, "old")
-    tmp.mkdir()  # mkdir (not mkdtemp) so the folder gets the usual umask permissions, not 0700
-    try:
+    with atomic_path(target, replace_folder=True) as tmp:
+        tmp.mkdir()  # mkdir (not mkdtemp) so the folder gets the usual umask permissions, not 0700
         yield tmp
-        check_target(target, force)  # someone may have written there while we worked
-        if target.exists():
-            os.rename(target, old)
-        try:
-            os.rename(tmp, target)
-        except BaseException:
-            if old.exists():
-                os.rename(old, target)
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        check_target(target, force)
 
 
 @contextmanager
 def atomic_file(target: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling path of `target`; when the block succeeds it replaces `target`.
-
-    Same directory, so os.replace is an atomic rename: readers see the old file or the complete new one,
-    never a partial one, and a failure removes the temporary file.
-    """
+    """Yield a temporary path beside `target`; when the block succeeds it replaces `target` (one rename)."""
     check_file_target(target, force)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(target, "tmp")
-    try:
+    with atomic_path(target) as tmp:
         yield tmp
-        check_file_target(target, force)  # someone may have written there while we worked
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+        check_file_target(target, force)

@@ -147,5 +147,11 @@ class ModelConfig:
         return cls(**dict(values))
 
 
+def config_defaults() -> dict[str, Any]:
+    """The `model` config node of every default (vocab_size aside: the data's tokenizer sets it). osp.conf
+    registers it as the Hydra option `model/base`, which the model presets extend."""
+    return {f.name: f.default for f in fields(ModelConfig) if f.name != "vocab_size"}
+
+
 def _round_up(x: int, multiple: int) -> int:
     return multiple * math.ceil(x / multiple)

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from osp.data.config import DataConfig
 from osp.model import ConfigError
+from osp.model.config import config_defaults
 
 # Keys that say where and how verbosely a run goes, not what it computes: free to change on resume.
 FREE = ("run_name", "run_dir", "runs_root", "resume", "resume_allow", "summary", "callbacks", "logger",
@@ -61,9 +62,21 @@ def _matches(key: str, prefixes: tuple[str, ...] | list[str]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
+def code_defaults() -> dict[str, Any]:
+    """Every model, optim and data setting at its code default, flattened like a record."""
+    from osp.optim import OptimConfig
+
+    return flatten({"model": config_defaults(), "optim": OptimConfig().to_dict(), "data": DataConfig().to_dict()})
+
+
 def differences(stored: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(key, stored value, current value) for every config key that differs, FREE keys left out."""
+    """(key, stored value, current value) for every config key that differs, FREE keys left out.
+
+    A key the stored record lacks whose current value is its code default is no difference: a setting that
+    a newer osp added (at the default that keeps the old behaviour), e.g. `model.ffn_multiple_of`.
+    """
     missing = object()
+    defaults = code_defaults()
     rows = []
     # data.vocab_size sizes a BPE trained on the corpus; a pretrained tokenizer ignores it (its own size is
     # compared through the tokenizer fingerprint).
@@ -72,6 +85,8 @@ def differences(stored: dict[str, Any], current: dict[str, Any]) -> list[tuple[s
         if _matches(key, FREE) or key in ignored:
             continue
         before, after = stored.get(key, missing), current.get(key, missing)
+        if before is missing and key in defaults and after == defaults[key]:
+            continue
         if before != after:
             rows.append((key, "(absent)" if before is missing else before, "(absent)" if after is missing else after))
     return rows

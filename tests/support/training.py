@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# A 0.16M-parameter model on generated text: a few seconds per run on one CPU thread.
-TINY = [
+# A 0.16M-parameter model on generated text (pass data.source.paths): a few seconds per run on one CPU thread.
+TINY_MODEL_DATA = [
     "data=files", "data.vocab_size=384", "data.seq_len=64", "data.batch_size=8", "data.val_blocks=8",
     "data.source.val_fraction=0.1",
     "model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.ffn_hidden=192",
-    "optim.lr=3e-3", "optim.warmup_steps=3", "trainer.precision=32-true", "trainer.log_every_n_steps=1",
+]
+# ... with quiet, fast run settings: what the training, reliability and GPU tests run.
+TINY = [
+    *TINY_MODEL_DATA, "optim.lr=3e-3", "optim.warmup_steps=3", "trainer.precision=32-true", "trainer.log_every_n_steps=1",
     "logger.wandb.enabled=false", "callbacks.quant_eval.num_blocks=4", "callbacks.quant_eval.batch_size=2",
     "callbacks.outliers.n_blocks=2", "callbacks.outliers.plots=false", "~callbacks.progress",
     "+trainer.enable_progress_bar=false",

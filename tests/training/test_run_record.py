@@ -11,3 +11,30 @@ def test_resume_ignores_the_bpe_size_only_for_a_pretrained_tokenizer():
     assert differences(stored, current) == []
     bpe = {"data.tokenizer": "bpe", "data.vocab_size": 4096}
     assert differences(bpe, {**bpe, "data.vocab_size": 8192}) == [("data.vocab_size", 4096, 8192)]
+
+
+def test_a_setting_added_later_at_its_default_is_no_difference():
+    """A record from an osp without `model.ffn_multiple_of` resumes under one that has it, at its default;
+    not at another value, and a key the current run lacks is still a difference."""
+    stored = {"model.d_model": 256, "optim.lr": 1e-3}
+    assert differences(stored, {**stored, "model.ffn_multiple_of": 64}) == []
+    assert differences(stored, {**stored, "model.ffn_multiple_of": 128}) == [
+        ("model.ffn_multiple_of", "(absent)", 128)]
+    assert differences({**stored, "model.ffn_multiple_of": 64}, stored) == [("model.ffn_multiple_of", 64, "(absent)")]
+
+
+def test_the_model_presets_extend_the_dataclass_defaults():
+    """model/base is ModelConfig's defaults; the presets state only what differs (no restated defaults)."""
+    from omegaconf import OmegaConf
+
+    from osp.conf import CONFIG_DIR, compose
+    from osp.model.config import ModelConfig, config_defaults
+
+    assert ModelConfig(**config_defaults()) == ModelConfig() and "vocab_size" not in config_defaults()
+    for preset in ("tiny", "llama_1p4b"):
+        own = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "model" / f"{preset}.yaml"), resolve=False)
+        for key, value in own.items():
+            if key != "defaults":
+                assert config_defaults()[key] != value, f"model/{preset}.yaml restates the default {key}"
+        composed = compose([f"model={preset}"]).model
+        assert set(composed) == set(config_defaults())  # every setting can be overridden without +

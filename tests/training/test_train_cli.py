@@ -9,15 +9,14 @@ import sys
 import pytest
 
 from tests.support.synthetic_text import write_corpus
+from tests.support.training import TINY_MODEL_DATA
 
 pytestmark = pytest.mark.slow
 
+# The shared tiny model and data, with the default callbacks and a longer run (60 steps, two validations).
 TINY = [
-    "data=files", "data.vocab_size=384", "data.seq_len=64", "data.batch_size=8", "data.val_blocks=8",
-    "data.source.val_fraction=0.1",
-    "model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.ffn_hidden=192",
-    "optim.lr=3e-3", "optim.warmup_steps=5", "trainer.max_steps=60", "trainer.val_check_interval=30",
-    "trainer.precision=32-true", "logger=none", "callbacks.checkpoint.every_n_train_steps=30",
+    *TINY_MODEL_DATA, "optim.lr=3e-3", "optim.warmup_steps=5", "trainer.max_steps=60",
+    "trainer.val_check_interval=30", "trainer.precision=32-true", "logger=none", "callbacks.checkpoint.every_n_train_steps=30",
 ]
 
 
