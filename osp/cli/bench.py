@@ -11,6 +11,7 @@ BENCHES = {
     "distributed": "distributed",
     "optim": "optim",
     "paper_table": "paper_table",
+    "protocols": "protocols",
     "quant": "quant",
     "train": "training_loops",
 }

@@ -80,7 +80,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quant-blocks", type=int, default=16, help="held-out blocks for perplexity (QuantEval default)")
     p.add_argument("--kurtosis-blocks", type=int, default=8, help="held-out blocks for kurtosis (OutlierMonitor default)")
     p.add_argument("--batch-size", type=int, default=4, help="blocks per forward pass (QuantEval default)")
-    p.add_argument("--calib-blocks", type=int, default=32, help="training blocks for GPTQ calibration")
+    p.add_argument("--calib-blocks", type=int, default=32,
+                   help="training blocks for calibration (GPTQ weights, +static activation scales)")
+    p.add_argument("--attribute", action="store_true",
+                   help="also the cost of the preset at each site alone (every linear input and KV cache), "
+                        "each layer and each kind of site")
+    p.add_argument("--attribute-top", type=int, default=10, help="sites to list with --attribute")
     p.add_argument("--mode", choices=("osp_exact", "context", "both"), default="both", help="kurtosis mode")
     p.add_argument("--data-config", help="a YAML with a `data` node (default: the run's .hydra/config.yaml)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: the model's own)")
@@ -94,12 +99,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> None:
     from osp.export import CheckpointError, load_model
-    from osp.quant import QuantConfig, QuantConfigError
+    from osp.quant import QuantConfigError
+    from osp.quant.perplexity import eval_config
 
     args = parse_args(argv)
     if args.quant:  # a typo fails in a second, before the model and the data are loaded
         try:
-            QuantConfig.from_preset(args.quant)
+            eval_config(args.quant, args.hadamard, args.gptq)
         except QuantConfigError as err:
             print(f"osp eval: error: --quant {args.quant}: {err}", file=sys.stderr)
             raise SystemExit(2) from None
@@ -109,7 +115,7 @@ def main(argv: list[str]) -> None:
     except (CheckpointError, FileNotFoundError) as err:
         print(f"osp eval: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
-    tokenizer_dir = Path(args.tokenizer) if args.tokenizer else _tokenizer_dir(model_path)
+    tokenizer_dir = Path(args.tokenizer) if args.tokenizer else find_tokenizer_dir(model_path)
     from osp.data import DataError
     from osp.model import ConfigError
 
@@ -118,7 +124,7 @@ def main(argv: list[str]) -> None:
         if data.vocab_size > model.cfg.vocab_size:
             raise SystemExit(f"osp eval: the data's tokenizer has {data.vocab_size} ids but the model only "
                              f"{model.cfg.vocab_size}; pass the model's --tokenizer")
-        do_quant = not args.kurtosis or bool(args.quant)
+        do_quant = not args.kurtosis or bool(args.quant) or args.attribute
         do_kurtosis = not args.quant or args.kurtosis
         precision = args.precision or run_precision(model_path, args.data_config, args.device)
         results: dict[str, Any] = {"model": str(model_path), "precision": precision}
@@ -134,16 +140,22 @@ def main(argv: list[str]) -> None:
 def _evaluate(args: argparse.Namespace, model: torch.nn.Module, data: Any, do_quant: bool, do_kurtosis: bool,
               results: dict[str, Any]) -> None:
     from osp.metrics import evaluate_kurtosis, format_kurtosis
-    from osp.quant.perplexity import evaluate_quant
+    from osp.quant.perplexity import eval_config, evaluate_quant
 
     if do_quant:
         blocks = data.heldout_blocks(args.quant_blocks).to(args.device)
-        calib = data.train_blocks(args.calib_blocks).to(args.device) if args.gptq else None
+        cfg = eval_config(args.quant or "w4a4kv4", args.hadamard, args.gptq)
+        calib = data.train_blocks(args.calib_blocks).to(args.device) if cfg.needs_calibration else None
         q = evaluate_quant(model, blocks, preset=args.quant or "w4a4kv4", hadamard=args.hadamard, gptq=args.gptq,
                            calib_blocks=calib, batch_size=args.batch_size)
         results["quant"] = q
         print(f"perplexity on {q['tokens']:,} held-out tokens: fp {q['ppl_fp']:.4f}   "
               f"{q['preset']} {q['ppl_quant']:.4f}   ratio {q['ratio']:.4f}")
+        if args.attribute:
+            from osp.quant.attribution import attribute, format_attribution
+
+            results["attribution"] = attribute(model, blocks, cfg, calib_blocks=calib, batch_size=args.batch_size)
+            print(format_attribution(results["attribution"], top=args.attribute_top))
     if do_kurtosis:
         ids = data.heldout_blocks(args.kurtosis_blocks)[:, :-1].to(args.device)
         modes = ("context", "osp_exact") if args.mode == "both" else (args.mode,)
@@ -153,7 +165,7 @@ def _evaluate(args: argparse.Namespace, model: torch.nn.Module, data: Any, do_qu
             print(format_kurtosis(k))
 
 
-def _tokenizer_dir(model_path: Path) -> Path | None:
+def find_tokenizer_dir(model_path: Path) -> Path | None:
     for candidate in (model_path, model_path / "tokenizer", model_path.parent.parent / "tokenizer"):
         if (candidate / "tokenizer.json").is_file() or (candidate / "tokenizer_config.json").is_file():
             return candidate

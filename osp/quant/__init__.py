@@ -6,6 +6,8 @@ quantized view of a live model, perplexity and GPTQ.
     ppl_q = perplexity(model, blocks, quant="w4a4kv4")          # OSP's RTN 4-4-4 row
     with quantized(model, QuantConfig.from_preset("w4a4kv4+had")):
         logits = model(input_ids)                                # the W4A4 view; restored on exit
+    ppl_s = perplexity(model, blocks, quant="w8a8+static", calib_blocks=calib)   # static per-tensor INT8
+    attribute(model, blocks, "w4a4kv4")                          # the cost of each site alone (attribution.py)
 """
 
 from .config import OFF, PRESETS, QuantConfig, QuantConfigError
@@ -14,6 +16,7 @@ from .hadamard import fwht, hadamard_matrix, hadamard_transform
 from .quantizers import (
     QuantizedWeight,
     fake_quant,
+    static_fake_quant,
     pack_int4,
     quant_rows,
     quantize_weight,
@@ -21,7 +24,8 @@ from .quantizers import (
     weight_scale,
 )
 from .layers import KVQuantizer, QuantLinear
-from .w4a4 import nll_stats, perplexity, quantized
+from .w4a4 import nll_stats, perplexity, quantized, site_names
+from .attribution import attribute
 
 __all__ = [
     "OFF",
@@ -31,6 +35,7 @@ __all__ = [
     "QuantConfigError",
     "QuantLinear",
     "QuantizedWeight",
+    "attribute",
     "evaluate_quant",
     "fake_quant",
     "fwht",
@@ -42,6 +47,8 @@ __all__ = [
     "quant_rows",
     "quantize_weight",
     "quantized",
+    "site_names",
+    "static_fake_quant",
     "unpack_int4",
     "weight_scale",
 ]

@@ -8,7 +8,7 @@ from typing import Any
 
 OFF = 16  # a bit width of 16 means "leave this tensor in full precision"
 
-_PRESET = re.compile(r"^w(\d+)a(\d+)(?:kv(\d+))?((?:\+(?:had|gptq))*)$")
+_PRESET = re.compile(r"^w(\d+)a(\d+)(?:kv(\d+))?((?:\+(?:had|gptq|static))*)$")
 
 #: Named presets (any string matching the grammar of `QuantConfig.from_preset` also works).
 PRESETS: dict[str, str] = {
@@ -21,6 +21,10 @@ PRESETS: dict[str, str] = {
     "w16a4kv4": "activation-only 4-bit with KV4 (attributes error to the activations)",
     "w4a4kv4+gptq": "w4a4kv4 with GPTQ weights instead of RTN (needs calibration blocks)",
     "w4a4kv4+had+gptq": "OSP's '+ GPTQ' row: FFN Hadamard and GPTQ weights",
+    "w8a8+static": "INT8 with static per-tensor activation scales calibrated offline (SmoothQuant/TensorRT's "
+                   "static W8A8 without smoothing): one outlier channel sets the scale of the whole tensor",
+    "w4a8+static": "4-bit weights, INT8 static per-tensor activations",
+    "w4a4+static": "W4A4 with static per-tensor activation scales (needs calibration blocks)",
 }
 
 
@@ -50,7 +54,8 @@ class QuantConfig:
     gptq_blocksize: int = 128
     gptq_percdamp: float = 0.01
     gptq_act_order: bool = False
-    # Activations (inputs of every nn.Linear inside the blocks): dynamic, per token.
+    # Activations (inputs of every nn.Linear inside the blocks): dynamic, per token ...
+    a_static: bool = False  # ... or static: one symmetric scale per tensor, clip * absmax over calibration text
     a_sym: bool = False
     a_clip: float = 1.0
     a_group_size: int | None = None  # None: one scale per token over the full row
@@ -84,6 +89,8 @@ class QuantConfig:
                 raise QuantConfigError(f"quant.{key}={getattr(self, key)!r} must lie in (0, 1]")
         if self.a_group_size is not None and self.a_group_size <= 0:
             raise QuantConfigError(f"quant.a_group_size={self.a_group_size!r} must be positive or null")
+        if self.a_static and self.a_bits == OFF:
+            raise QuantConfigError("quant.a_static needs quantized activations (a_bits < 16)")
         if self.gptq_blocksize <= 0 or self.gptq_percdamp < 0:
             raise QuantConfigError("quant.gptq_blocksize must be > 0 and quant.gptq_percdamp >= 0")
 
@@ -93,16 +100,22 @@ class QuantConfig:
         return self.w_bits == OFF and self.a_bits == OFF and self.kv_bits == OFF and not self.down_hadamard
 
     @property
+    def needs_calibration(self) -> bool:
+        """True when the view needs calibration blocks (GPTQ weights, static activation scales)."""
+        return self.w_method == "gptq" or self.a_static
+
+    @property
     def name(self) -> str:
-        """Preset-style name: w{W}a{A}[kv{KV}][+had][+gptq] (other fields are not encoded)."""
+        """Preset-style name: w{W}a{A}[kv{KV}][+had][+gptq][+static] (other fields are not encoded)."""
         if self.is_identity:
             return "fp"
         out = f"w{self.w_bits}a{self.a_bits}" + (f"kv{self.kv_bits}" if self.kv_bits != OFF else "")
-        return out + ("+had" if self.down_hadamard else "") + ("+gptq" if self.w_method == "gptq" else "")
+        return (out + ("+had" if self.down_hadamard else "") + ("+gptq" if self.w_method == "gptq" else "")
+                + ("+static" if self.a_static else ""))
 
     @classmethod
     def from_preset(cls, preset: str = "w4a4kv4", **overrides: Any) -> QuantConfig:
-        """Parse `w{W}a{A}[kv{KV}][+had][+gptq]` (or "fp"), then apply field overrides.
+        """Parse `w{W}a{A}[kv{KV}][+had][+gptq][+static]` (or "fp"), then apply field overrides.
 
         "w4a4kv4" is the OSP row; "w4a16" weight-only; "w16a4" activation-only (K/V kept full precision).
         """
@@ -112,7 +125,7 @@ class QuantConfig:
             match = _PRESET.match(preset.strip().lower())
             if match is None:
                 raise QuantConfigError(
-                    f"unknown quant preset {preset!r}; use w<bits>a<bits>[kv<bits>][+had][+gptq], "
+                    f"unknown quant preset {preset!r}; use w<bits>a<bits>[kv<bits>][+had][+gptq][+static], "
                     f"e.g. {sorted(PRESETS)}"
                 )
             w, a, kv, flags = match.groups()
@@ -123,6 +136,7 @@ class QuantConfig:
                 "kv_bits": int(kv) if kv is not None else OFF,
                 "down_hadamard": "had" in tags,
                 "w_method": "gptq" if "gptq" in tags else "rtn",
+                "a_static": "static" in tags,
             }
         fields_.update(overrides)
         return cls.from_dict(fields_)

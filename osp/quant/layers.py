@@ -11,17 +11,19 @@ from torch import nn
 
 from . import ops
 from .hadamard import is_pow2
-from .quantizers import QuantizedWeight
+from .quantizers import QuantizedWeight, static_fake_quant
 
 
 @dataclass(frozen=True)
 class ActQuant:
-    """Dynamic per-token quantizer of one linear input."""
+    """Quantizer of one linear input: dynamic per token (or group), or static with one calibrated
+    symmetric scale for the whole tensor (`static_scale`)."""
 
     bits: int
     sym: bool
     group_size: int | None
     clip: float
+    static_scale: float | None = None
 
     @property
     def zero_inclusive(self) -> bool:
@@ -79,6 +81,8 @@ class QuantLinear(nn.Module):
         act, qw = self.act, self.qweight
         if act is None or qw is None or act.bits != 4 or qw.bits != 4 or self.in_features % 2:
             return False
+        if act.static_scale is not None:  # the integer GEMM takes per-token scales; static runs the torch path
+            return False
         if ops.resolve_backend(x, self.backend) != "triton":
             return False
         group = act.group_size
@@ -94,6 +98,10 @@ class QuantLinear(nn.Module):
         assert act is not None
         if self._int_gemm_ok(x):
             return self._int_gemm(x)
+        if act.static_scale is not None:
+            x = static_fake_quant(ops.hadamard_transform(x, self.backend) if self.hadamard else x,
+                                  act.static_scale, act.bits)
+            return F.linear(x, self.weight.to(x.dtype), self.bias)
         x = ops.quant_rows(
             x,
             act.bits,

@@ -13,6 +13,16 @@ from .config import QuantConfig
 from .w4a4 import nll_stats, quantized
 
 
+def eval_config(preset: str = "w4a4kv4", hadamard: bool = False, gptq: bool = False) -> QuantConfig:
+    """The QuantConfig of `osp eval --quant PRESET [--hadamard] [--gptq]`."""
+    overrides: dict[str, Any] = {}
+    if hadamard:
+        overrides["down_hadamard"] = True
+    if gptq:
+        overrides["w_method"] = "gptq"
+    return QuantConfig.from_preset(preset, **overrides)
+
+
 def evaluate_quant(
     model: nn.Module,
     blocks: torch.Tensor,
@@ -26,18 +36,14 @@ def evaluate_quant(
     """Perplexity of the model in full precision and under `preset` on held-out blocks (N, T+1).
 
     hadamard adds the online down_proj Hadamard, gptq replaces RTN weights by GPTQ weights computed on
-    `calib_blocks` (training-distribution text, never the evaluation blocks). Returns
+    `calib_blocks` (training-distribution text, never the evaluation blocks); a `+static` preset calibrates
+    its activation scales on them. Returns
     {"preset", "config", "ppl_fp", "ppl_quant", "ratio", "nll_fp", "nll_quant", "tokens", "seconds_fp",
     "seconds_quant"}; "preset" is the canonical name, e.g. "w4a4kv4+had+gptq".
     """
-    overrides: dict[str, Any] = {}
-    if hadamard:
-        overrides["down_hadamard"] = True
-    if gptq:
-        overrides["w_method"] = "gptq"
-    cfg = QuantConfig.from_preset(preset, **overrides)
-    if cfg.w_method == "gptq" and calib_blocks is None:
-        raise ValueError("--gptq needs calibration blocks from the training distribution (calib_blocks)")
+    cfg = eval_config(preset, hadamard, gptq)
+    if cfg.needs_calibration and calib_blocks is None:
+        raise ValueError(f"{cfg.name} needs calibration blocks from the training distribution (calib_blocks)")
 
     start = time.perf_counter()
     nll_fp, tokens = nll_stats(model, blocks, batch_size)

@@ -14,7 +14,7 @@ into the embedding and head).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -71,9 +71,13 @@ def _linear_sites(model: nn.Module) -> list[_Site]:
     return sites
 
 
-def _act_quant(cfg: QuantConfig, site: _Site) -> ActQuant | None:
+def _act_quant(cfg: QuantConfig, site: _Site, absmax: float | None = None) -> ActQuant | None:
     if cfg.a_bits == OFF:
         return None
+    if cfg.a_static:
+        assert absmax is not None, f"{site.name}: static scales need calibration"
+        hi = (1 << (cfg.a_bits - 1)) - 1
+        return ActQuant(cfg.a_bits, True, None, cfg.a_clip, static_scale=max(absmax * cfg.a_clip, 1e-12) / hi)
     group = site.head_dim if (site.head_dim and cfg.o_proj_head_groups) else cfg.a_group_size
     if group is not None and site.linear.in_features % group:
         raise ValueError(
@@ -114,6 +118,47 @@ def _check_supported(cfg: QuantConfig, model: nn.Module, sites: list[_Site]) -> 
                 raise ValueError(f"{s.name}: no Hadamard matrix of order {s.linear.in_features} is available")
 
 
+def kv_sites(model: nn.Module) -> dict[str, nn.Module]:
+    """{"layers.{i}.kv": attention module}: the KV-cache quantizer seams, named like the linear sites."""
+    return {f"layers.{i}.kv": m for i, block in enumerate(model.layers) for m in block.modules()
+            if hasattr(m, "kv_quantizer")}
+
+
+def site_names(model: nn.Module) -> list[str]:
+    """Every place the view quantizes: the linears inside the blocks ("layers.0.mlp.down_proj") and the KV
+    caches ("layers.0.kv"), in block order."""
+    base = _base_model(model)
+    linears = [site.name for site in _linear_sites(base)]
+    kvs = list(kv_sites(base))
+    return sorted(linears + kvs, key=lambda name: (int(name.split(".")[1]), name.endswith(".kv"), 0))
+
+
+@torch.no_grad()
+def _input_absmax(model: nn.Module, sites: list[_Site], cfg: QuantConfig, blocks: torch.Tensor,
+                  batch_size: int) -> dict[str, float]:
+    """max |x| of every site's input (in the rotated basis where the view rotates it) over `blocks`, on the
+    full-precision model: the calibration of static per-tensor scales."""
+    absmax = {site.name: 0.0 for site in sites}
+    hooks = []
+    for site in sites:
+        rotate = cfg.down_hadamard and site.attr == "down_proj"
+
+        def observe(module: nn.Module, args: tuple, name: str = site.name, rotate: bool = rotate) -> None:
+            x = ops.hadamard_transform(args[0].float(), "torch") if rotate else args[0]
+            absmax[name] = max(absmax[name], float(x.detach().abs().amax()))
+
+        hooks.append(site.linear.register_forward_pre_hook(observe))
+    device = next(model.parameters()).device
+    try:
+        with eval_mode(model):
+            for start in range(0, blocks.shape[0], batch_size):
+                model(blocks[start : start + batch_size, :-1].to(device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return absmax
+
+
 @contextmanager
 def quantized(
     model: nn.Module,
@@ -122,26 +167,33 @@ def quantized(
     calib_blocks: torch.Tensor | None = None,
     calib_batch_size: int = 8,
     backend: str | None = None,
+    only: Callable[[str], bool] | None = None,
 ) -> Iterator[nn.Module]:
     """Context manager: the W4A4 view of `model` (yields the model itself).
 
     On entry the weights are quantized once (RTN, or GPTQ with `calib_blocks` when cfg.w_method == "gptq"),
-    every nn.Linear inside `model.layers` is replaced by a `QuantLinear` that quantizes its input per token,
-    and every attention's `kv_quantizer` is set. On exit (also on an exception) the original modules and
-    kv_quantizers are put back; parameters are never modified. `backend` forces "torch" or "triton" kernels.
+    every nn.Linear inside `model.layers` is replaced by a `QuantLinear` that quantizes its input per token
+    (or, with cfg.a_static, with a static per-tensor scale calibrated on `calib_blocks` in full precision),
+    and every attention's `kv_quantizer` is set. `only(name)` restricts the view to the sites it accepts (names
+    as `site_names`: "layers.0.mlp.down_proj", "layers.0.kv"); the rest stay in full precision. On exit (also
+    on an exception) the original modules and kv_quantizers are put back; parameters are never modified.
+    `backend` forces "torch" or "triton" kernels.
     """
     cfg = QuantConfig.resolve(cfg)
     base = _base_model(model)
-    sites = _linear_sites(base)
+    sites = [site for site in _linear_sites(base) if only is None or only(site.name)]
     _check_supported(cfg, base, sites)
-    if cfg.w_method == "gptq" and calib_blocks is None:
-        raise ValueError("GPTQ weights need calibration blocks (calib_blocks=LongTensor (N, T+1))")
+    if cfg.needs_calibration and calib_blocks is None:
+        what = "GPTQ weights" if cfg.w_method == "gptq" else "static activation scales"
+        raise ValueError(f"{what} need calibration blocks (calib_blocks=LongTensor (N, T+1))")
+    absmax = (_input_absmax(base, sites, cfg, calib_blocks, calib_batch_size)  # type: ignore[arg-type]
+              if cfg.a_static and cfg.a_bits != OFF else {})
 
     installed: list[_Site] = []
     kv_saved: list[tuple[nn.Module, object]] = []
     try:
         with torch.no_grad():
-            built = [_build_wrapper(cfg, site, backend) for site in sites]
+            built = [_build_wrapper(cfg, site, backend, absmax.get(site.name)) for site in sites]
             for site, (wrapper, _) in zip(sites, built):
                 setattr(site.parent, site.attr, wrapper)
                 installed.append(site)
@@ -152,8 +204,8 @@ def quantized(
             del built
             if cfg.kv_bits != OFF:
                 kvq = KVQuantizer(cfg.kv_bits, cfg.kv_sym, cfg.kv_clip, cfg.k_hadamard, backend)
-                for module in base.layers.modules():
-                    if hasattr(module, "kv_quantizer"):
+                for name, module in kv_sites(base).items():
+                    if only is None or only(name):
                         kv_saved.append((module, module.kv_quantizer))
                         module.kv_quantizer = kvq
         yield model
@@ -165,11 +217,11 @@ def quantized(
 
 
 def _build_wrapper(
-    cfg: QuantConfig, site: _Site, backend: str | None
+    cfg: QuantConfig, site: _Site, backend: str | None, absmax: float | None = None
 ) -> tuple[QuantLinear, torch.Tensor | None]:
     """The QuantLinear for one site, and (GPTQ only) the fp32 weight GPTQ starts from."""
     rotate = cfg.down_hadamard and site.attr == "down_proj"
-    act = _act_quant(cfg, site)
+    act = _act_quant(cfg, site, absmax)
     if cfg.w_bits == OFF:
         dense = (
             _effective_weight(cfg, site, rotate).to(site.linear.weight.dtype)

@@ -50,8 +50,9 @@ class QuantEval(L.Callback):
         self.modes: dict[str, QuantConfig] = {}
         for suffix, name in [("w4a4", preset), *((metric_suffix(p), p) for p in extra_presets)]:
             cfg = QuantConfig.from_preset(name)
-            if cfg.w_method == "gptq":
-                raise ValueError(f"QuantEval: {name!r} needs calibration data; GPTQ runs offline (osp eval)")
+            if cfg.needs_calibration:
+                raise ValueError(f"QuantEval: {name!r} needs calibration data (GPTQ weights or static activation "
+                                 "scales); evaluate it offline: osp eval RUN_DIR --quant " + name)
             if suffix in self.modes:
                 raise ValueError(f"QuantEval: preset {name!r} would log under quant/ppl_{suffix} twice")
             self.modes[suffix] = cfg

@@ -1,0 +1,106 @@
+"""`osp bench protocols RUN_DIR [RUN_DIR ...]`: the quantized/full-precision perplexity ratio of trained runs
+under the quantization protocols deployments use, side by side.
+
+    osp train && osp train recipe=osp                                  # the A/B arms
+    osp bench protocols runs/tiny-* runs/osp-*                          # one row per run, one column per preset
+
+Protocols (presets of `osp.quant.QuantConfig`, any other preset string works too):
+
+- w4a4kv4: OSP's RTN 4-4-4 (per-token dynamic 4-bit inputs); +had: with the down-projection Hadamard;
+- w8a8: INT8 weights per channel and per-token dynamic INT8 inputs;
+- w8a8+static, w4a8+static, w4a4kv4+static: one symmetric scale per linear input, calibrated offline as the
+  max |x| over training blocks (SmoothQuant's or TensorRT's static INT8 without smoothing). One outlier channel
+  sets the scale of the whole tensor, so this is where outliers cost the most.
+
+Every run is evaluated on its own held-out blocks and calibrated on its own training blocks (`osp eval`'s
+data), so the rows differ only in the model. Prints a table (`--markdown` for the README) with each run's
+kurtosis and max|h| from its summary, and writes `--json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from osp.atomic import write_json
+from osp.tables import format_rows
+
+DEFAULT_PRESETS = ("w4a4kv4", "w4a4kv4+had", "w8a8", "w8a8+static", "w4a8+static", "w4a4kv4+static")
+
+
+def evaluate_run(run_dir: Path, presets: list[str], blocks: int, calib_blocks: int,
+                 batch_size: int) -> dict[str, Any]:
+    from osp.cli.eval import build_pipeline, find_tokenizer_dir, run_precision
+    from osp.export import load_model
+    from osp.precision import autocast_for
+    from osp.quant.perplexity import eval_config, evaluate_quant
+
+    model, _ = load_model(run_dir, device="cpu")
+    data = build_pipeline(run_dir, None, find_tokenizer_dir(run_dir), None)
+    held = data.heldout_blocks(blocks)
+    calib = data.train_blocks(calib_blocks) if any(eval_config(p).needs_calibration for p in presets) else None
+    summary_file = run_dir / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    out: dict[str, Any] = {"run": str(run_dir), "name": run_dir.name, "kurtosis": summary.get("kurtosis_exact"),
+                           "max_abs": summary.get("max_abs"), "ratios": {}}
+    with autocast_for(run_precision(run_dir, None, "cpu"), "cpu"):
+        for preset in presets:
+            result = evaluate_quant(model, held, preset=preset, calib_blocks=calib, batch_size=batch_size)
+            out["ppl_fp"] = result["ppl_fp"]
+            out["ratios"][result["preset"]] = result["ratio"]
+            print(f"  {run_dir.name}: {result['preset']} ppl {result['ppl_quant']:.2f} / fp {result['ppl_fp']:.2f} "
+                  f"= {result['ratio']:.4f}", flush=True)
+    return out
+
+
+def format_table(results: list[dict[str, Any]], markdown: bool = False) -> str:
+    presets = list(results[0]["ratios"])
+    rows: list[list[object]] = [["run", "kurtosis", "max|h|", "ppl fp", *presets]]
+    for r in results:
+        kurt = "-" if r["kurtosis"] is None else f"{r['kurtosis']:.3g}"
+        peak = "-" if r["max_abs"] is None else f"{r['max_abs']:.4g}"
+        rows.append([r["name"], kurt, peak, f"{r['ppl_fp']:.2f}", *(f"{r['ratios'][p]:.3f}" for p in presets)])
+    return format_rows(rows, markdown=markdown)
+
+
+def main(argv: list[str]) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(prog="osp bench protocols", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", help="run dirs (runs/<name>)")
+    parser.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS), help="quant presets (columns)")
+    parser.add_argument("--blocks", type=int, default=16, help="held-out blocks per evaluation (QuantEval's)")
+    parser.add_argument("--calib-blocks", type=int, default=32, help="training blocks for static scales")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    args = parser.parse_args(argv)
+    from osp.data import DataError
+    from osp.export import CheckpointError
+    from osp.model import ConfigError
+    from osp.quant import QuantConfigError
+    from osp.quant.perplexity import eval_config
+
+    try:
+        for preset in args.presets:
+            eval_config(preset)
+    except QuantConfigError as err:
+        raise SystemExit(f"osp bench protocols: --presets: {err}") from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = []
+    for run in args.runs:
+        run_dir = Path(run)
+        if not (run_dir / "checkpoints").is_dir():
+            raise SystemExit(f"osp bench protocols: {run_dir} is not a run dir (no checkpoints/)")
+        try:
+            results.append(evaluate_run(run_dir, args.presets, args.blocks, args.calib_blocks, args.batch_size))
+        except (CheckpointError, DataError, ConfigError, FileNotFoundError) as err:
+            raise SystemExit(f"osp bench protocols: {run_dir}: {err}") from None
+    print(format_table(results, args.markdown))
+    if args.json:
+        write_json(args.json, results)
+    return results

@@ -1,0 +1,50 @@
+"""`osp bench protocols`: quantized/fp perplexity of trained runs under several protocols, side by side."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from osp.bench import protocols
+from osp.cli.eval import build_pipeline
+from osp.conf import compose
+from osp.export import load_model
+from osp.quant import perplexity
+from osp.training.run import train
+from tests.support.training import tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def test_protocol_table_of_a_trained_run(corpus, tmp_path, one_thread):
+    cfg = compose(tiny_overrides(corpus, tmp_path, "trainer.max_steps=4", "trainer.val_check_interval=4",
+                                 "~callbacks.export", "run_name=arm"))
+    train(cfg)
+    run = tmp_path / "arm"
+    (run / ".hydra").mkdir()
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")  # what `osp train` writes (Hydra does, not train())
+    out = tmp_path / "protocols.json"
+    results = protocols.main([str(run), "--presets", "w4a4kv4", "w8a8+static", "--blocks", "3",
+                              "--calib-blocks", "2", "--batch-size", "2", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    (row,) = results
+    assert list(row["ratios"]) == ["w4a4kv4", "w8a8+static"] and row["kurtosis"] is not None
+    # Independently: the same model, blocks and calibration through osp.quant.perplexity.
+    model, _ = load_model(run)
+    data = build_pipeline(run, None, None, None)  # the run's own data config, as the bench reads it
+    held, calib = data.heldout_blocks(3), data.train_blocks(2)
+    fp = perplexity(model, held, batch_size=2)
+    static = perplexity(model, held, quant="w8a8+static", calib_blocks=calib, batch_size=2)
+    assert row["ratios"]["w8a8+static"] == pytest.approx(static / fp, rel=1e-6)
+    assert row["ppl_fp"] == pytest.approx(fp, rel=1e-6)
+    table = protocols.format_table(results, markdown=True)
+    assert table.startswith("| run ") and "w8a8+static" in table and f"{static / fp:.3f}" in table
+
+
+def test_bad_input_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="--presets: unknown quant preset 'w9x'"):
+        protocols.main([str(tmp_path), "--presets", "w9x"])
+    with pytest.raises(SystemExit, match="is not a run dir"):
+        protocols.main([str(tmp_path)])
