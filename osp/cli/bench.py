@@ -7,6 +7,7 @@ import sys
 
 # Benchmark name -> module in osp.bench.
 BENCHES = {
+    "compile": "compile",
     "data": "data",
     "distributed": "distributed",
     "optim": "optim",

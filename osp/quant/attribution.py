@@ -20,9 +20,8 @@ import torch
 from torch import nn
 
 from ..metrics.outliers import token_excess_kurtosis
-from ..model.modes import eval_mode
 from .config import QuantConfig
-from .w4a4 import _base_model, _linear_sites, nll_stats, quantized, site_names
+from .w4a4 import nll_stats, observe_inputs, quantized, site_names
 
 
 def _kind(name: str) -> str:
@@ -30,31 +29,20 @@ def _kind(name: str) -> str:
     return name.split(".", 2)[2]
 
 
-@torch.no_grad()
 def input_statistics(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> dict[str, dict[str, float]]:
     """{site: {"max_abs", "kurtosis"}} of every linear's input inside the blocks, full precision; kurtosis is
     OSP's (per token over the input's channels, negatives clamped to 0, mean over tokens), streamed."""
-    base = _base_model(model)
     sums: dict[str, list[float]] = {}  # name -> [max |x|, sum of token kurtosis, tokens]
-    hooks = []
-    for site in _linear_sites(base):
-        def keep(module: nn.Module, args: tuple, name: str = site.name) -> None:
-            x = args[0].detach().float()
-            k = token_excess_kurtosis(x).clamp_min(0.0)
-            acc = sums.setdefault(name, [0.0, 0.0, 0])
-            acc[0] = max(acc[0], float(x.abs().amax()))
-            acc[1] += float(k.sum())
-            acc[2] += k.numel()
 
-        hooks.append(site.linear.register_forward_pre_hook(keep))
-    device = next(model.parameters()).device
-    try:
-        with eval_mode(model):
-            for start in range(0, blocks.shape[0], batch_size):
-                model(blocks[start : start + batch_size, :-1].to(device))
-    finally:
-        for hook in hooks:
-            hook.remove()
+    def keep(name: str, x: torch.Tensor) -> None:
+        x = x.float()
+        k = token_excess_kurtosis(x).clamp_min(0.0)
+        acc = sums.setdefault(name, [0.0, 0.0, 0])
+        acc[0] = max(acc[0], float(x.abs().amax()))
+        acc[1] += float(k.sum())
+        acc[2] += k.numel()
+
+    observe_inputs(model, blocks, batch_size, keep)
     return {name: {"max_abs": peak, "kurtosis": total / count} for name, (peak, total, count) in sums.items()}
 
 

@@ -134,20 +134,13 @@ def site_names(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def _input_absmax(model: nn.Module, sites: list[_Site], cfg: QuantConfig, blocks: torch.Tensor,
-                  batch_size: int) -> dict[str, float]:
-    """max |x| of every site's input (in the rotated basis where the view rotates it) over `blocks`, on the
-    full-precision model: the calibration of static per-tensor scales."""
-    absmax = {site.name: 0.0 for site in sites}
-    hooks = []
-    for site in sites:
-        rotate = cfg.down_hadamard and site.attr == "down_proj"
-
-        def observe(module: nn.Module, args: tuple, name: str = site.name, rotate: bool = rotate) -> None:
-            x = ops.hadamard_transform(args[0].float(), "torch") if rotate else args[0]
-            absmax[name] = max(absmax[name], float(x.detach().abs().amax()))
-
-        hooks.append(site.linear.register_forward_pre_hook(observe))
+def observe_inputs(model: nn.Module, blocks: torch.Tensor, batch_size: int,
+                   observe: Callable[[str, torch.Tensor], None], sites: list[_Site] | None = None) -> None:
+    """Run `blocks` through the full-precision model in eval mode, calling observe(site name, input) for every
+    linear site's input (`sites`: a subset; default all of them)."""
+    base = _base_model(model)
+    hooks = [site.linear.register_forward_pre_hook(lambda module, args, name=site.name: observe(name, args[0]))
+             for site in (_linear_sites(base) if sites is None else sites)]
     device = next(model.parameters()).device
     try:
         with eval_mode(model):
@@ -156,6 +149,20 @@ def _input_absmax(model: nn.Module, sites: list[_Site], cfg: QuantConfig, blocks
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def _input_absmax(model: nn.Module, sites: list[_Site], cfg: QuantConfig, blocks: torch.Tensor,
+                  batch_size: int) -> dict[str, float]:
+    """max |x| of every site's input (in the rotated basis where the view rotates it) over `blocks`, on the
+    full-precision model: the calibration of static per-tensor scales."""
+    absmax = {site.name: 0.0 for site in sites}
+    rotated = {site.name for site in sites if cfg.down_hadamard and site.attr == "down_proj"}
+
+    def observe(name: str, x: torch.Tensor) -> None:
+        x = ops.hadamard_transform(x.float(), "torch") if name in rotated else x
+        absmax[name] = max(absmax[name], float(x.abs().amax()))
+
+    observe_inputs(model, blocks, batch_size, observe, sites)
     return absmax
 
 
