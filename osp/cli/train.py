@@ -45,6 +45,22 @@ def one_line(err: BaseException) -> str:
     return " ".join(line.strip() for line in str(err).splitlines() if line.strip()).replace(": ", ": ", 1)
 
 
+def moved_key_hint(message: str) -> str:
+    """For `data.<key>=...` refused as not in the config where <key> is a source's setting: where it lives now."""
+    import re
+
+    from osp.data import SOURCES
+
+    match = re.search(r"override '\+*data\.(\w+)'", message)
+    if match is None:
+        return ""
+    key = match.group(1)
+    kinds = [kind for kind, cls in SOURCES.items() if key in cls.settings()]
+    if not kinds:
+        return ""
+    return f" ({key} is a setting of the {'/'.join(kinds)} source: data.source.{key}=...)"
+
+
 def root_cause(err: BaseException) -> BaseException:
     """The innermost exception of a chain (Lightning and Hydra wrap the one that names the fault)."""
     while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
@@ -110,7 +126,7 @@ def start_checks(args: list[str]) -> RunLock | None:
         lock = RunLock(run_dir)
         lock.acquire()
     except (HydraException, OmegaConfBaseException, ConfigError, FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"osp train: error: {one_line(err)}") from None
+        raise SystemExit(f"osp train: error: {one_line(err)}{moved_key_hint(str(err))}") from None
     except OSError as err:
         raise SystemExit(f"osp train: error: {fault_message(err) or err}") from None
     return lock

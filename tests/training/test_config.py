@@ -101,3 +101,16 @@ def test_osp_data_names_a_missing_mandatory_key():
 
     with pytest.raises(SystemExit, match=r"^osp data: .*paths"):
         load_data_config("files", None, [])
+
+
+def test_a_flat_data_key_names_where_it_moved():
+    """`data.paths=...` (the flat form of older osp) fails in one line that names `data.source.paths`."""
+    from osp.cli.train import start_checks
+
+    with pytest.raises(SystemExit, match=r"data\.paths.*\(paths is a setting of the files source: data\.source\.paths"):
+        start_checks(["data=files", "data.paths=/x"])
+    with pytest.raises(SystemExit, match=r"text_field is a setting of the files/hub source: data\.source\.text_field"):
+        start_checks(["data=hub", "data.text_field=body"])
+    with pytest.raises(SystemExit) as other:
+        start_checks(["data.nonsense=1"])
+    assert "a setting of the" not in str(other.value)
