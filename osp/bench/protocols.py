@@ -32,6 +32,14 @@ from osp.tables import format_rows
 DEFAULT_PRESETS = ("w4a4kv4", "w4a4kv4+had", "w8a8", "w8a8+static", "w4a8+static", "w4a4kv4+static")
 
 
+def model_source(run_dir: Path) -> Path:
+    """The run's last checkpoint, or its export when it kept no checkpoints (the paper-table scales)."""
+    for candidate in (run_dir / "checkpoints" / "last.ckpt", run_dir / "export"):
+        if candidate.exists():
+            return candidate
+    raise SystemExit(f"osp bench protocols: {run_dir} is not a run dir (no checkpoints/last.ckpt, no export/)")
+
+
 def evaluate_run(run_dir: Path, presets: list[str], blocks: int, calib_blocks: int,
                  batch_size: int) -> dict[str, Any]:
     from osp.cli.eval import build_pipeline, find_tokenizer_dir, run_precision
@@ -39,8 +47,9 @@ def evaluate_run(run_dir: Path, presets: list[str], blocks: int, calib_blocks: i
     from osp.precision import autocast_for
     from osp.quant.perplexity import eval_config, evaluate_quant
 
-    model, _ = load_model(run_dir, device="cpu")
-    data = build_pipeline(run_dir, None, find_tokenizer_dir(run_dir), None)
+    model_path = model_source(run_dir)
+    model, _ = load_model(model_path, device="cpu")
+    data = build_pipeline(model_path, None, find_tokenizer_dir(model_path), None)
     held = data.heldout_blocks(blocks)
     calib = data.train_blocks(calib_blocks) if any(eval_config(p).needs_calibration for p in presets) else None
     summary_file = run_dir / "summary.json"
@@ -94,8 +103,6 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
     results = []
     for run in args.runs:
         run_dir = Path(run)
-        if not (run_dir / "checkpoints").is_dir():
-            raise SystemExit(f"osp bench protocols: {run_dir} is not a run dir (no checkpoints/)")
         try:
             results.append(evaluate_run(run_dir, args.presets, args.blocks, args.calib_blocks, args.batch_size))
         except (CheckpointError, DataError, ConfigError, FileNotFoundError) as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from omegaconf import OmegaConf
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 def test_protocol_table_of_a_trained_run(corpus, tmp_path, one_thread):
     cfg = compose(tiny_overrides(corpus, tmp_path, "trainer.max_steps=4", "trainer.val_check_interval=4",
-                                 "~callbacks.export", "run_name=arm"))
+                                 "run_name=arm"))
     train(cfg)
     run = tmp_path / "arm"
     (run / ".hydra").mkdir()
@@ -41,10 +42,15 @@ def test_protocol_table_of_a_trained_run(corpus, tmp_path, one_thread):
     assert row["ppl_fp"] == pytest.approx(fp, rel=1e-6)
     table = protocols.format_table(results, markdown=True)
     assert table.startswith("| run ") and "w8a8+static" in table and f"{static / fp:.3f}" in table
+    # A run that kept no checkpoints (the paper-table scales) is read from its export.
+    shutil.rmtree(run / "checkpoints")
+    (from_export,) = protocols.main([str(run), "--presets", "w4a4kv4", "w8a8+static", "--blocks", "3",
+                                     "--calib-blocks", "2", "--batch-size", "2"])
+    assert from_export["ratios"] == pytest.approx(row["ratios"], rel=1e-3)
 
 
 def test_bad_input_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match="--presets: unknown quant preset 'w9x'"):
         protocols.main([str(tmp_path), "--presets", "w9x"])
-    with pytest.raises(SystemExit, match="is not a run dir"):
+    with pytest.raises(SystemExit, match=r"is not a run dir \(no checkpoints/last.ckpt, no export/\)"):
         protocols.main([str(tmp_path)])
