@@ -32,14 +32,6 @@ from osp.tables import format_rows
 DEFAULT_PRESETS = ("w4a4kv4", "w4a4kv4+had", "w8a8", "w8a8+static", "w4a8+static", "w4a4kv4+static")
 
 
-def model_source(run_dir: Path) -> Path:
-    """The run's last checkpoint, or its export when it kept no checkpoints (the paper-table scales)."""
-    for candidate in (run_dir / "checkpoints" / "last.ckpt", run_dir / "export"):
-        if candidate.exists():
-            return candidate
-    raise SystemExit(f"osp bench protocols: {run_dir} is not a run dir (no checkpoints/last.ckpt, no export/)")
-
-
 def evaluate_run(run_dir: Path, presets: list[str], blocks: int, calib_blocks: int,
                  batch_size: int) -> dict[str, Any]:
     from osp.cli.eval import build_pipeline, find_tokenizer_dir, run_precision
@@ -47,9 +39,8 @@ def evaluate_run(run_dir: Path, presets: list[str], blocks: int, calib_blocks: i
     from osp.precision import autocast_for
     from osp.quant.perplexity import eval_config, evaluate_quant
 
-    model_path = model_source(run_dir)
-    model, _ = load_model(model_path, device="cpu")
-    data = build_pipeline(model_path, None, find_tokenizer_dir(model_path), None)
+    model, _ = load_model(run_dir, device="cpu")  # its last checkpoint, or its export when it kept none
+    data = build_pipeline(run_dir, None, find_tokenizer_dir(run_dir), None)
     held = data.heldout_blocks(blocks)
     calib = data.train_blocks(calib_blocks) if any(eval_config(p).needs_calibration for p in presets) else None
     summary_file = run_dir / "summary.json"

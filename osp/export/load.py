@@ -31,12 +31,15 @@ class CheckpointError(ValueError):
 def load_model(
     path: str | os.PathLike, device: str | torch.device = "cpu", tokenizer: str | os.PathLike | None = None
 ) -> tuple[Transformer, Any]:
-    """(Transformer in eval mode on `device`, tokenizer or None) from a .ckpt file, a run dir, or an HF folder.
+    """(Transformer in eval mode on `device`, tokenizer or None) from a .ckpt file, a run dir (its last
+    checkpoint, or its export when it kept no checkpoints), or an HF folder.
 
     The tokenizer comes from `tokenizer` (a folder) when given, else from the exported folder itself or
     from `<run_dir>/tokenizer/`; None when there is none.
     """
     path = Path(path)
+    if path.is_dir() and not (path / LAST_CHECKPOINT).exists() and (path / "export" / "config.json").is_file():
+        path = path / "export"  # a run that kept no checkpoints (the paper-table scales): its export
     if path.is_dir() and (path / "config.json").is_file():
         cfg, state = read_hf_folder(path)
         source, tokenizer_dir = path / "config.json", path

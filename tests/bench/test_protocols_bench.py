@@ -52,5 +52,5 @@ def test_protocol_table_of_a_trained_run(corpus, tmp_path, one_thread):
 def test_bad_input_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match="--presets: unknown quant preset 'w9x'"):
         protocols.main([str(tmp_path), "--presets", "w9x"])
-    with pytest.raises(SystemExit, match=r"is not a run dir \(no checkpoints/last.ckpt, no export/\)"):
+    with pytest.raises(SystemExit, match=r"not a checkpoint, a run dir \(no checkpoints/last.ckpt\) or an exported"):
         protocols.main([str(tmp_path)])

@@ -68,6 +68,15 @@ def test_exported_folder_loads_back_with_the_same_function(overrides, tmp_path, 
         assert loaded.lm_head.weight is loaded.embed_tokens.weight
 
 
+def test_run_dir_without_checkpoints_loads_its_export(tmp_path, tokenizer, input_ids):
+    """The paper-table scales keep no checkpoints: their run dir stands for its export."""
+    model = trained_like(tiny_config())
+    export_hf(model, tmp_path / "run" / "export", tokenizer=tokenizer)
+    loaded, tok = load_model(tmp_path / "run")
+    torch.testing.assert_close(logits(loaded, input_ids), logits(model, input_ids), rtol=0, atol=1e-5)
+    assert tok is not None
+
+
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_distributed_checkpoint_folder(tmp_path, input_ids):
     """Lightning's ModelParallelStrategy (FSDP2) writes last.ckpt as a DCP folder plus meta.pt."""
