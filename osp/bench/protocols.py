@@ -49,7 +49,7 @@ def evaluate_run(run_dir: Path, presets: list[str], blocks: int, calib_blocks: i
                            "max_abs": summary.get("max_abs"), "ratios": {}}
     with autocast_for(run_precision(run_dir, None, "cpu"), "cpu"):
         for preset in presets:
-            result = evaluate_quant(model, held, preset=preset, calib_blocks=calib, batch_size=batch_size)
+            result = evaluate_quant(model, held, preset, calib_blocks=calib, batch_size=batch_size)
             out["ppl_fp"] = result["ppl_fp"]
             out["ratios"][result["preset"]] = result["ratio"]
             print(f"  {run_dir.name}: {result['preset']} ppl {result['ppl_quant']:.2f} / fp {result['ppl_fp']:.2f} "

@@ -146,8 +146,7 @@ def _evaluate(args: argparse.Namespace, model: torch.nn.Module, data: Any, do_qu
         blocks = data.heldout_blocks(args.quant_blocks).to(args.device)
         cfg = eval_config(args.quant or "w4a4kv4", args.hadamard, args.gptq)
         calib = data.train_blocks(args.calib_blocks).to(args.device) if cfg.needs_calibration else None
-        q = evaluate_quant(model, blocks, preset=args.quant or "w4a4kv4", hadamard=args.hadamard, gptq=args.gptq,
-                           calib_blocks=calib, batch_size=args.batch_size)
+        q = evaluate_quant(model, blocks, cfg, calib_blocks=calib, batch_size=args.batch_size)
         results["quant"] = q
         print(f"perplexity on {q['tokens']:,} held-out tokens: fp {q['ppl_fp']:.4f}   "
               f"{q['preset']} {q['ppl_quant']:.4f}   ratio {q['ratio']:.4f}")

@@ -81,14 +81,15 @@ class DataConfig:
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
+        nullable = ("val_blocks", "tokenizer_train_chars")
         for key, low in (("vocab_size", 1), ("seq_len", 1), ("batch_size", 1), ("num_workers", 0), ("seed", 0),
                          ("val_blocks", 0), ("tokenizer_train_chars", 1)):
             value = getattr(self, key)
-            if value is None and key in ("val_blocks", "tokenizer_train_chars"):
+            if value is None and key in nullable:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"data.{key}={value!r} must be an integer >= {low}"
-                                  + (" or null" if key in ("val_blocks", "tokenizer_train_chars") else ""))
+                                  + (" or null" if key in nullable else ""))
         if not isinstance(self.pin_memory, bool):
             raise ConfigError(f"data.pin_memory={self.pin_memory!r} must be true or false")
         if not isinstance(self.tokenizer, str) or not self.tokenizer:

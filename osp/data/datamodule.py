@@ -61,14 +61,10 @@ class PretrainDataModule(L.LightningDataModule):
         self._global_batch: int | None = None
         self._resumed_global_batch: int | None = None
 
-    # What the callbacks, `osp train` and `osp eval` read: the pipeline's.
+    # What the callbacks read from `trainer.datamodule` (the export's tokenizer, the monitors' blocks).
     @property
     def tokenizer(self) -> PreTrainedTokenizerFast:
         return self.pipeline.tokenizer
-
-    @property
-    def vocab_size(self) -> int:
-        return self.pipeline.vocab_size
 
     def heldout_blocks(self, n: int) -> torch.Tensor:
         return self.pipeline.heldout_blocks(n)

@@ -7,8 +7,8 @@ A site is one linear of a block ("layers.2.mlp.down_proj": its weight and its in
 them) or one KV cache ("layers.2.kv"). With `w16a4kv4` the weights stay in full precision, so a site's cost
 is its input's alone. Costs do not add up to the full view's exactly (errors interact); `share` says how much
 of the full view's extra NLL the site causes alone. Each site's input is described by its full-precision
-statistics on the same blocks: max |x| and the excess kurtosis over all its values (a heavy-tailed input
-is what per-token 4-bit scales cannot represent).
+statistics on the same blocks: max |x| and OSP's kurtosis (per token over the input's channels, mean over
+tokens; a heavy-tailed input is what 4-bit scales cannot represent).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch import nn
 
 from ..metrics.outliers import token_excess_kurtosis
 from .config import QuantConfig
-from .w4a4 import nll_stats, observe_inputs, quantized, site_names
+from .w4a4 import input_absmax, nll_stats, observe_inputs, quantized, site_names
 
 
 def _kind(name: str) -> str:
@@ -57,10 +57,12 @@ def attribute(model: nn.Module, blocks: torch.Tensor, preset: QuantConfig | str 
     """
     cfg = QuantConfig.resolve(preset)
     nll_fp, tokens = nll_stats(model, blocks, batch_size)
+    # A static preset's scales come from the full-precision model: calibrate once, not in every view below.
+    absmax = input_absmax(model, cfg, calib_blocks, batch_size) if cfg.a_static and calib_blocks is not None else None
 
     def cost(only: Any) -> float:
         with quantized(model, cfg, calib_blocks=calib_blocks, calib_batch_size=batch_size, backend=backend,
-                       only=only):
+                       only=only, static_absmax=absmax):
             return nll_stats(model, blocks, batch_size)[0]
 
     full = cost(None)

@@ -26,22 +26,20 @@ def eval_config(preset: str = "w4a4kv4", hadamard: bool = False, gptq: bool = Fa
 def evaluate_quant(
     model: nn.Module,
     blocks: torch.Tensor,
-    preset: str = "w4a4kv4",
-    hadamard: bool = False,
-    gptq: bool = False,
+    quant: QuantConfig | str = "w4a4kv4",
     calib_blocks: torch.Tensor | None = None,
     batch_size: int = 8,
     backend: str | None = None,
 ) -> dict[str, Any]:
-    """Perplexity of the model in full precision and under `preset` on held-out blocks (N, T+1).
+    """Perplexity of the model in full precision and under `quant` (a QuantConfig, e.g. from `eval_config`, or
+    a preset) on held-out blocks (N, T+1).
 
-    hadamard adds the online down_proj Hadamard, gptq replaces RTN weights by GPTQ weights computed on
-    `calib_blocks` (training-distribution text, never the evaluation blocks); a `+static` preset calibrates
-    its activation scales on them. Returns
-    {"preset", "config", "ppl_fp", "ppl_quant", "ratio", "nll_fp", "nll_quant", "tokens", "seconds_fp",
-    "seconds_quant"}; "preset" is the canonical name, e.g. "w4a4kv4+had+gptq".
+    GPTQ weights and `+static` activation scales are computed on `calib_blocks` (training-distribution text,
+    never the evaluation blocks). Returns {"preset", "config", "ppl_fp", "ppl_quant", "ratio", "nll_fp",
+    "nll_quant", "tokens", "seconds_fp", "seconds_quant"}; "preset" is the canonical name, e.g.
+    "w4a4kv4+had+gptq".
     """
-    cfg = eval_config(preset, hadamard, gptq)
+    cfg = QuantConfig.resolve(quant)
     if cfg.needs_calibration and calib_blocks is None:
         raise ValueError(f"{cfg.name} needs calibration blocks from the training distribution (calib_blocks)")
 

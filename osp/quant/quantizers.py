@@ -103,12 +103,11 @@ def quant_rows(
     return codes, scale.squeeze(-1), zero.squeeze(-1)
 
 
-def static_fake_quant(x: torch.Tensor, scale: float, bits: int, hadamard: bool = False) -> torch.Tensor:
+def static_fake_quant(x: torch.Tensor, scale: float, bits: int) -> torch.Tensor:
     """Quantize-dequantize x with one fixed symmetric scale for the whole tensor (static per-tensor
-    quantization, the scale calibrated offline), optionally after a normalized FWHT; same dtype as x."""
+    quantization, the scale calibrated offline); same dtype as x."""
     lo, hi = qrange(bits)
-    xf = fwht(x.float()) if hadamard else x.float()
-    return (torch.clamp(torch.round(xf / scale), lo, hi) * scale).to(x.dtype)
+    return (torch.clamp(torch.round(x.float() / scale), lo, hi) * scale).to(x.dtype)
 
 
 def fake_quant(

@@ -14,7 +14,7 @@ into the embedding and head).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -151,10 +151,12 @@ def observe_inputs(model: nn.Module, blocks: torch.Tensor, batch_size: int,
             hook.remove()
 
 
-def _input_absmax(model: nn.Module, sites: list[_Site], cfg: QuantConfig, blocks: torch.Tensor,
-                  batch_size: int) -> dict[str, float]:
-    """max |x| of every site's input (in the rotated basis where the view rotates it) over `blocks`, on the
-    full-precision model: the calibration of static per-tensor scales."""
+def input_absmax(model: nn.Module, cfg: QuantConfig | str, blocks: torch.Tensor, batch_size: int = 8,
+                 sites: list[_Site] | None = None) -> dict[str, float]:
+    """max |x| of every linear site's input (in the rotated basis where the view rotates it) over `blocks`, on
+    the full-precision model: the calibration of static per-tensor scales (`sites`: a subset)."""
+    cfg = QuantConfig.resolve(cfg)
+    sites = _linear_sites(_base_model(model)) if sites is None else sites
     absmax = {site.name: 0.0 for site in sites}
     rotated = {site.name for site in sites if cfg.down_hadamard and site.attr == "down_proj"}
 
@@ -175,6 +177,7 @@ def quantized(
     calib_batch_size: int = 8,
     backend: str | None = None,
     only: Callable[[str], bool] | None = None,
+    static_absmax: Mapping[str, float] | None = None,
 ) -> Iterator[nn.Module]:
     """Context manager: the W4A4 view of `model` (yields the model itself).
 
@@ -182,19 +185,21 @@ def quantized(
     every nn.Linear inside `model.layers` is replaced by a `QuantLinear` that quantizes its input per token
     (or, with cfg.a_static, with a static per-tensor scale calibrated on `calib_blocks` in full precision),
     and every attention's `kv_quantizer` is set. `only(name)` restricts the view to the sites it accepts (names
-    as `site_names`: "layers.0.mlp.down_proj", "layers.0.kv"); the rest stay in full precision. On exit (also
-    on an exception) the original modules and kv_quantizers are put back; parameters are never modified.
-    `backend` forces "torch" or "triton" kernels.
+    as `site_names`: "layers.0.mlp.down_proj", "layers.0.kv"); the rest stay in full precision. A static
+    preset's calibration may be passed in as `static_absmax` (from `input_absmax`), for views opened many
+    times over the same calibration (attribution). On exit (also on an exception) the original modules and
+    kv_quantizers are put back; parameters are never modified. `backend` forces "torch" or "triton" kernels.
     """
     cfg = QuantConfig.resolve(cfg)
     base = _base_model(model)
     sites = [site for site in _linear_sites(base) if only is None or only(site.name)]
     _check_supported(cfg, base, sites)
-    if cfg.needs_calibration and calib_blocks is None:
+    static = cfg.a_static and static_absmax is None
+    if (cfg.w_method == "gptq" or static) and calib_blocks is None:
         what = "GPTQ weights" if cfg.w_method == "gptq" else "static activation scales"
         raise ValueError(f"{what} need calibration blocks (calib_blocks=LongTensor (N, T+1))")
-    absmax = (_input_absmax(base, sites, cfg, calib_blocks, calib_batch_size)  # type: ignore[arg-type]
-              if cfg.a_static and cfg.a_bits != OFF else {})
+    absmax = input_absmax(base, cfg, calib_blocks, calib_batch_size, sites) if static else (  # type: ignore[arg-type]
+        static_absmax or {})
 
     installed: list[_Site] = []
     kv_saved: list[tuple[nn.Module, object]] = []

@@ -61,8 +61,8 @@ def test_train_batches_are_shard_blocks_in_schedule_order(tmp_path, corpus_files
     for b, batch in enumerate(epoch):
         assert batch.shape == (4, 16) and batch.dtype == torch.long
         torch.testing.assert_close(batch, shard.take(schedule.blocks(b)))
-    assert int(torch.stack(epoch).max()) < dm.vocab_size <= 300
-    assert dm.vocab_size == len(dm.tokenizer)
+    assert int(torch.stack(epoch).max()) < dm.pipeline.vocab_size <= 300
+    assert dm.pipeline.vocab_size == len(dm.tokenizer)
     # Same seed, same order, from a second module loading everything from the cache.
     again = batches(make_dm(corpus_files, tmp_path), 3)
     for a, b in zip(epoch[:3], again, strict=True):
@@ -160,7 +160,7 @@ def test_pretrained_tokenizer_folder(tmp_path, corpus_files):
     bpe_dm = make_dm(corpus_files, tmp_path)
     bpe_dm.tokenizer.save_pretrained(tmp_path / "tok")
     dm = make_dm(corpus_files, tmp_path, tokenizer=str(tmp_path / "tok"), vocab_size=123)
-    assert dm.vocab_size == bpe_dm.vocab_size  # the tokenizer's own size; vocab_size only sizes a BPE
+    assert dm.pipeline.vocab_size == bpe_dm.pipeline.vocab_size  # the tokenizer's own size; vocab_size only sizes a BPE
     torch.testing.assert_close(dm.heldout_blocks(2), bpe_dm.heldout_blocks(2))
 
 

@@ -8,6 +8,7 @@ import torch
 from osp.quant import QuantLinear, evaluate_quant, perplexity, quantized
 from osp.quant import quantizers as Q
 from osp.quant.gptq import _first_block_inputs, _sequential_groups, gptq_quantize
+from osp.quant.perplexity import eval_config
 
 from tests.support.models import make_model
 
@@ -78,9 +79,9 @@ def test_model_level_gptq_runs_restores_and_differs_from_rtn(blocks):
 
 def test_evaluate_quant_report(blocks):
     model = make_model()
-    report = evaluate_quant(model, blocks, "w4a4kv4", hadamard=True)
+    report = evaluate_quant(model, blocks, eval_config("w4a4kv4", hadamard=True))
     assert report["preset"] == "w4a4kv4+had"
     assert report["ratio"] == pytest.approx(report["ppl_quant"] / report["ppl_fp"])
     assert report["tokens"] == blocks[:, 1:].numel()
     with pytest.raises(ValueError, match="calibration"):
-        evaluate_quant(model, blocks, "w4a4kv4", gptq=True)
+        evaluate_quant(model, blocks, eval_config("w4a4kv4", gptq=True))

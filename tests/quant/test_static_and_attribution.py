@@ -129,3 +129,24 @@ def test_each_site_costs_what_quantizing_its_input_alone_costs(blocks):
     assert len(result["sites"]) == 16 and len(result["layers"]) == 2 and len(result["kinds"]) == 8
     text = format_attribution(result, top=3)
     assert result["sites"][0]["name"] in text.splitlines()[4] and "ppl x" in text
+
+
+def test_a_calibration_passed_in_gives_the_same_view(tiny_model, blocks):
+    """attribute calibrates a static preset once (input_absmax) and passes it to every view: the same numbers
+    as each view calibrating itself."""
+    from osp.quant.w4a4 import input_absmax
+
+    calib, held = blocks[:4], blocks[4:]
+    absmax = input_absmax(tiny_model, "w4a8+static", calib)
+    with quantized(tiny_model, "w4a8+static", calib_blocks=calib):
+        own = nll_stats(tiny_model, held)[0]
+    with quantized(tiny_model, "w4a8+static", static_absmax=absmax):
+        passed = nll_stats(tiny_model, held)[0]
+    assert passed == own
+    site = "layers.1.mlp.down_proj"
+    with quantized(tiny_model, "w4a8+static", calib_blocks=calib, only=lambda name: name == site):
+        alone = nll_stats(tiny_model, held)
+    rows = {r["name"]: r for r in attribute(tiny_model, held, "w4a8+static", calib_blocks=calib)["sites"]}
+    assert rows[site]["nll"] == pytest.approx(alone[0] / alone[1], rel=1e-12)
+    with pytest.raises(ValueError, match="static activation scales need calibration blocks"):
+        attribute(tiny_model, held, "w4a8+static")
