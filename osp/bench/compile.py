@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from osp.cli import positive_int
 from osp.model import ModelConfig, Transformer
 from osp.tables import format_rows
 
@@ -118,10 +119,10 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), help="block recipes (osp/conf/recipe)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="model override for every variant (repeatable; default sizes: " + " ".join(SIZES) + ")")
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--steps", type=positive_int, default=6)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--seq-len", type=positive_int, default=128)
+    parser.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = parser.parse_args(argv)
     if args.steps < 2:

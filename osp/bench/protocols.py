@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from osp.atomic import write_json
+from osp.cli import positive_int
 from osp.tables import format_rows
 
 DEFAULT_PRESETS = ("w4a4kv4", "w4a4kv4+had", "w8a8", "w8a8+static", "w4a8+static", "w4a4kv4+static")
@@ -71,10 +72,10 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(prog="osp bench protocols", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="run dirs (runs/<name>)")
     parser.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS), help="quant presets (columns)")
-    parser.add_argument("--blocks", type=int, default=16, help="held-out blocks per evaluation (QuantEval's)")
-    parser.add_argument("--calib-blocks", type=int, default=32, help="training blocks for static scales")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--blocks", type=positive_int, default=16, help="held-out blocks per evaluation (QuantEval's)")
+    parser.add_argument("--calib-blocks", type=positive_int, default=32, help="training blocks for static scales")
+    parser.add_argument("--batch-size", type=positive_int, default=4)
+    parser.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args(argv)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
@@ -19,6 +20,17 @@ commands:
 `osp <command> --help` describes a command."""
 
 COMMANDS = ("train", "export", "eval", "report", "data", "bench", "plan")  # modules osp.cli.<command>
+
+
+def positive_int(text: str) -> int:
+    """argparse type of counts (blocks, steps, batch sizes): an integer >= 1, else one usage error."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from osp.atomic import write_text
+from osp.cli import positive_int
 from osp.precision import autocast_for, resolve_precision
 
 DEMO_DATA = {"source": {"kind": "demo"}, "seq_len": 256}
@@ -77,19 +78,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quant", metavar="PRESET", help="only perplexity: fp and PRESET (e.g. w4a4kv4, w4a16)")
     p.add_argument("--hadamard", action="store_true", help="online Hadamard on the down-projection input")
     p.add_argument("--gptq", action="store_true", help="GPTQ weights (calibrated on training text) instead of RTN")
-    p.add_argument("--quant-blocks", type=int, default=16, help="held-out blocks for perplexity (QuantEval default)")
-    p.add_argument("--kurtosis-blocks", type=int, default=8, help="held-out blocks for kurtosis (OutlierMonitor default)")
-    p.add_argument("--batch-size", type=int, default=4, help="blocks per forward pass (QuantEval default)")
-    p.add_argument("--calib-blocks", type=int, default=32,
+    p.add_argument("--quant-blocks", type=positive_int, default=16, help="held-out blocks for perplexity (QuantEval default)")
+    p.add_argument("--kurtosis-blocks", type=positive_int, default=8, help="held-out blocks for kurtosis (OutlierMonitor default)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="blocks per forward pass (QuantEval default)")
+    p.add_argument("--calib-blocks", type=positive_int, default=32,
                    help="training blocks for calibration (GPTQ weights, +static activation scales)")
     p.add_argument("--attribute", action="store_true",
                    help="also the cost of the preset at each site alone (every linear input and KV cache), "
                         "each layer and each kind of site")
-    p.add_argument("--attribute-top", type=int, default=10, help="sites to list with --attribute")
+    p.add_argument("--attribute-top", type=positive_int, default=10, help="sites to list with --attribute")
     p.add_argument("--mode", choices=("osp_exact", "context", "both"), default="both", help="kurtosis mode")
     p.add_argument("--data-config", help="a YAML with a `data` node (default: the run's .hydra/config.yaml)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: the model's own)")
-    p.add_argument("--seq-len", type=int, help="override the evaluation sequence length")
+    p.add_argument("--seq-len", type=positive_int, help="override the evaluation sequence length")
     p.add_argument("--precision", help="autocast as in training: 32-true | bf16-mixed | 16-mixed "
                    "(default: the run's trainer.precision)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

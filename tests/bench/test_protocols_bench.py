@@ -49,7 +49,19 @@ def test_protocol_table_of_a_trained_run(corpus, tmp_path, one_thread):
     assert from_export["ratios"] == pytest.approx(row["ratios"], rel=1e-3)
 
 
-def test_bad_input_is_one_line(tmp_path):
+def test_bad_input_is_one_line(tmp_path, capsys):
+    """Counts of zero would divide by zero (no tokens) or calibrate on nothing (a silent garbage scale)."""
+    from osp.bench import compile as compile_bench
+    from osp.cli.eval import parse_args
+
+    for run in (lambda: protocols.main([str(tmp_path), "--blocks", "0"]),
+                lambda: parse_args(["model", "--calib-blocks", "0"]),
+                lambda: parse_args(["model", "--attribute-top", "-1"]),
+                lambda: compile_bench.main(["--batch-size", "x"])):
+        with pytest.raises(SystemExit) as stop:
+            run()
+        assert stop.value.code == 2
+        assert "must be a positive integer, got" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--presets: unknown quant preset 'w9x'"):
         protocols.main([str(tmp_path), "--presets", "w9x"])
     with pytest.raises(SystemExit, match=r"not a checkpoint, a run dir \(no checkpoints/last.ckpt\) or an exported"):
