@@ -8,6 +8,7 @@ is emulated and ~50x slower than fp32, so the default run would take hours inste
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -21,6 +22,7 @@ KNOWN = ("auto", "32-true", "32", "bf16-mixed", "bf16", "16-mixed", "16", "bf16-
          "64-true", "64", "transformer-engine", "transformer-engine-float16")
 
 
+@functools.cache  # asked at every Newton-Schulz call (optim ns_dtype=auto); the answer never changes
 def native_bf16(device_type: str) -> bool:
     """Whether bf16 matmuls run natively (not emulated) on this machine's `device_type` ("cpu" | "cuda")."""
     if device_type == "cuda":

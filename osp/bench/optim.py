@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per row (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per optimizer before timing")
     p.add_argument("--precision", choices=("bf16-mixed", "32"), default="bf16-mixed")
-    p.add_argument("--ns-dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--ns-dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="Newton-Schulz dtype (auto: bf16 where native, else fp32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)

@@ -14,6 +14,7 @@ BENCHES = {
     "paper_table": "paper_table",
     "protocols": "protocols",
     "quant": "quant",
+    "sweep": "sweep",
     "train": "training_loops",
 }
 

@@ -18,6 +18,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from osp.optim.groups import DECAYED_ROLES, ROLES, params_by_role
 from osp.optim.muon import UPDATE_SCALES, Muon
+from osp.optim.newton_schulz import AUTO
 from osp.optim.root import ROOT
 from osp.optim.schedules import DECAY_SHAPES, SCHEDULES, lr_multiplier
 from osp.precision import DTYPES
@@ -26,7 +27,7 @@ OPTIMIZERS = ("adamw", "muon", "root")
 MATRIX_OPTIMIZERS = {"muon": Muon, "root": ROOT}
 # ROOT, shapes without a published entry: osp's fitted Newton-Schulz coefficients, or Muon's (ROOT's own code)
 NS_FITS = ("fitted", "muon")
-NS_DTYPES = tuple(DTYPES)
+NS_DTYPES = (AUTO, *DTYPES)
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class OptimConfig:
     momentum: float = 0.95
     nesterov: bool = True
     ns_steps: int = 5
-    ns_dtype: str = "bf16"
+    ns_dtype: str = AUTO
     update_scale: str = "moonlight"
     clip_quantile: float = 0.9
     clip_eps: float = 1e-9
@@ -57,6 +58,7 @@ class OptimConfig:
     adamw_betas: tuple[float, float] | None = None
     adamw_weight_decay: float | None = None
     routing: Mapping[str, str] | None = None
+    decayed_roles: tuple[str, ...] = DECAYED_ROLES
 
     def __post_init__(self) -> None:
         for key, allowed in (("name", OPTIMIZERS), ("schedule", SCHEDULES), ("decay_shape", DECAY_SHAPES),
@@ -80,6 +82,7 @@ class OptimConfig:
                   else _number("adamw_weight_decay", self.adamw_weight_decay, 0.0, inf))
         self._set("adamw_betas", self.betas if self.adamw_betas is None else _betas("adamw_betas", self.adamw_betas))
         self._set("routing", _routing(self.name, self.routing))
+        self._set("decayed_roles", _roles("decayed_roles", self.decayed_roles))
 
     def _set(self, key: str, value: Any) -> None:
         object.__setattr__(self, key, value)  # normalising a frozen dataclass while it is being built
@@ -99,7 +102,7 @@ class OptimConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON values (tuples as lists): what checkpoints record as the run's optimizer."""
         out = dataclasses.asdict(self)
-        for key in ("betas", "adamw_betas"):
+        for key in ("betas", "adamw_betas", "decayed_roles"):
             out[key] = list(out[key])
         out["routing"] = dict(self.routing)
         return out
@@ -111,7 +114,7 @@ class OptimConfig:
             if not params:
                 continue
             algorithm = self.routing[role]
-            decayed = role in DECAYED_ROLES
+            decayed = role in self.decayed_roles
             if algorithm == "adamw":
                 group = {"lr": self.adamw_lr, "betas": self.adamw_betas, "eps": self.eps,
                          "weight_decay": self.adamw_weight_decay if decayed else 0.0}
@@ -180,6 +183,12 @@ def _betas(key: str, v: Any) -> tuple[float, float]:
     ):
         raise ValueError(f"optim.{key}={v!r} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
     return (float(v[0]), float(v[1]))
+
+
+def _roles(key: str, v: Any) -> tuple[str, ...]:
+    if isinstance(v, str) or not isinstance(v, (list, tuple)) or not all(r in ROLES for r in v):
+        raise ValueError(f"optim.{key}={v!r} must be a list of roles out of: {', '.join(ROLES)}")
+    return tuple(dict.fromkeys(v))  # each role once, in the given order
 
 
 def _routing(name: str, routing: Mapping[str, str] | None) -> dict[str, str]:

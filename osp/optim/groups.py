@@ -13,7 +13,8 @@ from torch import nn
 
 from osp.model.transformer import ROLES
 
-# Roles that get weight decay; gains and biases never do (decaying a norm gain towards 0 fights the norm).
+# Roles that get weight decay by default (optim.decayed_roles); gains and biases do not: decaying a norm gain
+# towards 0 fights the norm.
 DECAYED_ROLES = ("embedding", "head", "matrix")
 
 

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from osp.optim.adamw import adamw_step
 from osp.optim.distributed import full, is_dtensor, local, shard_like, sharded_map, world_size
-from osp.optim.newton_schulz import MUON_COEFFICIENTS, newton_schulz, resolve_dtype
+from osp.optim.newton_schulz import AUTO, MUON_COEFFICIENTS, newton_schulz, resolve_dtype
 
 UPDATE_SCALES = ("moonlight", "keller")
 # Most matrix elements orthogonalized in one batched Newton–Schulz call (2**28 fp32 = 1 GiB per copy).
@@ -71,7 +71,7 @@ class Muon(torch.optim.Optimizer):
         momentum: float = 0.95,
         nesterov: bool = True,
         ns_steps: int = 5,
-        ns_dtype: torch.dtype | str = "bf16",
+        ns_dtype: torch.dtype | str = "auto",
         update_scale: str = "moonlight",
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
@@ -106,8 +106,10 @@ class Muon(torch.optim.Optimizer):
             raise ValueError(
                 f"update_scale={group['update_scale']!r} is not supported; allowed: {', '.join(UPDATE_SCALES)}"
             )
-        # Stored as a name, not a torch.dtype, so that param_groups stay plain data in checkpoints.
-        group["ns_dtype"] = str(resolve_dtype(group["ns_dtype"])).removeprefix("torch.")
+        # Stored as a name, not a torch.dtype, so that param_groups stay plain data in checkpoints; `auto` stays
+        # `auto` and is decided per device at each step.
+        if group["ns_dtype"] != AUTO:
+            group["ns_dtype"] = str(resolve_dtype(group["ns_dtype"])).removeprefix("torch.")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:

@@ -5,20 +5,28 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
-from osp.precision import DTYPES
 from torch import Tensor
+
+from osp.precision import AUTO, DTYPES, native_bf16
 
 # Keller Jordan's coefficients: they maximize the slope at 0 rather than converge, so after 5 steps the
 # singular values land in roughly [0.5, 1.5] instead of exactly 1 — cheaper, and as good for training.
 MUON_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
 
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """torch dtype from a dtype or its config name (bf16, fp32, fp16, bfloat16, ...)."""
+# `auto`: bf16 where the device multiplies bf16 natively (GPUs from Ampere on, CPUs with AVX-512-BF16 or AMX),
+# fp32 elsewhere: on an AVX2-only CPU a bf16 matmul is emulated, and 5 bf16 iterations on a 768 x 256 momentum
+# take 0.48 s against 9 ms in fp32 (measured), which made a tiny Muon step 10x slower than AdamW's.
+
+
+def resolve_dtype(dtype: torch.dtype | str, device_type: str = "cpu") -> torch.dtype:
+    """torch dtype from a dtype or its config name (auto, bf16, fp32, fp16, bfloat16, ...); `auto` is decided
+    for `device_type` ("cpu" | "cuda")."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == AUTO:
+        return torch.bfloat16 if native_bf16(device_type) else torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"unknown Newton-Schulz dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+        raise ValueError(f"unknown Newton-Schulz dtype {dtype!r}; allowed: {AUTO}, {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -39,13 +47,13 @@ def newton_schulz(
     G: Tensor,
     steps: int = 5,
     coefficients: Sequence[float] | Sequence[Sequence[float]] = MUON_COEFFICIENTS,
-    dtype: torch.dtype | str = torch.bfloat16,
+    dtype: torch.dtype | str = AUTO,
     eps: float = 1e-8,
 ) -> Tensor:
     """Orthogonalize the last two dims of G with `steps` quintic iterations X ← aX + (bA + cA²)X, A = XXᵀ.
 
     G is normalized by its Frobenius norm in fp32 (so the singular values start in [0, 1]), then the
-    iterations run in `dtype` on the wide orientation (A is min(m, n)² — the cheap side). Leading dims are
+    iterations run in `dtype` (`auto`: bf16 where G's device computes it natively, else fp32) on the wide orientation (A is min(m, n)² — the cheap side). Leading dims are
     batch dims. `coefficients` is one (a, b, c) triple for every step, or a list of `steps` triples.
     Returns a tensor of G's shape in `dtype`.
     """
@@ -58,7 +66,7 @@ def newton_schulz(
     if not wide:
         X = X.mT
     X = X / (torch.linalg.matrix_norm(X, keepdim=True) + eps)
-    X = X.to(resolve_dtype(dtype))
+    X = X.to(resolve_dtype(dtype, G.device.type))
     for a, b, c in table:
         A = X @ X.mT
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)

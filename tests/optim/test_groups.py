@@ -51,6 +51,20 @@ def test_adamw_settings_of_hybrid_groups():
     assert groups["embedding"]["weight_decay"] == 0.01 and groups["gain"]["weight_decay"] == 0.0
 
 
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_decayed_roles_choose_who_gets_weight_decay(name):
+    """The sweep's "decay on gains" axis: a role in optim.decayed_roles gets the weight decay of its algorithm."""
+    cfg = OptimConfig.from_dict(compose([f"optim={name}", "optim.weight_decay=0.05",
+                                         "optim.decayed_roles=[matrix,gain]"]).optim)
+    groups = by_name(cfg.build(tiny_model()))
+    decays = {role: g["weight_decay"] for role, g in groups.items()}
+    assert decays == {"embedding": 0.0, "head": 0.0, "matrix": 0.05, "gain": 0.05}
+    assert cfg.to_dict()["decayed_roles"] == ["matrix", "gain"]
+    default = by_name(OptimConfig().build(tiny_model()))
+    assert {role: g["weight_decay"] > 0 for role, g in default.items()} == {
+        "embedding": True, "head": True, "matrix": True, "gain": False}
+
+
 def test_routing_override_and_tied_embeddings():
     # OSP's "Muon-Only" ablation: the embedding on Muon too.
     model = tiny_model(tie_embeddings=True, emb_proj=False)
@@ -70,6 +84,8 @@ def test_routing_override_and_tied_embeddings():
         ({"lr": -1.0}, r"optim.lr"),
         ({"betas": [0.9]}, r"optim.betas"),
         ({"learning_rate": 1e-3}, r"unknown optim key.*learning_rate"),
+        ({"decayed_roles": "gain"}, r"optim.decayed_roles='gain'.*embedding, head, matrix, gain, bias"),
+        ({"decayed_roles": ["norm"]}, r"optim.decayed_roles"),
     ],
 )
 def test_bad_config_names_key_and_allowed_values(cfg, match):

@@ -1,10 +1,15 @@
 """Newton–Schulz: singular values land in the quintic's band, scale invariance, orientation and batching."""
 
+import importlib
+
 import pytest
 import torch
 
-from osp.optim import newton_schulz
+from osp.optim import Muon, newton_schulz
 from osp.optim.newton_schulz import MUON_COEFFICIENTS
+
+# The module, not the function osp.optim re-exports under the same name.
+newton_schulz_module = importlib.import_module("osp.optim.newton_schulz")
 
 
 def _with_spectrum(m: int, n: int, s: torch.Tensor) -> torch.Tensor:
@@ -51,11 +56,25 @@ def test_transpose_equivariant_and_batched():
         torch.testing.assert_close(newton_schulz(G[i].T, dtype="fp32"), batched[i].T, rtol=1e-5, atol=1e-5)
 
 
-def test_default_dtype_is_bf16_and_matches_fp32_roughly():
+def test_bf16_matches_fp32_roughly():
     G = torch.randn(64, 128)
-    low = newton_schulz(G)
+    low = newton_schulz(G, dtype="bf16")
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.float(), newton_schulz(G, dtype=torch.float32), atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_is_bf16_only_where_the_device_computes_it_natively(native, monkeypatch):
+    """The default: bf16 iterations where bf16 matmuls are native, fp32 where they would be emulated (~50x slower
+    on an AVX2 CPU). Decided per device type, at each call."""
+    asked = []
+    monkeypatch.setattr(newton_schulz_module, "native_bf16", lambda device_type: asked.append(device_type) or native)
+    G = torch.randn(24, 40)
+    out = newton_schulz(G)
+    assert out.dtype == (torch.bfloat16 if native else torch.float32) and asked == ["cpu"]
+    torch.testing.assert_close(out, newton_schulz(G, dtype="bf16" if native else "fp32"), rtol=0, atol=0)
+    opt = Muon([torch.nn.Parameter(torch.randn(24, 40))])
+    assert opt.param_groups[0]["ns_dtype"] == "auto"  # stays a name in checkpoints, decided per step
 
 
 def test_per_iteration_coefficients():

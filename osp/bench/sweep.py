@@ -1,0 +1,259 @@
+"""`osp bench sweep`: which training settings make 4-bit quantization hurt AdamW while OSP stays intact.
+
+    osp bench sweep                        # every point below, then the protocol table (resumable)
+    osp bench sweep --points adam-base osp-base adam-lr3e-2 --dry-run   # the commands only
+
+A point is one arm of the default A/B (adam = AdamW, `recipe=tiny`; osp = `recipe=osp`) with training settings
+changed: learning rate, Adam beta2 and epsilon, weight decay (and on norm gains), warmup, width, depth, token
+budget. Each point is a plain `osp train` run in a subprocess (`<out>/runs/<point>`, log in `<out>/logs/`), so
+`osp report`, `osp eval --attribute` and `osp bench protocols` read it like any run. A point that already has a
+summary is not trained again, so an interrupted sweep continues where it stopped. Every trained point is then
+evaluated under the deployment protocols of `osp bench protocols` on its own held-out blocks, and the table
+(rows: points; columns: quantized / full-precision perplexity per protocol) goes to `<out>/sweep.md` and
+`<out>/sweep.json`. The goal the table is read against: AdamW's W4A4/fp ratio >= 1.5 while OSP's stays <= 1.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from osp.atomic import write_json, write_text
+from osp.bench.paper_table import merge_overrides
+from osp.bench.protocols import DEFAULT_PRESETS
+from osp.cli import positive_int
+from osp.tables import format_rows
+
+# The two arms of the default A/B: d 256, 4 layers, 300 steps x 16 x 256 = 1.2M tokens, lr 1e-2, warmup 30.
+ARMS = {"adam": "recipe=tiny", "osp": "recipe=osp"}
+GOAL = {"adam": 1.5, "osp": 1.1}  # AdamW's ratio at least, OSP's at most
+
+
+@dataclass(frozen=True)
+class Point:
+    """One sweep run: an arm, the settings it changes from the A/B default, and the axis it probes."""
+
+    name: str
+    arm: str
+    axis: str
+    changes: tuple[str, ...] = ()
+
+
+def _pair(name: str, axis: str, *changes: str) -> list[Point]:
+    return [Point(f"{arm}-{name}", arm, axis, changes) for arm in ARMS]
+
+
+POINTS: list[Point] = [
+    *_pair("base", "default A/B"),
+    Point("adam-lr3e-3", "adam", "learning rate", ("optim.lr=3e-3",)),
+    Point("adam-lr3e-2", "adam", "learning rate", ("optim.lr=3e-2",)),
+    Point("adam-beta2-0.999", "adam", "Adam beta2", ("optim.betas=[0.9,0.999]",)),
+    Point("adam-eps1e-12", "adam", "Adam epsilon", ("optim.eps=1e-12",)),
+    Point("adam-wd0", "adam", "weight decay", ("optim.weight_decay=0",)),
+    Point("adam-decay-gains", "adam", "decay on gains", ("optim.decayed_roles=[embedding,head,matrix,gain]",)),
+    Point("adam-warmup0", "adam", "warmup", ("optim.warmup_steps=0",)),
+    Point("adam-depth8", "adam", "depth", ("model.n_layers=8",)),
+    *_pair("tokens4x", "token budget", "trainer.max_steps=1200", "optim.warmup_steps=120",
+           "trainer.val_check_interval=400", "callbacks.checkpoint.every_n_train_steps=400"),
+    Point("adam-width512", "adam", "width",
+          ("model.d_model=512", "model.n_heads=8", "model.ffn_hidden=1536")),
+]
+POINT_NAMES = [p.name for p in POINTS]
+
+
+def point_overrides(point: Point, runs_root: Path, extra: list[str]) -> list[str]:
+    """The `osp train` command line of a point: its arm's recipe, its changes, then --set (which win).
+    resume=auto: a point that was interrupted continues from its last checkpoint when the sweep is run again."""
+    base = [ARMS[point.arm], f"run_name={point.name}", f"runs_root={runs_root}", "logger=none", "resume=auto",
+            *point.changes]
+    return merge_overrides(base, extra)
+
+
+def train_point(point: Point, overrides: list[str], runs_root: Path, logs: Path) -> dict[str, Any]:
+    """Train one point with `osp train` in a subprocess (or read back the summary of a finished run); returns
+    the summary, or {"failed": the last line of its log} when the run did not finish."""
+    summary_file = runs_root / point.name / "summary.json"
+    done = _finished(summary_file)
+    if done is not None:
+        print(f"[sweep] {point.name}: finished before, reusing {summary_file}", flush=True)
+        return done
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"{point.name}.log"
+    command = [sys.executable, "-m", "osp", "train", *overrides]
+    print(f"[sweep] {point.name}: osp train {' '.join(shlex.quote(o) for o in overrides)}  (log: {log})",
+          flush=True)
+    started = time.perf_counter()
+    with log.open("w") as out:
+        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+    done = _finished(summary_file)
+    if code == 0 and done is not None:
+        print(f"[sweep] {point.name}: trained in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
+        return done
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    reason = lines[-1].strip() if lines else f"exit code {code}"
+    print(f"[sweep] {point.name}: failed (exit {code}): {reason}", flush=True)
+    return {"failed": reason}
+
+
+def _finished(summary_file: Path) -> dict[str, Any] | None:
+    """The summary of a run that reached its last step (a preempted run's says status "stopped")."""
+    if not summary_file.is_file():
+        return None
+    summary = json.loads(summary_file.read_text())
+    return summary if summary.get("status") == "finished" else None
+
+
+# Linear inputs by what feeds them: an RMSNorm (q/k/v and gate/up read the same tensor), attention, SwiGLU.
+INPUT_KINDS = {"q_proj": "norm-fed", "gate_proj": "norm-fed", "o_proj": "o_proj", "down_proj": "down_proj"}
+
+
+def input_max_median(run_dir: Path, blocks: int) -> dict[str, float]:
+    """Per-token max|x| / median|x| (He et al.'s ratio) of the quantized linear inputs on the run's held-out
+    blocks, averaged over the layers per kind of input (INPUT_KINDS). It is what a per-token 4-bit grid sees:
+    the median entry lands 7.5 / ratio steps from zero, so above ~15 most entries round to zero. A Gaussian
+    input gives 4.6 at width 256 and 5.0 at 768."""
+    from osp.cli.eval import build_pipeline
+    from osp.export import load_model
+    from osp.metrics import outlier_stats
+
+    model, _ = load_model(run_dir, device="cpu")
+    ids = build_pipeline(run_dir, None, None, None).heldout_blocks(blocks)[:, :-1]
+    sites = outlier_stats(model, ids, "context", linear_inputs=True)["linear_inputs"]
+    by_kind: dict[str, list[float]] = {}
+    for name, stats in sites.items():
+        kind = INPUT_KINDS.get(name.rsplit(".", 1)[-1])
+        if kind is not None:
+            by_kind.setdefault(kind, []).append(stats["max_median"])
+    return {kind: sum(values) / len(values) for kind, values in by_kind.items()}
+
+
+def evaluate_point(run_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """The protocol ratios and linear-input shape of a trained point; cached in the run dir for the same
+    evaluation settings."""
+    from osp.bench.protocols import evaluate_run
+
+    cache = run_dir / "protocols.json"
+    if cache.is_file():
+        stored = json.loads(cache.read_text())
+        if stored.get("settings") == settings:
+            return stored["result"]
+    result = evaluate_run(run_dir, settings["presets"], settings["blocks"], settings["calib_blocks"],
+                          settings["batch_size"])
+    result["input_max_median"] = input_max_median(run_dir, settings["blocks"])
+    write_json(cache, {"settings": settings, "result": result})
+    return result
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def table(points: list[Point], summaries: dict[str, dict[str, Any]], evaluations: dict[str, dict[str, Any]],
+          presets: list[str], markdown: bool = False) -> str:
+    rows: list[list[object]] = [["point", "axis", "changes", "M tokens", "ppl fp", "kurt ×floor",
+                                 "max|h|", "max/med norm-fed", "max/med down", *presets]]
+    for p in points:
+        s, e = summaries[p.name], evaluations.get(p.name)
+        floor, exact = s.get("kurtosis_floor"), s.get("kurtosis_exact")
+        changes = " ".join(p.changes) or "-"
+        if e is None:  # the reading says why
+            rows.append([p.name, p.axis, changes, "-", "failed", "-", "-", "-", "-", *["-"] * len(presets)])
+            continue
+        rows.append([p.name, p.axis, f"`{changes}`" if markdown and p.changes else changes,
+                     _cell(s.get("tokens_seen") and s["tokens_seen"] / 1e6, ".3g"),
+                     f"{e['ppl_fp']:.2f}",
+                     _cell(exact / floor if exact is not None and floor else None, ".1f"),
+                     _cell(s.get("max_abs"), ".4g"), _cell(e["input_max_median"].get("norm-fed"), ".1f"),
+                     _cell(e["input_max_median"].get("down_proj"), ".1f"), *(f"{e['ratios'][q]:.3f}" for q in presets)])
+    return format_rows(rows, markdown=markdown)
+
+
+def reading(points: list[Point], summaries: dict[str, dict[str, Any]], evaluations: dict[str, dict[str, Any]],
+            presets: list[str]) -> list[str]:
+    """What the numbers say against the goal: the points that failed, and per protocol the largest AdamW
+    ratio and every setting trained in both arms with whether it meets AdamW >= 1.5 while OSP <= 1.1."""
+    lines = [f"- {p.name} failed: {summaries[p.name]['failed']}" for p in points if p.name not in evaluations]
+    done = [p for p in points if p.name in evaluations]
+    for preset in presets:
+        ratio = {p.name: evaluations[p.name]["ratios"][preset] for p in done}
+        adamw = [p for p in done if p.arm == "adam"]
+        if adamw:
+            worst = max(adamw, key=lambda p: ratio[p.name])
+            lines.append(f"- {preset}: AdamW's largest ratio {ratio[worst.name]:.3f} at {worst.name} "
+                         f"(goal >= {GOAL['adam']})")
+        for p in done:
+            twin = next((q for q in done if q.arm == "osp" and q.changes == p.changes), None)
+            if p.arm != "adam" or twin is None:
+                continue
+            a, o = ratio[p.name], ratio[twin.name]
+            met = a >= GOAL["adam"] and o <= GOAL["osp"]
+            lines.append(f"  - {' '.join(p.changes) or 'default settings'}: AdamW {a:.3f}, OSP {o:.3f}: "
+                         f"{'meets' if met else 'does not meet'} the goal")
+    return lines
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="osp bench sweep", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="points:\n" + "\n".join(f"  {pt.name:20s} {pt.axis}: {' '.join(pt.changes) or '-'}"
+                                                               for pt in POINTS))
+    p.add_argument("--points", nargs="+", choices=POINT_NAMES, default=POINT_NAMES, metavar="POINT",
+                   help="points to train and evaluate, in the sweep's order (default: all)")
+    p.add_argument("--out", type=Path, default=Path("sweep"), help="output folder (runs/, logs/, sweep.md, sweep.json)")
+    p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra `osp train` override for every point (repeatable), e.g. --set data=files "
+                        "--set data.source.paths='corpus/*.txt'")
+    p.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS), help="quant presets (columns)")
+    p.add_argument("--blocks", type=positive_int, default=16, help="held-out blocks per evaluation")
+    p.add_argument("--calib-blocks", type=positive_int, default=32, help="training blocks for static scales")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="blocks per evaluation forward pass")
+    p.add_argument("--dry-run", action="store_true", help="print each point's `osp train` command and stop")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from osp.quant import QuantConfigError
+    from osp.quant.perplexity import eval_config
+
+    try:
+        for preset in args.presets:
+            eval_config(preset)
+    except QuantConfigError as err:
+        raise SystemExit(f"osp bench sweep: --presets: {err}") from None
+    points = [p for p in POINTS if p.name in args.points]
+    out = args.out
+    runs_root = out / "runs"  # as given: the printed commands run from the same folder
+    commands = {p.name: point_overrides(p, runs_root, args.extra) for p in points}
+    if args.dry_run:
+        for p in points:
+            print("osp train " + " ".join(shlex.quote(o) for o in commands[p.name]))
+        return {"commands": commands}
+
+    summaries = {p.name: train_point(p, commands[p.name], runs_root, out / "logs") for p in points}
+    settings = {"presets": args.presets, "blocks": args.blocks, "calib_blocks": args.calib_blocks,
+                "batch_size": args.batch_size}
+    evaluations = {}
+    for p in points:
+        if "failed" not in summaries[p.name]:
+            print(f"[sweep] {p.name}: protocols", flush=True)
+            evaluations[p.name] = evaluate_point(runs_root / p.name, settings)
+    notes = reading(points, summaries, evaluations, args.presets)
+    print("\n" + table(points, summaries, evaluations, args.presets) + "\n\n" + "\n".join(notes))
+    markdown = table(points, summaries, evaluations, args.presets, markdown=True) + "\n\n" + "\n".join(notes)
+    write_text(out / "sweep.md", markdown + "\n")
+    payload = {"settings": settings, "goal": GOAL, "reading": notes,
+               "points": {p.name: {"arm": p.arm, "axis": p.axis, "changes": list(p.changes),
+                                   "command": "osp train " + " ".join(shlex.quote(o) for o in commands[p.name]),
+                                   "summary": summaries[p.name], "protocols": evaluations.get(p.name)}
+                          for p in points}}
+    write_json(out / "sweep.json", payload)
+    print(f"written: {out / 'sweep.md'}, {out / 'sweep.json'}")
+    return payload

@@ -1,0 +1,124 @@
+"""`osp bench sweep`: every point is its arm's recipe with exactly the settings it names changed, and a minuscule
+sweep trains (in `osp train` subprocesses), resumes, evaluates and reads the table against the goal."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from osp.bench import sweep
+from osp.bench.protocols import evaluate_run
+from osp.cli.eval import build_pipeline
+from osp.export import load_model
+from osp.conf import compose
+from tests.support.training import TINY_MODEL_DATA, subprocess_env
+
+def _flat(cfg) -> dict[str, object]:
+    out: dict[str, object] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            out[prefix[:-1]] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out
+
+
+@pytest.mark.parametrize("point", sweep.POINTS, ids=lambda p: p.name)
+def test_a_point_changes_exactly_the_settings_it_names(point, tmp_path):
+    unchanged = sweep.Point(point.name, point.arm, "the arm's default")
+    base = _flat(compose(sweep.point_overrides(unchanged, tmp_path, [])))
+    ran = _flat(compose(sweep.point_overrides(point, tmp_path, [])))
+    changed = {k for k in base.keys() | ran.keys() if base.get(k) != ran.get(k)}
+    assert changed == {change.split("=", 1)[0] for change in point.changes}
+    assert ran["run_name"] == point.name and base["name"] == {"adam": "tiny", "osp": "osp"}[point.arm]
+    assert (ran["logger.wandb.enabled"], ran["model.norm"] == "ss") == (False, point.arm == "osp")
+
+
+def test_points_are_named_by_arm_and_the_goal_pairs_exist():
+    names = [p.name for p in sweep.POINTS]
+    assert len(set(names)) == len(names)
+    assert all(p.name.startswith(f"{p.arm}-") for p in sweep.POINTS)
+    for changes in ((), sweep.POINTS[-2].changes):  # the default A/B and the longest budget run in both arms
+        assert {p.arm for p in sweep.POINTS if p.changes == changes} == set(sweep.ARMS)
+
+
+def test_extra_overrides_win_and_dry_run_trains_nothing(tmp_path, capsys):
+    out = sweep.main(["--points", "adam-lr3e-2", "--out", str(tmp_path), "--set", "optim.lr=1e-3", "--dry-run"])
+    (command,) = out["commands"].values()
+    assert "optim.lr=1e-3" in command and "optim.lr=3e-2" not in command
+    assert capsys.readouterr().out.startswith("osp train recipe=tiny run_name=adam-lr3e-2 ")
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("argv", [["--points", "adam-nope"], ["--presets", "bogus"], ["--blocks", "0"]])
+def test_bad_input_is_one_line(argv, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main([*argv, "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())  # nothing trained
+    assert exit_info.value.code != 0
+    message = str(exit_info.value.code) if isinstance(exit_info.value.code, str) else capsys.readouterr().err
+    assert "Traceback" not in message and message.strip()
+
+
+def down_proj_max_median(run, blocks: int) -> float:
+    """By hand: the mean over layers and tokens of max|x| / median|x| at each down_proj input."""
+    model, _ = load_model(run, device="cpu")
+    ids = build_pipeline(run, None, None, None).heldout_blocks(blocks)[:, :-1]
+    ratios = []
+    hooks = [layer.mlp.down_proj.register_forward_pre_hook(
+        lambda _m, args: ratios.append((lambda a: a.amax(-1) / a.median(-1).values)(args[0].float().abs()).mean()))
+        for layer in model.layers]
+    with torch.no_grad():
+        model.eval()
+        model(ids)
+    for hook in hooks:
+        hook.remove()
+    return float(torch.stack(ratios).mean())
+
+
+@pytest.mark.slow
+def test_a_minuscule_sweep_trains_resumes_and_reads_the_goal(corpus, tmp_path, monkeypatch):
+    for key, value in subprocess_env().items():
+        monkeypatch.setenv(key, value)
+    broken = sweep.Point("adam-broken", "adam", "a setting that fails", ("optim.eps=2",))
+    points = [*sweep.POINTS[:2], broken]
+    monkeypatch.setattr(sweep, "POINTS", points)
+    monkeypatch.setattr(sweep, "POINT_NAMES", [p.name for p in points])
+    extra = [*TINY_MODEL_DATA, f"data.source.paths={corpus['paths']}", f"data.cache_dir={corpus['cache']}",
+             "trainer.max_steps=4", "trainer.val_check_interval=4", "optim.warmup_steps=1",
+             "callbacks.checkpoint.every_n_train_steps=4", "callbacks.quant_eval.num_blocks=2",
+             "callbacks.outliers.n_blocks=2", "callbacks.outliers.plots=false"]
+    argv = ["--out", str(tmp_path), "--presets", "w4a4kv4", "w4a4kv4+static", "--blocks", "2",
+            "--calib-blocks", "2", "--batch-size", "2", *(a for e in extra for a in ("--set", e))]
+    payload = sweep.main(argv)
+
+    result = payload["points"]
+    assert result["adam-broken"]["protocols"] is None and "optim.eps" in result["adam-broken"]["summary"]["failed"]
+    for name in ("adam-base", "osp-base"):
+        run = tmp_path / "runs" / name
+        assert json.loads((run / "summary.json").read_text()) == result[name]["summary"]
+        # The table's ratios are `osp bench protocols`' on the same run, computed again here.
+        again = evaluate_run(run, ["w4a4kv4", "w4a4kv4+static"], 2, 2, 2)
+        assert again["ratios"] == pytest.approx(result[name]["protocols"]["ratios"], rel=1e-6)
+        shape = result[name]["protocols"]["input_max_median"]
+        assert set(shape) == {"norm-fed", "o_proj", "down_proj"}
+        assert shape["down_proj"] == pytest.approx(down_proj_max_median(run, blocks=2), rel=1e-5)
+    adam, osp = (result[n]["protocols"]["ratios"]["w4a4kv4"] for n in ("adam-base", "osp-base"))
+    verdict = "meets" if adam >= 1.5 and osp <= 1.1 else "does not meet"
+    assert f"default settings: AdamW {adam:.3f}, OSP {osp:.3f}: {verdict} the goal" in "\n".join(payload["reading"])
+    table = (tmp_path / "sweep.md").read_text()
+    assert table.startswith("| point ") and "| adam-broken " in table and "| failed |" in table
+    assert "- adam-broken failed: osp train: error: optim.eps=2 must be a number" in table
+    assert json.loads((tmp_path / "sweep.json").read_text())["reading"] == payload["reading"]
+
+    # Run again: nothing is retrained (the summaries are reused, the evaluations read from their cache).
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*.json")}
+    assert sweep.main(argv)["reading"] == payload["reading"]
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
