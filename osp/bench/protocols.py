@@ -10,7 +10,8 @@ Protocols (presets of `osp.quant.QuantConfig`, any other preset string works too
 - w8a8: INT8 weights per channel and per-token dynamic INT8 inputs;
 - w8a8+static, w4a8+static, w4a4kv4+static: one symmetric scale per linear input, calibrated offline as the
   max |x| over training blocks (SmoothQuant's or TensorRT's static INT8 without smoothing). One outlier channel
-  sets the scale of the whole tensor, so this is where outliers cost the most.
+  sets the scale of the whole tensor, so this is where outliers cost the most; +had+static: with the
+  down-projection Hadamard, which spreads the SwiGLU output's heavy tail before its static scale is taken.
 
 Every run is evaluated on its own held-out blocks and calibrated on its own training blocks (`osp eval`'s
 data), so the rows differ only in the model. Prints a table (`--markdown` for the README) with each run's
@@ -30,7 +31,8 @@ from osp.atomic import write_json
 from osp.cli import positive_int
 from osp.tables import format_rows
 
-DEFAULT_PRESETS = ("w4a4kv4", "w4a4kv4+had", "w8a8", "w8a8+static", "w4a8+static", "w4a4kv4+static")
+DEFAULT_PRESETS = ("w4a4kv4", "w4a4kv4+had", "w8a8", "w8a8+static", "w4a8+static", "w4a4kv4+static",
+                   "w4a4kv4+had+static")
 
 
 def evaluate_run(run_dir: Path, presets: list[str], blocks: int, calib_blocks: int,
@@ -46,14 +48,16 @@ def evaluate_run(run_dir: Path, presets: list[str], blocks: int, calib_blocks: i
     calib = data.train_blocks(calib_blocks) if any(eval_config(p).needs_calibration for p in presets) else None
     summary_file = run_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    out: dict[str, Any] = {"run": str(run_dir), "name": run_dir.name, "kurtosis": summary.get("kurtosis_exact"),
+    # A checkpoint of a run (runs/x/checkpoints/step0000500.ckpt) is named for both: x/step0000500.
+    name = run_dir.name if run_dir.is_dir() else f"{run_dir.parent.parent.name}/{run_dir.stem}"
+    out: dict[str, Any] = {"run": str(run_dir), "name": name, "kurtosis": summary.get("kurtosis_exact"),
                            "max_abs": summary.get("max_abs"), "ratios": {}}
     with autocast_for(run_precision(run_dir, None, "cpu"), "cpu"):
         for preset in presets:
             result = evaluate_quant(model, held, preset, calib_blocks=calib, batch_size=batch_size)
             out["ppl_fp"] = result["ppl_fp"]
             out["ratios"][result["preset"]] = result["ratio"]
-            print(f"  {run_dir.name}: {result['preset']} ppl {result['ppl_quant']:.2f} / fp {result['ppl_fp']:.2f} "
+            print(f"  {name}: {result['preset']} ppl {result['ppl_quant']:.2f} / fp {result['ppl_fp']:.2f} "
                   f"= {result['ratio']:.4f}", flush=True)
     return out
 
@@ -70,7 +74,8 @@ def format_table(results: list[dict[str, Any]], markdown: bool = False) -> str:
 
 def main(argv: list[str]) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(prog="osp bench protocols", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", help="run dirs (runs/<name>)")
+    parser.add_argument("runs", nargs="+", help="run dirs (runs/<name>: the last checkpoint, or the export), or "
+                                                "checkpoints of runs (runs/<name>/checkpoints/step0000500.ckpt)")
     parser.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS), help="quant presets (columns)")
     parser.add_argument("--blocks", type=positive_int, default=16, help="held-out blocks per evaluation (QuantEval's)")
     parser.add_argument("--calib-blocks", type=positive_int, default=32, help="training blocks for static scales")

@@ -42,6 +42,10 @@ def test_protocol_table_of_a_trained_run(corpus, tmp_path, one_thread):
     assert row["ppl_fp"] == pytest.approx(fp, rel=1e-6)
     table = protocols.format_table(results, markdown=True)
     assert table.startswith("| run ") and "w8a8+static" in table and f"{static / fp:.3f}" in table
+    # A checkpoint of the run (a token-budget curve reads one per row) is named for the run and the step.
+    (at_step,) = protocols.main([str(run / "checkpoints" / "last.ckpt"), "--presets", "w8a8+static", "--blocks", "3",
+                                 "--calib-blocks", "2", "--batch-size", "2"])
+    assert at_step["name"] == "arm/last" and at_step["ratios"]["w8a8+static"] == pytest.approx(static / fp, rel=1e-6)
     # A run that kept no checkpoints (the paper-table scales) is read from its export.
     shutil.rmtree(run / "checkpoints")
     (from_export,) = protocols.main([str(run), "--presets", "w4a4kv4", "w8a8+static", "--blocks", "3",

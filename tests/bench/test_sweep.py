@@ -4,6 +4,8 @@ sweep trains (in `osp train` subprocesses), resumes, evaluates and reads the tab
 from __future__ import annotations
 
 import json
+import subprocess
+import threading
 
 import pytest
 import torch
@@ -12,9 +14,10 @@ from omegaconf import OmegaConf
 from osp.bench import sweep
 from osp.bench.protocols import evaluate_run
 from osp.cli.eval import build_pipeline
-from osp.export import load_model
 from osp.conf import compose
+from osp.export import load_model
 from tests.support.training import TINY_MODEL_DATA, subprocess_env
+
 
 def _flat(cfg) -> dict[str, object]:
     out: dict[str, object] = {}
@@ -67,6 +70,30 @@ def test_bad_input_is_one_line(argv, tmp_path, capsys):
     assert "Traceback" not in message and message.strip()
 
 
+def test_jobs_train_points_at_the_same_time_with_their_share_of_the_cores(tmp_path, monkeypatch, capsys):
+    both_running = threading.Barrier(2, timeout=30)  # breaks (and fails the test) if the points run one by one
+    threads = []
+
+    def fake_train(command, stdout, stderr, stdin, env):
+        threads.append(env["OMP_NUM_THREADS"])
+        both_running.wait()
+        value = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in command if "=" in a}
+        run = tmp_path / "runs" / value["run_name"]
+        run.mkdir(parents=True)
+        (run / "summary.json").write_text(json.dumps({"status": "finished", "tokens_seen": 4096}))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(sweep.subprocess, "run", fake_train)
+    monkeypatch.setattr(sweep.os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    monkeypatch.setattr(sweep, "evaluate_point", lambda run_dir, settings: {
+        "ppl_fp": 10.0, "ratios": {"w4a4kv4": 1.0}, "input_max_median": {}})
+    payload = sweep.main(["--points", "adam-base", "osp-base", "--jobs", "2", "--presets", "w4a4kv4",
+                          "--out", str(tmp_path)])
+    assert threads == ["3", "3"]
+    assert [p["summary"]["status"] for p in payload["points"].values()] == ["finished", "finished"]
+    assert "default settings: AdamW 1.000, OSP 1.000: does not meet the goal" in capsys.readouterr().out
+
+
 def down_proj_max_median(run, blocks: int) -> float:
     """By hand: the mean over layers and tokens of max|x| / median|x| at each down_proj input."""
     model, _ = load_model(run, device="cpu")
@@ -97,7 +124,7 @@ def test_a_minuscule_sweep_trains_resumes_and_reads_the_goal(corpus, tmp_path, m
              "callbacks.outliers.n_blocks=2", "callbacks.outliers.plots=false"]
     argv = ["--out", str(tmp_path), "--presets", "w4a4kv4", "w4a4kv4+static", "--blocks", "2",
             "--calib-blocks", "2", "--batch-size", "2", *(a for e in extra for a in ("--set", e))]
-    payload = sweep.main(argv)
+    payload = sweep.main([*argv, "--jobs", "2"])
 
     result = payload["points"]
     assert result["adam-broken"]["protocols"] is None and "optim.eps" in result["adam-broken"]["summary"]["failed"]
