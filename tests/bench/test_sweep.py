@@ -94,6 +94,17 @@ def test_jobs_train_points_at_the_same_time_with_their_share_of_the_cores(tmp_pa
     assert "default settings: AdamW 1.000, OSP 1.000: does not meet the goal" in capsys.readouterr().out
 
 
+def test_relative_noise_has_the_asked_size_per_row():
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 4096) * torch.logspace(-2, 2, 64)[:, None]  # rows of very different scale
+    x[:, 0] = 50.0 * x[:, 1:].pow(2).mean(-1).sqrt()  # and an outlier channel: it counts in the RMS
+    noise = sweep.with_relative_noise(x, 0.1, generator) - x
+    rms = x.pow(2).mean(-1).sqrt()
+    assert (noise.std(-1) / rms).tolist() == pytest.approx([0.1] * 64, rel=0.05)
+    assert torch.equal(sweep.with_relative_noise(x, 0.0, generator), x)
+    assert sweep.with_relative_noise(x.bfloat16(), 0.1, generator).dtype == torch.bfloat16
+
+
 def down_proj_max_median(run, blocks: int) -> float:
     """By hand: the mean over layers and tokens of max|x| / median|x| at each down_proj input."""
     model, _ = load_model(run, device="cpu")
@@ -137,6 +148,9 @@ def test_a_minuscule_sweep_trains_resumes_and_reads_the_goal(corpus, tmp_path, m
         shape = result[name]["protocols"]["input_max_median"]
         assert set(shape) == {"norm-fed", "o_proj", "down_proj"}
         assert shape["down_proj"] == pytest.approx(down_proj_max_median(run, blocks=2), rel=1e-5)
+        # Noise of zero size is no change (the hooks perturb nothing else); the seeded noise gives the table's value.
+        assert sweep.noise_ratio(run, 2, 2, sigma=0.0) == 1.0
+        assert result[name]["protocols"]["noise_ratio"] == sweep.noise_ratio(run, 2, 2) != 1.0
     adam, osp = (result[n]["protocols"]["ratios"]["w4a4kv4"] for n in ("adam-base", "osp-base"))
     verdict = "meets" if adam >= 1.5 and osp <= 1.1 else "does not meet"
     assert f"default settings: AdamW {adam:.3f}, OSP {osp:.3f}: {verdict} the goal" in "\n".join(payload["reading"])
