@@ -103,14 +103,19 @@ def train_point(point: Point, overrides: list[str], runs_root: Path, logs: Path,
           flush=True)
     started = time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
-    with log.open("w") as out:
+    with log.open("a") as out:  # a resumed point's log continues its interrupted one
+        out.write(f"[sweep] {time.strftime('%Y-%m-%d %H:%M:%S')} osp train {' '.join(overrides)}\n")
+        out.flush()
+        attempt_starts = out.tell()
         code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                               env=env).returncode
     done = _finished(summary_file)
     if code == 0 and done is not None:
         print(f"[sweep] {point.name}: trained in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
         return done
-    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    with log.open("rb") as out:
+        out.seek(attempt_starts)
+        lines = [line for line in out.read().decode(errors="replace").splitlines() if line.strip()]
     reason = lines[-1].strip() if lines else f"exit code {code}"
     print(f"[sweep] {point.name}: failed (exit {code}): {reason}", flush=True)
     return {"failed": reason}
@@ -210,17 +215,18 @@ def _cell(value: float | None, fmt: str) -> str:
 
 def table(points: list[Point], summaries: dict[str, dict[str, Any]], evaluations: dict[str, dict[str, Any]],
           presets: list[str], markdown: bool = False) -> str:
-    rows: list[list[object]] = [["point", "axis", "changes", "M tokens", "ppl fp", "kurt ×floor",
+    rows: list[list[object]] = [["point", "axis", "changes", "M tokens", "min", "ppl fp", "kurt ×floor",
                                  "max|h|", "max/med norm-fed", "max/med down", "noise", *presets]]
     for p in points:
         s, e = summaries[p.name], evaluations.get(p.name)
         floor, exact = s.get("kurtosis_floor"), s.get("kurtosis_exact")
         changes = " ".join(p.changes) or "-"
         if e is None:  # the reading says why
-            rows.append([p.name, p.axis, changes, "-", "failed", "-", "-", "-", "-", "-", *["-"] * len(presets)])
+            rows.append([p.name, p.axis, changes, "-", "-", "failed", "-", "-", "-", "-", "-", *["-"] * len(presets)])
             continue
         rows.append([p.name, p.axis, f"`{changes}`" if markdown and p.changes else changes,
                      _cell(s.get("tokens_seen") and s["tokens_seen"] / 1e6, ".3g"),
+                     _cell(s.get("wall_seconds") and s["wall_seconds"] / 60, ".0f"),
                      f"{e['ppl_fp']:.2f}",
                      _cell(exact / floor if exact is not None and floor else None, ".1f"),
                      _cell(s.get("max_abs"), ".4g"), _cell(e["input_max_median"].get("norm-fed"), ".1f"),

@@ -94,6 +94,21 @@ def test_jobs_train_points_at_the_same_time_with_their_share_of_the_cores(tmp_pa
     assert "default settings: AdamW 1.000, OSP 1.000: does not meet the goal" in capsys.readouterr().out
 
 
+def test_a_retried_point_keeps_its_earlier_log_and_reports_its_own_failure(tmp_path, monkeypatch):
+    attempts = iter(["loss is nan at step 7", "out of memory"])
+
+    def fake_train(command, stdout, stderr, stdin, env):
+        stdout.write(f"some progress\n{next(attempts)}\n")
+        return subprocess.CompletedProcess(command, 1)
+
+    monkeypatch.setattr(sweep.subprocess, "run", fake_train)
+    point = sweep.POINTS[0]
+    for reason in ("loss is nan at step 7", "out of memory"):
+        assert sweep.train_point(point, [], tmp_path / "runs", tmp_path / "logs") == {"failed": reason}
+    log = (tmp_path / "logs" / f"{point.name}.log").read_text()
+    assert log.count("[sweep] ") == 2 and "loss is nan at step 7" in log and log.endswith("out of memory\n")
+
+
 def test_relative_noise_has_the_asked_size_per_row():
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(64, 4096) * torch.logspace(-2, 2, 64)[:, None]  # rows of very different scale
