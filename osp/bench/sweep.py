@@ -58,6 +58,8 @@ def _pair(name: str, axis: str, *changes: str) -> list[Point]:
     return [Point(f"{arm}-{name}", arm, axis, changes) for arm in ARMS]
 
 
+LONG = ("trainer.max_steps=2000", "trainer.val_check_interval=500", "callbacks.checkpoint.every_n_train_steps=500")
+
 POINTS: list[Point] = [
     *_pair("base", "default A/B"),
     Point("adam-lr3e-3", "adam", "learning rate", ("optim.lr=3e-3",)),
@@ -72,8 +74,10 @@ POINTS: list[Point] = [
     # The longest budget, in both arms: 2000 steps x 4096 tokens = 8.2M tokens (6.7x the A/B), under 60 minutes
     # per arm on 2 cores; a checkpoint every 500 steps keeps the token-budget curve (`osp bench protocols` on
     # each checkpoint).
-    *_pair("long", "token budget", "trainer.max_steps=2000", "trainer.val_check_interval=500",
-           "callbacks.checkpoint.every_n_train_steps=500"),
+    *_pair("long", "token budget", *LONG),
+    # AdamW at a learning rate it trains well at, for the longest budget: do outliers grow in a well-trained
+    # AdamW model too?
+    Point("adam-long-lr3e-3", "adam", "token budget at AdamW's lr", (*LONG, "optim.lr=3e-3")),
 ]
 POINT_NAMES = [p.name for p in POINTS]
 

@@ -48,7 +48,7 @@ def test_points_are_named_by_arm_and_the_goal_pairs_exist():
     names = [p.name for p in sweep.POINTS]
     assert len(set(names)) == len(names)
     assert all(p.name.startswith(f"{p.arm}-") for p in sweep.POINTS)
-    for changes in ((), sweep.POINTS[-2].changes):  # the default A/B and the longest budget run in both arms
+    for changes in ((), sweep.LONG):  # the default A/B and the longest budget run in both arms
         assert {p.arm for p in sweep.POINTS if p.changes == changes} == set(sweep.ARMS)
 
 
