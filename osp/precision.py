@@ -33,6 +33,12 @@ def native_bf16(device_type: str) -> bool:
         return False
 
 
+def auto_dtype_name(device_type: str) -> str:
+    """What a `*_dtype: auto` setting (optim.ns_dtype) means on `device_type`: "bf16" where bf16 matmuls are
+    native, "fp32" where they would be emulated."""
+    return "bf16" if native_bf16(device_type) else "fp32"
+
+
 def accelerator_device_type(accelerator: str) -> str:
     """"cuda" or "cpu" for a Lightning accelerator name ("auto" picks CUDA when it is present)."""
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):

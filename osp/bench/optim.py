@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from osp.model import ModelConfig, Transformer
 from osp.optim import OptimConfig
+from osp.optim.newton_schulz import resolve_dtype
 from osp.precision import autocast_for
 
 OPTIMIZERS = ("adamw", "muon", "root")
@@ -117,7 +118,7 @@ def main(argv: list[str]) -> None:
     print(f"machine: {machine(device)}")
     print(
         f"model: d {cfg.d_model}, {cfg.n_layers} layers, vocab {cfg.vocab_size}, {n_params / 1e6:.2f}M params; "
-        f"seq {args.seq_len}, micro-batch {args.batch_size}, precision {args.precision}, NS {args.ns_dtype}; "
+        f"seq {args.seq_len}, micro-batch {args.batch_size}, precision {args.precision}, NS {str(resolve_dtype(args.ns_dtype, device.type)).removeprefix('torch.')}; "
         f"median of {args.reps}, interleaved"
     )
     header = (

@@ -1,5 +1,5 @@
-"""`osp bench protocols RUN_DIR [RUN_DIR ...]`: the quantized/full-precision perplexity ratio of trained runs
-under the quantization protocols deployments use, side by side.
+"""`osp bench protocols RUN [RUN ...]`: the quantized/full-precision perplexity ratio of trained runs (or of
+their checkpoints) under the quantization protocols deployments use, side by side.
 
     osp train && osp train recipe=osp                                  # the A/B arms
     osp bench protocols runs/tiny-* runs/osp-*                          # one row per run, one column per preset
@@ -49,7 +49,7 @@ def evaluate_run(run_dir: Path, presets: list[str], blocks: int, calib_blocks: i
     summary_file = run_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     # A checkpoint of a run (runs/x/checkpoints/step0000500.ckpt) is named for both: x/step0000500.
-    name = run_dir.name if run_dir.is_dir() else f"{run_dir.parent.parent.name}/{run_dir.stem}"
+    name = f"{run_dir.parent.parent.name}/{run_dir.stem}" if run_dir.suffix == ".ckpt" else run_dir.name
     out: dict[str, Any] = {"run": str(run_dir), "name": name, "kurtosis": summary.get("kurtosis_exact"),
                            "max_abs": summary.get("max_abs"), "ratios": {}}
     with autocast_for(run_precision(run_dir, None, "cpu"), "cpu"):

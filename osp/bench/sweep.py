@@ -1,37 +1,45 @@
 """`osp bench sweep`: which training settings make 4-bit quantization hurt AdamW while OSP stays intact.
 
     osp bench sweep                        # every point below, then the protocol table (resumable)
-    osp bench sweep --jobs 2               # two points at a time, one torch thread each
+    osp bench sweep --jobs 2               # two points at a time, each with half the cores' torch threads
     osp bench sweep --points adam-base osp-base adam-lr3e-2 --dry-run   # the commands only
 
 A point is one arm of the default A/B (adam = AdamW, `recipe=tiny`; osp = `recipe=osp`) with training settings
 changed: learning rate, Adam beta2 and epsilon, weight decay (and on norm gains), warmup, width, depth, token
 budget. Each point is a plain `osp train` run in a subprocess (`<out>/runs/<point>`, log in `<out>/logs/`), so
-`osp report`, `osp eval --attribute` and `osp bench protocols` read it like any run. A point that already has a
-summary is not trained again, so an interrupted sweep continues where it stopped. Every trained point is then
-evaluated under the deployment protocols of `osp bench protocols` on its own held-out blocks, and the table
-goes to `<out>/sweep.md` and `<out>/sweep.json`. Its columns, per point: what shapes the 4-bit grid (per-token
-max/median of the norm-fed and down_proj inputs), how much the model depends on small activation errors at all
-(`noise`: perplexity ratio under Gaussian noise of 0.1 x each row's RMS on every linear input, the size of
-4-bit rounding error without outliers), and quantized / full-precision perplexity per protocol. The goal the
-table is read against: AdamW's W4A4/fp ratio >= 1.5 while OSP's stays <= 1.1.
+`osp report`, `osp eval --attribute` and `osp bench protocols` read it like any run. A point whose run finished
+with the same command is not trained again, and an interrupted one continues from its last checkpoint, so a
+stopped sweep goes on where it stopped; a run trained with other settings is never passed off as the point's.
+
+Every trained point of the folder (the asked ones and any trained before) is then evaluated on its own held-out
+blocks (cached in its run dir), and the table goes to `<out>/sweep.md` and `<out>/sweep.json`. Its columns, per
+point: wall minutes of the run's last `osp train` (cores shared under --jobs), what shapes the 4-bit grid
+(per-token max/median of the norm-fed and down_proj inputs), how much the model depends on small activation
+errors at all (`noise`: perplexity ratio under Gaussian noise of 0.1 x each row's RMS on every linear input,
+the size of 4-bit rounding error without outliers), and quantized / full-precision perplexity under each
+deployment protocol of `osp bench protocols`. The goal the table is read against: AdamW's ratio >= 1.5 while
+OSP's stays <= 1.1.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
+from omegaconf import OmegaConf
 
 from osp.atomic import write_json, write_text
 from osp.bench.paper_table import merge_overrides
@@ -82,6 +90,10 @@ POINTS: list[Point] = [
 POINT_NAMES = [p.name for p in POINTS]
 
 
+# The overrides by which the sweep names and places each point's run: --set may not change them.
+RESERVED = ("run_name", "runs_root", "run_dir", "resume", "recipe")
+
+
 def point_overrides(point: Point, runs_root: Path, extra: list[str]) -> list[str]:
     """The `osp train` command line of a point: its arm's recipe, its changes, then --set (which win).
     resume=auto: a point that was interrupted continues from its last checkpoint when the sweep is run again."""
@@ -97,7 +109,15 @@ def train_point(point: Point, overrides: list[str], runs_root: Path, logs: Path,
     subprocess's torch threads (OMP_NUM_THREADS); None leaves torch's choice."""
     summary_file = runs_root / point.name / "summary.json"
     done = _finished(summary_file)
+    if done is None and _STOP.is_set():
+        return {"failed": "not trained: the sweep was stopped"}
     if done is not None:
+        other = _other_settings(runs_root / point.name, overrides)
+        if other:
+            reason = (f"{runs_root / point.name} was trained with other settings ({other}); remove it, or sweep "
+                      "into another --out")
+            print(f"[sweep] {point.name}: {reason}", flush=True)
+            return {"failed": reason}
         print(f"[sweep] {point.name}: finished before, reusing {summary_file}", flush=True)
         return done
     logs.mkdir(parents=True, exist_ok=True)
@@ -111,8 +131,7 @@ def train_point(point: Point, overrides: list[str], runs_root: Path, logs: Path,
         out.write(f"[sweep] {time.strftime('%Y-%m-%d %H:%M:%S')} osp train {' '.join(overrides)}\n")
         out.flush()
         attempt_starts = out.tell()
-        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                              env=env).returncode
+        code = _run_child(command, out, env)
     done = _finished(summary_file)
     if code == 0 and done is not None:
         print(f"[sweep] {point.name}: trained in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
@@ -120,34 +139,68 @@ def train_point(point: Point, overrides: list[str], runs_root: Path, logs: Path,
     with log.open("rb") as out:
         out.seek(attempt_starts)
         lines = [line for line in out.read().decode(errors="replace").splitlines() if line.strip()]
-    reason = lines[-1].strip() if lines else f"exit code {code}"
-    print(f"[sweep] {point.name}: failed (exit {code}): {reason}", flush=True)
+    status = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
+    reason = f"{status}: {lines[-1].strip()}" if lines else status
+    print(f"[sweep] {point.name}: failed ({reason})", flush=True)
     return {"failed": reason}
 
 
+# A SIGTERM to the sweep (`kill`, a batch system's time limit) reaches the `osp train` children too: they save a
+# checkpoint and stop (osp's preemption handling), no further point starts, and running the same command again
+# continues. (Ctrl-C reaches them already: a terminal signals the whole process group.)
+_STOP = threading.Event()
+_CHILDREN: set[subprocess.Popen] = set()
+
+
+def _run_child(command: list[str], out: IO[str], env: dict[str, str] | None) -> int:
+    with subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                          env=env) as child:
+        _CHILDREN.add(child)
+        try:
+            return child.wait()
+        finally:
+            _CHILDREN.discard(child)
+
+
+def _forward_stop(signum: int, _frame: object) -> None:
+    _STOP.set()
+    for child in list(_CHILDREN):
+        child.send_signal(signum)
+
+
 def _finished(summary_file: Path) -> dict[str, Any] | None:
-    """The summary of a run that reached its last step (a preempted run's says status "stopped")."""
-    if not summary_file.is_file():
+    """The summary of a run that reached its last step (a preempted run's says status "stopped"; an unreadable
+    one counts as unfinished, and `osp train resume=auto` continues the run)."""
+    try:
+        summary = json.loads(summary_file.read_text())
+    except (OSError, ValueError):
         return None
-    summary = json.loads(summary_file.read_text())
-    return summary if summary.get("status") == "finished" else None
+    return summary if isinstance(summary, dict) and summary.get("status") == "finished" else None
+
+
+def _other_settings(run_dir: Path, overrides: list[str]) -> str:
+    """How the `osp train` overrides a run was started with (Hydra's .hydra/overrides.yaml) differ from
+    `overrides`; empty when they are the same."""
+    try:
+        recorded = [str(o) for o in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")]
+    except (OSError, ValueError):
+        return "no .hydra/overrides.yaml"
+    gone, new = sorted(set(recorded) - set(overrides)), sorted(set(overrides) - set(recorded))
+    return "; ".join(part for part in (f"then: {' '.join(gone)}" if gone else "",
+                                       f"now: {' '.join(new)}" if new else "") if part)
 
 
 # Linear inputs by what feeds them: an RMSNorm (q/k/v and gate/up read the same tensor), attention, SwiGLU.
 INPUT_KINDS = {"q_proj": "norm-fed", "gate_proj": "norm-fed", "o_proj": "o_proj", "down_proj": "down_proj"}
 
 
-def input_max_median(run_dir: Path, blocks: int) -> dict[str, float]:
-    """Per-token max|x| / median|x| (He et al.'s ratio) of the quantized linear inputs on the run's held-out
-    blocks, averaged over the layers per kind of input (INPUT_KINDS). It is what a per-token 4-bit grid sees:
-    the median entry lands 7.5 / ratio steps from zero, so above ~15 most entries round to zero. A Gaussian
-    input gives 4.6 at width 256 and 5.0 at 768."""
-    from osp.cli.eval import build_pipeline
-    from osp.export import load_model
+def input_max_median(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, float]:
+    """Per-token max|x| / median|x| (He et al.'s ratio) of the quantized linear inputs on `ids` (B, T),
+    averaged over the layers per kind of input (INPUT_KINDS). It is what a per-token 4-bit grid sees: the median
+    entry lands 7.5 / ratio steps from zero, so above ~15 most entries round to zero. A Gaussian input gives
+    4.6 at width 256 and 5.0 at 768."""
     from osp.metrics import outlier_stats
 
-    model, _ = load_model(run_dir, device="cpu")
-    ids = build_pipeline(run_dir, None, None, None).heldout_blocks(blocks)[:, :-1]
     sites = outlier_stats(model, ids, "context", linear_inputs=True)["linear_inputs"]
     by_kind: dict[str, list[float]] = {}
     for name, stats in sites.items():
@@ -157,9 +210,12 @@ def input_max_median(run_dir: Path, blocks: int) -> dict[str, float]:
     return {kind: sum(values) / len(values) for kind, values in by_kind.items()}
 
 
-# Per-token asymmetric INT4 of Gaussian rows of width 256 leaves an error of 0.109 x the row's RMS (measured),
-# so noise of 0.1 x RMS is 4-bit-sized activation error as it would be without outliers widening the step.
+# Per-token asymmetric INT4 of Gaussian rows leaves an error of 0.109 (width 256) to 0.12 (width 768) x the row's
+# RMS (measured), so noise of 0.1 x RMS is 4-bit-sized activation error as it would be without outliers
+# widening the grid.
 NOISE_SIGMA = 0.1
+# What evaluate_point computes; a cached evaluation of another version is computed again.
+EVALUATION_VERSION = 2
 
 
 def with_relative_noise(x: torch.Tensor, sigma: float, generator: torch.Generator) -> torch.Tensor:
@@ -170,46 +226,57 @@ def with_relative_noise(x: torch.Tensor, sigma: float, generator: torch.Generato
     return (xf + sigma * rms * noise).to(x.dtype)
 
 
-def noise_ratio(run_dir: Path, blocks: int, batch_size: int, sigma: float = NOISE_SIGMA) -> float:
-    """Perplexity with `with_relative_noise` on every linear input inside the blocks / without, on the run's
-    held-out blocks (seeded): how much the model depends on small activation errors, whatever its outliers.
-    A model that loses little here loses little to 4-bit activations unless outliers widen the grid."""
-    from osp.cli.eval import build_pipeline, run_precision
-    from osp.export import load_model
-    from osp.precision import autocast_for
+def noise_ratio(model: torch.nn.Module, held: torch.Tensor, batch_size: int, sigma: float = NOISE_SIGMA) -> float:
+    """Perplexity on held-out blocks (N, T+1) with `with_relative_noise` on every linear input inside the blocks
+    / without (seeded; q/k/v and gate/up, which read one tensor, get the same noisy copy as they would get the
+    same quantized one): how much the model depends on small activation errors, whatever its outliers. A model
+    that loses little here loses little to 4-bit activations unless outliers widen the grid."""
     from osp.quant import perplexity
 
-    model, _ = load_model(run_dir, device="cpu")
-    held = build_pipeline(run_dir, None, None, None).heldout_blocks(blocks)
     generator = torch.Generator().manual_seed(0)
-    linears = [m for layer in model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
-    with autocast_for(run_precision(run_dir, None, "cpu"), "cpu"):
-        clean = perplexity(model, held, batch_size=batch_size)
-        hooks = [m.register_forward_pre_hook(
-            lambda _m, args: (with_relative_noise(args[0], sigma, generator), *args[1:])) for m in linears]
-        try:
-            noisy = perplexity(model, held, batch_size=batch_size)
-        finally:
-            for hook in hooks:
-                hook.remove()
+    last: list[torch.Tensor | None] = [None, None]  # the last input seen and its noisy copy
+
+    def add_noise(_module: torch.nn.Module, args: tuple) -> tuple:
+        if args[0] is not last[0]:
+            last[0], last[1] = args[0], with_relative_noise(args[0], sigma, generator)
+        return (last[1], *args[1:])
+
+    clean = perplexity(model, held, batch_size=batch_size)
+    hooks = [m.register_forward_pre_hook(add_noise)
+             for layer in model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        noisy = perplexity(model, held, batch_size=batch_size)
+    finally:
+        for hook in hooks:
+            hook.remove()
     return noisy / clean
 
 
 def evaluate_point(run_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """The protocol ratios, linear-input shape and noise sensitivity of a trained point; cached in the run dir
-    for the same evaluation settings."""
+    for the same evaluation settings and the same training (its summary)."""
     from osp.bench.protocols import evaluate_run
+    from osp.cli.eval import build_pipeline, run_precision
+    from osp.export import load_model
+    from osp.precision import autocast_for
 
+    key = {**settings, "version": EVALUATION_VERSION,
+           "summary_sha256": hashlib.sha256((run_dir / "summary.json").read_bytes()).hexdigest()}
     cache = run_dir / "protocols.json"
-    if cache.is_file():
+    try:
         stored = json.loads(cache.read_text())
-        if stored.get("settings") == settings:
+        if stored.get("settings") == key:
             return stored["result"]
+    except (OSError, ValueError, AttributeError):  # none yet, or unreadable: evaluate again
+        pass
     result = evaluate_run(run_dir, settings["presets"], settings["blocks"], settings["calib_blocks"],
                           settings["batch_size"])
-    result["input_max_median"] = input_max_median(run_dir, settings["blocks"])
-    result["noise_ratio"] = noise_ratio(run_dir, settings["blocks"], settings["batch_size"], settings["noise_sigma"])
-    write_json(cache, {"settings": settings, "result": result})
+    model, _ = load_model(run_dir, device="cpu")
+    held = build_pipeline(run_dir, None, None, None).heldout_blocks(settings["blocks"])
+    result["input_max_median"] = input_max_median(model, held[:, :-1])
+    with autocast_for(run_precision(run_dir, None, "cpu"), "cpu"):
+        result["noise_ratio"] = noise_ratio(model, held, settings["batch_size"], settings["noise_sigma"])
+    write_json(cache, {"settings": key, "result": result})
     return result
 
 
@@ -287,35 +354,55 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from osp.data import DataError
+    from osp.export import CheckpointError
+    from osp.model import ConfigError
     from osp.quant import QuantConfigError
     from osp.quant.perplexity import eval_config
 
-    try:
-        for preset in args.presets:
-            eval_config(preset)
+    try:  # as the protocols name them (w16a16 -> fp, W4A4KV4 -> w4a4kv4), each once
+        args.presets = list(dict.fromkeys(eval_config(preset).name for preset in args.presets))
     except QuantConfigError as err:
         raise SystemExit(f"osp bench sweep: --presets: {err}") from None
-    points = [p for p in POINTS if p.name in args.points]
+    reserved = sorted({o.split("=", 1)[0].lstrip("+~") for o in args.extra} & set(RESERVED))
+    if reserved:
+        raise SystemExit(f"osp bench sweep: --set {reserved[0]}=... is the sweep's own setting (it names and "
+                         "places each point's run); use --out to put the sweep elsewhere")
     out = args.out
     runs_root = out / "runs"  # as given: the printed commands run from the same folder
+    # The table covers the asked points and every other point already trained in this sweep folder.
+    points = [p for p in POINTS if p.name in args.points or _finished(runs_root / p.name / "summary.json")]
     commands = {p.name: point_overrides(p, runs_root, args.extra) for p in points}
     if args.dry_run:
         for p in points:
-            print("osp train " + " ".join(shlex.quote(o) for o in commands[p.name]))
-        return {"commands": commands}
+            if p.name in args.points:
+                print("osp train " + " ".join(shlex.quote(o) for o in commands[p.name]))
+        return {"commands": {name: command for name, command in commands.items() if name in args.points}}
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, cores // args.jobs) if args.jobs > 1 else None
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        trained = pool.map(lambda p: train_point(p, commands[p.name], runs_root, out / "logs", threads), points)
-        summaries = dict(zip([p.name for p in points], trained))
+    previous = signal.signal(signal.SIGTERM, _forward_stop)
+    try:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            trained = pool.map(lambda p: train_point(p, commands[p.name], runs_root, out / "logs", threads), points)
+            summaries = dict(zip([p.name for p in points], trained))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if _STOP.is_set():
+        _STOP.clear()
+        raise SystemExit("osp bench sweep: stopped by SIGTERM; the interrupted points saved a checkpoint: run the "
+                         "same command again to continue")
     settings = {"presets": args.presets, "blocks": args.blocks, "calib_blocks": args.calib_blocks,
                 "batch_size": args.batch_size, "noise_sigma": NOISE_SIGMA}
     evaluations = {}
     for p in points:
-        if "failed" not in summaries[p.name]:
-            print(f"[sweep] {p.name}: protocols", flush=True)
+        if "failed" in summaries[p.name]:
+            continue
+        print(f"[sweep] {p.name}: protocols", flush=True)
+        try:
             evaluations[p.name] = evaluate_point(runs_root / p.name, settings)
+        except (CheckpointError, DataError, ConfigError, FileNotFoundError) as err:
+            summaries[p.name] = {"failed": f"evaluation: {err}"}
     notes = reading(points, summaries, evaluations, args.presets)
     print("\n" + table(points, summaries, evaluations, args.presets) + "\n\n" + "\n".join(notes))
     markdown = table(points, summaries, evaluations, args.presets, markdown=True) + "\n\n" + "\n".join(notes)

@@ -137,6 +137,24 @@ class OptimConfig:
         extra = {"fit_missing": self.ns_fit == "fitted"} if self.name == "root" else {}
         return MATRIX_OPTIMIZERS[self.name](groups, lr=self.lr, weight_decay=self.weight_decay, **extra)
 
+    def reapply(self, optimizer: torch.optim.Optimizer, scheduler: LambdaLR, model: nn.Module) -> None:
+        """Set this config's hyperparameters again on an optimizer and schedule restored from a checkpoint.
+
+        torch's `load_state_dict` keeps the hyperparameters the optimizer was saved with, and LambdaLR's keeps
+        the saved base lrs, so a change that `resume_allow` accepted (optim.lr, optim.weight_decay,
+        optim.ns_dtype, ...) would be reported and then not applied. With an unchanged config this writes back
+        the values already there: the resumed run stays bitwise the uninterrupted one.
+        """
+        fresh = self.param_groups(model)
+        for group, settings in zip(optimizer.param_groups, fresh, strict=True):
+            group.update({key: value for key, value in settings.items() if key != "params"})
+            group["initial_lr"] = settings["lr"]
+        scheduler.base_lrs = [settings["lr"] for settings in fresh]
+        lrs = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+        scheduler._last_lr = lrs  # what get_last_lr() (the lr monitor) reads until the next step
+
     def build_scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int) -> LambdaLR:
         """LambdaLR over `total_steps` optimizer steps: a multiplier on each group's own lr."""
         return LambdaLR(optimizer, lr_multiplier(

@@ -106,10 +106,13 @@ class Muon(torch.optim.Optimizer):
             raise ValueError(
                 f"update_scale={group['update_scale']!r} is not supported; allowed: {', '.join(UPDATE_SCALES)}"
             )
-        # Stored as a name, not a torch.dtype, so that param_groups stay plain data in checkpoints; `auto` stays
-        # `auto` and is decided per device at each step.
-        if group["ns_dtype"] != AUTO:
-            group["ns_dtype"] = str(resolve_dtype(group["ns_dtype"])).removeprefix("torch.")
+        # Stored as a name (a torch.dtype becomes its name) so that param_groups stay plain data in checkpoints;
+        # a name is checked and kept as given (`auto` is decided per device at each step).
+        dtype = group["ns_dtype"]
+        if isinstance(dtype, torch.dtype):
+            group["ns_dtype"] = str(dtype).removeprefix("torch.")
+        elif dtype != AUTO:
+            resolve_dtype(dtype)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:

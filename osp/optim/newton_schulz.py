@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from osp.precision import AUTO, DTYPES, native_bf16
+from osp.precision import AUTO, DTYPES, auto_dtype_name
 
 # Keller Jordan's coefficients: they maximize the slope at 0 rather than converge, so after 5 steps the
 # singular values land in roughly [0.5, 1.5] instead of exactly 1 — cheaper, and as good for training.
@@ -24,7 +24,7 @@ def resolve_dtype(dtype: torch.dtype | str, device_type: str = "cpu") -> torch.d
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == AUTO:
-        return torch.bfloat16 if native_bf16(device_type) else torch.float32
+        dtype = auto_dtype_name(device_type)
     if dtype not in DTYPES:
         raise ValueError(f"unknown Newton-Schulz dtype {dtype!r}; allowed: {AUTO}, {', '.join(DTYPES)}")
     return DTYPES[dtype]

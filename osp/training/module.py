@@ -51,6 +51,7 @@ class LanguageModelModule(L.LightningModule):
         self.last_loss: torch.Tensor | None = None
         self._checkpointed = False
         self._resumed_rng: dict[str, Any] | None = None
+        self._resumed = False
 
     def configure_model(self) -> None:
         """Activation checkpointing (if asked), then FSDP2 when the strategy shards (trainer=fsdp).
@@ -116,8 +117,12 @@ class LanguageModelModule(L.LightningModule):
         # Applied in on_train_start: building the loaders between here and the first step draws from
         # the global RNG, which the uninterrupted run did at a different time.
         self._resumed_rng = states[rank] if rank < len(states) else None
+        self._resumed = True
 
     def on_train_start(self) -> None:
+        if self._resumed:  # the optimizer and schedule are restored by now: this run's settings win
+            self.optim_cfg.reapply(self.optimizers(use_pl_optimizer=False), self.lr_schedulers(), self.model)
+            self._resumed = False
         if self._resumed_rng is not None:
             restore_rng(self._resumed_rng)
             self._resumed_rng = None

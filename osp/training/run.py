@@ -23,7 +23,7 @@ from osp.atomic import write_json
 from osp.data.config import DataConfig
 from osp.data.tokenizer import save_tokenizer
 from osp.model import ConfigError, ModelConfig
-from osp.precision import AUTO, resolve_precision
+from osp.precision import AUTO, accelerator_device_type, auto_dtype_name, resolve_precision
 from osp.training import rundir
 from osp.training.checkpoints import AtomicCheckpointIO, checkpoint_metadata, resolve_resume
 from osp.training.loggers import build_loggers
@@ -127,6 +127,17 @@ def read_resume_checkpoint(ckpt_path: str) -> dict[str, Any]:
                           "resume from another checkpoint of the run (resume=PATH) or start a new run") from None
 
 
+def resolve_for_machine(cfg: DictConfig) -> None:
+    """The `auto` settings as this machine runs them, which checkpoints and the summary record: the trainer
+    precision, and the Newton-Schulz dtype (bf16 where bf16 is native, else fp32). A checkpoint of a bf16 run
+    then resumes as it is wherever bf16 is native, and names the change where it is not."""
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    with open_dict(cfg):
+        cfg.trainer.precision = resolve_precision(cfg.trainer.get("precision", AUTO), accelerator)
+        if cfg.optim.get("ns_dtype") == AUTO:
+            cfg.optim.ns_dtype = auto_dtype_name(accelerator_device_type(accelerator))
+
+
 def check_resume_config(cfg: DictConfig, ckpt_path: str) -> None:
     """The config half of `check_resume`, before Hydra starts: a refused resume must not replace the run's
     .hydra/ record with the refused settings. The data fingerprints are compared in `train`."""
@@ -134,9 +145,7 @@ def check_resume_config(cfg: DictConfig, ckpt_path: str) -> None:
     if not stored:
         return
     cfg = copy.deepcopy(cfg)
-    with open_dict(cfg):  # as `train` records it
-        cfg.trainer.precision = resolve_precision(cfg.trainer.get("precision", AUTO),
-                                                  str(cfg.trainer.get("accelerator", "auto")))
+    resolve_for_machine(cfg)  # as `train` records it
     record = run_record(cfg, stored.get("source_fingerprint"), stored.get("tokenizer_fingerprint"))
     check_resume(stored, record, list(cfg.get("resume_allow") or []), ckpt_path,
                  str(Path(cfg.run_dir) / "tokenizer"))
@@ -164,9 +173,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     run_dir = Path(cfg.run_dir)
     preflight(cfg)
-    with open_dict(cfg):  # the precision this machine runs, as recorded in checkpoints and the summary
-        cfg.trainer.precision = resolve_precision(cfg.trainer.get("precision", AUTO),
-                                                  str(cfg.trainer.get("accelerator", "auto")))
+    resolve_for_machine(cfg)
     for line in recover_checkpoints(run_dir / "checkpoints") if launch_rank() == 0 else []:
         print(f"osp: {line}")
     ckpt_path = resolve_resume(cfg.resume, run_dir)

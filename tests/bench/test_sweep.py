@@ -4,7 +4,7 @@ sweep trains (in `osp train` subprocesses), resumes, evaluates and reads the tab
 from __future__ import annotations
 
 import json
-import subprocess
+import signal
 import threading
 
 import pytest
@@ -15,6 +15,7 @@ from osp.bench import sweep
 from osp.bench.protocols import evaluate_run
 from osp.cli.eval import build_pipeline
 from osp.conf import compose
+from osp.data import DataError
 from osp.export import load_model
 from tests.support.training import TINY_MODEL_DATA, subprocess_env
 
@@ -60,7 +61,8 @@ def test_extra_overrides_win_and_dry_run_trains_nothing(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("argv", [["--points", "adam-nope"], ["--presets", "bogus"], ["--blocks", "0"]])
+@pytest.mark.parametrize("argv", [["--points", "adam-nope"], ["--presets", "bogus"], ["--blocks", "0"],
+                                  ["--set", "runs_root=/elsewhere"], ["--set", "+recipe=osp"]])
 def test_bad_input_is_one_line(argv, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         sweep.main([*argv, "--out", str(tmp_path)])
@@ -70,41 +72,85 @@ def test_bad_input_is_one_line(argv, tmp_path, capsys):
     assert "Traceback" not in message and message.strip()
 
 
+def fake_osp_train(runs_root, status="finished", calls=None):
+    """A stand-in for a point's `osp train` subprocess: writes what Hydra and osp would (overrides, summary)."""
+
+    def run(command, out, env):
+        if calls is not None:
+            calls.append(env)
+        overrides = command[command.index("train") + 1:]
+        run_dir = runs_root / dict(o.split("=", 1) for o in overrides)["run_name"]
+        (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+        (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+        (run_dir / "summary.json").write_text(json.dumps({"status": status, "tokens_seen": 4096}))
+        return 0
+
+    return run
+
+
 def test_jobs_train_points_at_the_same_time_with_their_share_of_the_cores(tmp_path, monkeypatch, capsys):
     both_running = threading.Barrier(2, timeout=30)  # breaks (and fails the test) if the points run one by one
-    threads = []
-
-    def fake_train(command, stdout, stderr, stdin, env):
-        threads.append(env["OMP_NUM_THREADS"])
-        both_running.wait()
-        value = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in command if "=" in a}
-        run = tmp_path / "runs" / value["run_name"]
-        run.mkdir(parents=True)
-        (run / "summary.json").write_text(json.dumps({"status": "finished", "tokens_seen": 4096}))
-        return subprocess.CompletedProcess(command, 0)
-
-    monkeypatch.setattr(sweep.subprocess, "run", fake_train)
+    calls = []
+    train = fake_osp_train(tmp_path / "runs", calls=calls)
+    monkeypatch.setattr(sweep, "_run_child", lambda command, out, env: both_running.wait() * 0 + train(command, out, env))
     monkeypatch.setattr(sweep.os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
-    monkeypatch.setattr(sweep, "evaluate_point", lambda run_dir, settings: {
-        "ppl_fp": 10.0, "ratios": {"w4a4kv4": 1.0}, "input_max_median": {}})
-    payload = sweep.main(["--points", "adam-base", "osp-base", "--jobs", "2", "--presets", "w4a4kv4",
-                          "--out", str(tmp_path)])
-    assert threads == ["3", "3"]
-    assert [p["summary"]["status"] for p in payload["points"].values()] == ["finished", "finished"]
-    assert "default settings: AdamW 1.000, OSP 1.000: does not meet the goal" in capsys.readouterr().out
+
+    def evaluate(run_dir, settings):
+        if run_dir.name == "osp-base":
+            raise DataError("the held-out split is empty")
+        return {"ppl_fp": 10.0, "ratios": {"w4a4kv4": 1.0}, "input_max_median": {}, "noise_ratio": 1.0}
+
+    monkeypatch.setattr(sweep, "evaluate_point", evaluate)
+    argv = ["--points", "adam-base", "osp-base", "--jobs", "2", "--out", str(tmp_path)]
+    payload = sweep.main([*argv, "--presets", "W4A4KV4", "w4a4kv4"])
+    assert [env["OMP_NUM_THREADS"] for env in calls] == ["3", "3"]
+    assert payload["settings"]["presets"] == ["w4a4kv4"]  # as the protocols name it, once
+    assert payload["points"]["adam-base"]["summary"]["status"] == "finished"
+    # A point whose evaluation fails is a failed row, and the table is still written.
+    assert payload["points"]["osp-base"]["summary"] == {"failed": "evaluation: the held-out split is empty"}
+    assert "- osp-base failed: evaluation: the held-out split is empty" in (tmp_path / "sweep.md").read_text()
+    capsys.readouterr()
+    monkeypatch.setattr(sweep, "_run_child", train)  # one point at a time from here on
+
+    # Run again with other settings: the finished runs are not passed off as trained with them.
+    payload = sweep.main([*argv, "--presets", "w4a4kv4", "--set", "optim.lr=1e-3"])
+    failed = payload["points"]["adam-base"]["summary"]["failed"]
+    assert "was trained with other settings (now: optim.lr=1e-3)" in failed and len(calls) == 2
+    # The table keeps every point trained in the folder, also when only some are asked for.
+    assert set(sweep.main(["--points", "adam-lr3e-3", "--out", str(tmp_path), "--presets", "w4a4kv4"])[
+        "points"]) == {"adam-base", "osp-base", "adam-lr3e-3"}
+
+
+def test_sigterm_reaches_the_running_points_and_starts_no_other(tmp_path):
+    out = (tmp_path / "log").open("w")
+    child = threading.Thread(target=lambda: codes.append(sweep._run_child(["sleep", "30"], out, None)))
+    codes: list[int] = []
+    child.start()
+    for _ in range(100):
+        if sweep._CHILDREN:
+            break
+        threading.Event().wait(0.05)
+    try:
+        sweep._forward_stop(signal.SIGTERM, None)
+        child.join(timeout=10)
+        assert codes == [-signal.SIGTERM]
+        assert sweep.train_point(sweep.POINTS[0], [], tmp_path / "runs", tmp_path / "logs") == {
+            "failed": "not trained: the sweep was stopped"}
+    finally:
+        sweep._STOP.clear()
 
 
 def test_a_retried_point_keeps_its_earlier_log_and_reports_its_own_failure(tmp_path, monkeypatch):
     attempts = iter(["loss is nan at step 7", "out of memory"])
 
-    def fake_train(command, stdout, stderr, stdin, env):
-        stdout.write(f"some progress\n{next(attempts)}\n")
-        return subprocess.CompletedProcess(command, 1)
+    def fake_train(command, out, env):
+        out.write(f"some progress\n{next(attempts)}\n")
+        return 1
 
-    monkeypatch.setattr(sweep.subprocess, "run", fake_train)
+    monkeypatch.setattr(sweep, "_run_child", fake_train)
     point = sweep.POINTS[0]
     for reason in ("loss is nan at step 7", "out of memory"):
-        assert sweep.train_point(point, [], tmp_path / "runs", tmp_path / "logs") == {"failed": reason}
+        assert sweep.train_point(point, [], tmp_path / "runs", tmp_path / "logs") == {"failed": f"exit 1: {reason}"}
     log = (tmp_path / "logs" / f"{point.name}.log").read_text()
     assert log.count("[sweep] ") == 2 and "loss is nan at step 7" in log and log.endswith("out of memory\n")
 
@@ -164,14 +210,16 @@ def test_a_minuscule_sweep_trains_resumes_and_reads_the_goal(corpus, tmp_path, m
         assert set(shape) == {"norm-fed", "o_proj", "down_proj"}
         assert shape["down_proj"] == pytest.approx(down_proj_max_median(run, blocks=2), rel=1e-5)
         # Noise of zero size is no change (the hooks perturb nothing else); the seeded noise gives the table's value.
-        assert sweep.noise_ratio(run, 2, 2, sigma=0.0) == 1.0
-        assert result[name]["protocols"]["noise_ratio"] == sweep.noise_ratio(run, 2, 2) != 1.0
+        model, _ = load_model(run, device="cpu")
+        held = build_pipeline(run, None, None, None).heldout_blocks(2)
+        assert sweep.noise_ratio(model, held, 2, sigma=0.0) == 1.0
+        assert result[name]["protocols"]["noise_ratio"] == sweep.noise_ratio(model, held, 2) != 1.0
     adam, osp = (result[n]["protocols"]["ratios"]["w4a4kv4"] for n in ("adam-base", "osp-base"))
     verdict = "meets" if adam >= 1.5 and osp <= 1.1 else "does not meet"
     assert f"default settings: AdamW {adam:.3f}, OSP {osp:.3f}: {verdict} the goal" in "\n".join(payload["reading"])
     table = (tmp_path / "sweep.md").read_text()
     assert table.startswith("| point ") and "| adam-broken " in table and "| failed |" in table
-    assert "- adam-broken failed: osp train: error: optim.eps=2 must be a number" in table
+    assert "- adam-broken failed: exit 1: osp train: error: optim.eps=2 must be a number" in table
     assert json.loads((tmp_path / "sweep.json").read_text())["reading"] == payload["reading"]
 
     # Run again: nothing is retrained (the summaries are reused, the evaluations read from their cache).

@@ -46,7 +46,7 @@ def test_adamw_settings_of_hybrid_groups():
            "adamw_betas": [0.8, 0.95], "adamw_weight_decay": 0.01, "ns_dtype": "fp32"}
     groups = by_name(OptimConfig.from_dict(cfg).build(tiny_model()))
     assert groups["matrix"]["lr"] == 0.02 and groups["matrix"]["update_scale"] == "keller"
-    assert groups["matrix"]["ns_dtype"] == "float32"
+    assert groups["matrix"]["ns_dtype"] == "fp32"
     assert groups["head"]["lr"] == 3e-4 and groups["head"]["betas"] == (0.8, 0.95)
     assert groups["embedding"]["weight_decay"] == 0.01 and groups["gain"]["weight_decay"] == 0.0
 
@@ -108,3 +108,44 @@ class FakeModel(nn.Module):
 def test_parameter_without_role_is_an_error():
     with pytest.raises(KeyError, match="'extra'"):
         OptimConfig.from_dict({"name": "muon"}).build(FakeModel())
+
+
+def test_reapply_on_a_restored_optimizer_is_bitwise_a_no_op_and_applies_a_changed_setting():
+    """torch's load_state_dict keeps the saved hyperparameters (and LambdaLR its saved base lrs); reapply puts
+    this run's config back, so a change that resume_allow accepts takes effect, and nothing else moves."""
+    import torch
+
+    torch.manual_seed(0)
+    model = tiny_model()
+    cfg = OptimConfig(name="muon", lr=3e-3, weight_decay=0.1, warmup_steps=2, ns_dtype="fp32")
+    opt = cfg.build(model)
+    sched = cfg.build_scheduler(opt, total_steps=10)
+    for _ in range(3):
+        model(torch.randint(0, 64, (2, 8))).sum().backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    saved_opt, saved_sched = opt.state_dict(), sched.state_dict()
+
+    def restored(config: OptimConfig):
+        o = config.build(model)
+        s = config.build_scheduler(o, total_steps=10)
+        o.load_state_dict(saved_opt)
+        s.load_state_dict(saved_sched)
+        return o, s
+
+    same, same_sched = restored(cfg)
+    before = [dict(g, params=None) for g in same.param_groups]
+    cfg.reapply(same, same_sched, model)
+    assert [dict(g, params=None) for g in same.param_groups] == before
+    assert same_sched.get_last_lr() == sched.get_last_lr()
+
+    changed_cfg = OptimConfig(name="muon", lr=1e-3, weight_decay=0.05, warmup_steps=2, ns_dtype="fp32")
+    changed, changed_sched = restored(changed_cfg)
+    assert changed.param_groups[0]["initial_lr"] == 3e-3  # what load_state_dict leaves
+    changed_cfg.reapply(changed, changed_sched, model)
+    factor = sched.get_last_lr()[0] / 3e-3
+    for group in changed.param_groups:
+        assert group["initial_lr"] == 1e-3 and group["lr"] == pytest.approx(1e-3 * factor, rel=1e-12)
+        assert group["weight_decay"] in (0.0, 0.05)
+    assert changed_sched.base_lrs == [1e-3] * len(changed.param_groups)

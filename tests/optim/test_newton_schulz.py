@@ -18,13 +18,14 @@ def _with_spectrum(m: int, n: int, s: torch.Tensor) -> torch.Tensor:
     return U @ torch.diag(s) @ V.T
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 @pytest.mark.parametrize("shape", [(64, 64), (48, 96), (96, 48)])
-def test_singular_values_in_band(shape):
+def test_singular_values_in_band(shape, dtype):
     # Condition number 10: a Gaussian square matrix has near-zero singular values that 5 steps
     # (slope 3.4445 at 0, so ×3.4445⁵ ≈ 490 at most) cannot lift, which is expected and harmless.
     s = torch.linspace(0.1, 1.0, min(shape))
     G = _with_spectrum(*shape, s)
-    O = newton_schulz(G).float()
+    O = newton_schulz(G, dtype=dtype).float()
     sv = torch.linalg.svdvals(O)
     # 5 quintic steps put the singular values in roughly [0.5, 1.5] (Keller Jordan's Muon docstring).
     assert sv.min() > 0.5 and sv.max() < 1.5
@@ -35,8 +36,9 @@ def test_singular_values_in_band(shape):
     assert off.abs().max() < 0.05
 
 
-def test_gaussian_rectangular_in_band():
-    sv = torch.linalg.svdvals(newton_schulz(torch.randn(48, 192)).float())
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_gaussian_rectangular_in_band(dtype):
+    sv = torch.linalg.svdvals(newton_schulz(torch.randn(48, 192), dtype=dtype).float())
     assert sv.min() > 0.5 and sv.max() < 1.5
 
 
@@ -68,7 +70,8 @@ def test_auto_dtype_is_bf16_only_where_the_device_computes_it_natively(native, m
     """The default: bf16 iterations where bf16 matmuls are native, fp32 where they would be emulated (~50x slower
     on an AVX2 CPU). Decided per device type, at each call."""
     asked = []
-    monkeypatch.setattr(newton_schulz_module, "native_bf16", lambda device_type: asked.append(device_type) or native)
+    monkeypatch.setattr(newton_schulz_module, "auto_dtype_name",
+                        lambda device_type: asked.append(device_type) or ("bf16" if native else "fp32"))
     G = torch.randn(24, 40)
     out = newton_schulz(G)
     assert out.dtype == (torch.bfloat16 if native else torch.float32) and asked == ["cpu"]

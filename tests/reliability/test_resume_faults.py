@@ -35,6 +35,19 @@ def test_resume_allow_accepts_the_named_change(corpus, run_copy):
     assert strict_json(run_copy / "summary.json")["status"] == "finished"
 
 
+def test_an_accepted_optimizer_change_takes_effect(corpus, run_copy):
+    """torch restores the saved hyperparameters with the optimizer state; the accepted ones must win."""
+    proc = osp(*train_args(corpus, run_copy.parent, "resume=auto", "trainer.max_steps=6", "optim.lr=1e-3",
+                           "optim.weight_decay=0.05", "resume_allow=[optim.lr,optim.weight_decay,trainer.max_steps]"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    checkpoint = torch.load(run_copy / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 6
+    groups = {g["name"]: g for g in checkpoint["optimizer_states"][0]["param_groups"]}
+    assert {g["initial_lr"] for g in groups.values()} == {1e-3}
+    assert groups["matrix"]["weight_decay"] == 0.05 and groups["gain"]["weight_decay"] == 0.0
+    assert checkpoint["lr_schedulers"][0]["base_lrs"] == [1e-3] * len(groups)
+
+
 def test_changed_shape_is_one_line_not_a_size_mismatch_traceback(corpus, run_copy):
     """Accepted by resume_allow, the new shape fails when the weights load: .hydra/ then holds the new
     settings (as for any resume that got that far), the run's artefacts stay as they were."""

@@ -38,3 +38,22 @@ def test_the_model_presets_extend_the_dataclass_defaults():
                 assert config_defaults()[key] != value, f"model/{preset}.yaml restates the default {key}"
         composed = compose([f"model={preset}"]).model
         assert set(composed) == set(config_defaults())  # every setting can be overridden without +
+
+
+def test_ns_dtype_auto_is_recorded_as_the_machine_runs_it(monkeypatch):
+    """`optim.ns_dtype=auto` is recorded resolved, like the precision: a Muon checkpoint from before `auto` (its
+    record says bf16) resumes as it is where bf16 is native, and names the change where it is not."""
+    import osp.training.run as run
+    from osp.conf import compose
+    from osp.training.run_record import flatten
+
+    old = flatten({"optim": {"name": "muon", "ns_dtype": "bf16"}})
+    for native, expected_rows in ((True, []), (False, [("optim.ns_dtype", "bf16", "fp32")])):
+        monkeypatch.setattr(run, "auto_dtype_name", lambda device_type, native=native: "bf16" if native else "fp32")
+        cfg = compose(["optim=muon"])
+        assert cfg.optim.ns_dtype == "auto"
+        run.resolve_for_machine(cfg)
+        assert differences(old, flatten({"optim": {"name": "muon", "ns_dtype": cfg.optim.ns_dtype}})) == expected_rows
+    adamw = compose([])  # AdamW runs have no Newton-Schulz setting to resolve
+    run.resolve_for_machine(adamw)
+    assert "ns_dtype" not in adamw.optim
