@@ -192,8 +192,9 @@ def quantized(
     """
     cfg = QuantConfig.resolve(cfg)
     base = _base_model(model)
-    sites = [site for site in _linear_sites(base) if only is None or only(site.name)]
-    _check_supported(cfg, base, sites)
+    every_site = _linear_sites(base)
+    _check_supported(cfg, base, every_site)  # the model's support, not the subset's (only= may leave out down_proj)
+    sites = [site for site in every_site if only is None or only(site.name)]
     static = cfg.a_static and static_absmax is None
     if (cfg.w_method == "gptq" or static) and calib_blocks is None:
         what = "GPTQ weights" if cfg.w_method == "gptq" else "static activation scales"

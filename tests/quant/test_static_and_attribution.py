@@ -150,3 +150,15 @@ def test_a_calibration_passed_in_gives_the_same_view(tiny_model, blocks):
     assert rows[site]["nll"] == pytest.approx(alone[0] / alone[1], rel=1e-12)
     with pytest.raises(ValueError, match="static activation scales need calibration blocks"):
         attribute(tiny_model, held, "w4a8+static")
+
+
+def test_attribution_of_a_hadamard_preset(blocks):
+    """A +had view restricted to sites without a down_proj is still a valid view (the rotation only applies
+    where a down_proj is quantized); each row equals that restricted view's NLL."""
+    model = make_model()
+    result = attribute(model, blocks, "w16a4+had")
+    rows = {row["name"]: row for row in result["sites"]}
+    _, tokens = nll_stats(model, blocks)
+    for name in ("layers.0.self_attn.q_proj", "layers.1.mlp.down_proj"):
+        with quantized(model, "w16a4+had", only=lambda site, name=name: site == name):
+            assert rows[name]["nll"] == pytest.approx(nll_stats(model, blocks)[0] / tokens, rel=1e-6)
