@@ -79,14 +79,24 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(f"W4A4 ppl       {fmt('ppl_w4a4', '.2f')}   (fp {fmt('ppl_fp', '.2f')}, "
                      f"ratio {fmt('quant_ratio', '.3f')})")
     lines += outlier_story(s)
-    lines.append(f"checkpoint     {s['checkpoint'] or 'none'}")
+    lines.append(f"checkpoint     {shown(s['checkpoint']) if s['checkpoint'] else 'none'}")
     if s.get("export_dir"):
-        lines.append(f"export         {s['export_dir']}")
-    lines.append(f"logs           {s['logs']}")
-    lines.append(f"summary        {Path(s['run_dir']) / 'summary.json'}")
+        lines.append(f"export         {shown(s['export_dir'])}")
+    lines.append(f"logs           {shown(s['logs'])}")
+    lines.append(f"summary        {shown(Path(s['run_dir']) / 'summary.json')}")
     width = max(len(line) for line in lines)
     bar = "=" * width
     return "\n".join([bar, "osp summary".center(width), bar, *lines, bar])
+
+
+def shown(path: str | Path) -> str:
+    """A path as the summary prints it: relative to the working directory when inside it (summary.json keeps it
+    absolute), so the printed commands are short and paste as they are."""
+    path = Path(path)
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 # Kurtosis as a multiple of the Gaussian floor (what Gaussian activations of this width give): up to
@@ -113,5 +123,6 @@ def outlier_story(s: dict[str, Any]) -> list[str]:
     if s.get("recipe") in ("tiny", "osp"):  # the demo A/B: the other arm, same data, budget and lr
         what = "the outlier-safe arm (Muon + SSNorm + EmbProj)" if baseline else "the AdamW baseline arm"
         lines.append(f"A/B            {what}: osp train recipe={other}")
-        lines.append(f"               then: osp report {s['run_dir']} {Path(s['run_dir']).parent / other}-*")
+        run_dir = Path(shown(s["run_dir"]))
+        lines.append(f"               then: osp report {run_dir} {run_dir.parent / other}-*")
     return lines

@@ -35,3 +35,18 @@ def test_thresholds_and_runs_outside_the_demo():
     assert outlier_story(s) == [f"verdict        some outliers: kurtosis {between:.3g}x the floor"]  # no A/B
     assert outlier_story({**BASE}) == []  # no outlier measurement: nothing to say
 
+
+
+def test_paths_inside_the_working_directory_print_relative(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path.resolve() / "runs" / "tiny-1"
+    s = {**BASE, "run_dir": str(run), "checkpoint": str(run / "checkpoints" / "last.ckpt"),
+         "logs": str(run / "csv" / "metrics.csv"), "kurtosis": 7.38, "kurtosis_floor": 0.106,
+         "kurtosis_floor_ratio": 69.6, "max_abs": 3483.0}
+    text = format_summary(s)
+    assert "checkpoint     runs/tiny-1/checkpoints/last.ckpt" in text
+    assert "summary        runs/tiny-1/summary.json" in text
+    assert "then: osp report runs/tiny-1 runs/osp-*" in text
+    assert str(tmp_path.resolve()) not in text
+    # outside it they stay absolute (the /r/... paths of BASE)
+    assert "logs           /r/tiny-1/csv/metrics.csv" in format_summary(BASE)
