@@ -116,9 +116,10 @@ def main(argv: list[str]) -> None:
     order_rng = random.Random(args.seed)
     n_params = sum(p.numel() for p in base.parameters())
     print(f"machine: {machine(device)}")
+    ns_dtype = str(resolve_dtype(args.ns_dtype, device.type)).removeprefix("torch.")  # auto as this device runs it
     print(
         f"model: d {cfg.d_model}, {cfg.n_layers} layers, vocab {cfg.vocab_size}, {n_params / 1e6:.2f}M params; "
-        f"seq {args.seq_len}, micro-batch {args.batch_size}, precision {args.precision}, NS {str(resolve_dtype(args.ns_dtype, device.type)).removeprefix('torch.')}; "
+        f"seq {args.seq_len}, micro-batch {args.batch_size}, precision {args.precision}, NS {ns_dtype}; "
         f"median of {args.reps}, interleaved"
     )
     header = (

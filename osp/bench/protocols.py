@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +36,26 @@ DEFAULT_PRESETS = ("w4a4kv4", "w4a4kv4+had", "w8a8", "w8a8+static", "w4a8+static
                    "w4a4kv4+had+static")
 
 
-def evaluate_run(run_dir: Path, presets: list[str], blocks: int, calib_blocks: int,
-                 batch_size: int) -> dict[str, Any]:
+@dataclass
+class LoadedRun:
+    """A run (or one of its checkpoints) as the protocols evaluate it: the model on CPU, its own held-out blocks
+    (N, T+1), its training blocks for calibration (None when no preset calibrates), and its precision."""
+
+    path: Path
+    name: str
+    model: torch.nn.Module
+    held: torch.Tensor
+    calib: torch.Tensor | None
+    precision: str
+    summary: dict[str, Any]
+
+
+def load_run(run_dir: Path, presets: list[str], blocks: int, calib_blocks: int) -> LoadedRun:
+    """Load a run dir or checkpoint with `osp eval`'s data: `blocks` held-out blocks, and `calib_blocks`
+    training blocks when one of `presets` calibrates."""
     from osp.cli.eval import build_pipeline, find_tokenizer_dir, run_precision
     from osp.export import load_model
-    from osp.precision import autocast_for
-    from osp.quant.perplexity import eval_config, evaluate_quant
+    from osp.quant.perplexity import eval_config
 
     model, _ = load_model(run_dir, device="cpu")  # its last checkpoint, or its export when it kept none
     data = build_pipeline(run_dir, None, find_tokenizer_dir(run_dir), None)
@@ -50,16 +65,30 @@ def evaluate_run(run_dir: Path, presets: list[str], blocks: int, calib_blocks: i
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     # A checkpoint of a run (runs/x/checkpoints/step0000500.ckpt) is named for both: x/step0000500.
     name = f"{run_dir.parent.parent.name}/{run_dir.stem}" if run_dir.suffix == ".ckpt" else run_dir.name
-    out: dict[str, Any] = {"run": str(run_dir), "name": name, "kurtosis": summary.get("kurtosis_exact"),
-                           "max_abs": summary.get("max_abs"), "ratios": {}}
-    with autocast_for(run_precision(run_dir, None, "cpu"), "cpu"):
+    return LoadedRun(run_dir, name, model, held, calib, run_precision(run_dir, None, "cpu"), summary)
+
+
+def protocol_ratios(run: LoadedRun, presets: list[str], batch_size: int) -> dict[str, Any]:
+    """Quantized / full-precision perplexity of a loaded run under each preset."""
+    from osp.precision import autocast_for
+    from osp.quant.perplexity import evaluate_quant
+
+    out: dict[str, Any] = {"run": str(run.path), "name": run.name, "kurtosis": run.summary.get("kurtosis_exact"),
+                           "max_abs": run.summary.get("max_abs"), "ratios": {}}
+    with autocast_for(run.precision, "cpu"):
         for preset in presets:
-            result = evaluate_quant(model, held, preset, calib_blocks=calib, batch_size=batch_size)
+            result = evaluate_quant(run.model, run.held, preset, calib_blocks=run.calib, batch_size=batch_size)
             out["ppl_fp"] = result["ppl_fp"]
             out["ratios"][result["preset"]] = result["ratio"]
-            print(f"  {name}: {result['preset']} ppl {result['ppl_quant']:.2f} / fp {result['ppl_fp']:.2f} "
+            print(f"  {run.name}: {result['preset']} ppl {result['ppl_quant']:.2f} / fp {result['ppl_fp']:.2f} "
                   f"= {result['ratio']:.4f}", flush=True)
     return out
+
+
+def evaluate_run(run_dir: Path, presets: list[str], blocks: int, calib_blocks: int,
+                 batch_size: int) -> dict[str, Any]:
+    """One row of the table: a run's (or checkpoint's) ratio under each preset, with its summary's kurtosis."""
+    return protocol_ratios(load_run(run_dir, presets, blocks, calib_blocks), presets, batch_size)
 
 
 def format_table(results: list[dict[str, Any]], markdown: bool = False) -> str:

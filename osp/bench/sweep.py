@@ -255,9 +255,7 @@ def noise_ratio(model: torch.nn.Module, held: torch.Tensor, batch_size: int, sig
 def evaluate_point(run_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """The protocol ratios, linear-input shape and noise sensitivity of a trained point; cached in the run dir
     for the same evaluation settings and the same training (its summary)."""
-    from osp.bench.protocols import evaluate_run
-    from osp.cli.eval import build_pipeline, run_precision
-    from osp.export import load_model
+    from osp.bench.protocols import load_run, protocol_ratios
     from osp.precision import autocast_for
 
     key = {**settings, "version": EVALUATION_VERSION,
@@ -269,13 +267,11 @@ def evaluate_point(run_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
             return stored["result"]
     except (OSError, ValueError, AttributeError):  # none yet, or unreadable: evaluate again
         pass
-    result = evaluate_run(run_dir, settings["presets"], settings["blocks"], settings["calib_blocks"],
-                          settings["batch_size"])
-    model, _ = load_model(run_dir, device="cpu")
-    held = build_pipeline(run_dir, None, None, None).heldout_blocks(settings["blocks"])
-    result["input_max_median"] = input_max_median(model, held[:, :-1])
-    with autocast_for(run_precision(run_dir, None, "cpu"), "cpu"):
-        result["noise_ratio"] = noise_ratio(model, held, settings["batch_size"], settings["noise_sigma"])
+    run = load_run(run_dir, settings["presets"], settings["blocks"], settings["calib_blocks"])
+    result = protocol_ratios(run, settings["presets"], settings["batch_size"])
+    result["input_max_median"] = input_max_median(run.model, run.held[:, :-1])
+    with autocast_for(run.precision, "cpu"):
+        result["noise_ratio"] = noise_ratio(run.model, run.held, settings["batch_size"], settings["noise_sigma"])
     write_json(cache, {"settings": key, "result": result})
     return result
 
