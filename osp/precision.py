@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 
@@ -22,9 +23,24 @@ KNOWN = ("auto", "32-true", "32", "bf16-mixed", "bf16", "16-mixed", "16", "bf16-
          "64-true", "64", "transformer-engine", "transformer-engine-float16")
 
 
-@functools.cache  # asked at every Newton-Schulz call (optim ns_dtype=auto); the answer never changes
+# What `auto` assumes of the CPU instead of asking it: "1" as if bf16 were native, "0" as if it were emulated.
+# The tests set it to run every precision-dependent test both ways on any machine; unset, the CPU is asked.
+ASSUME_NATIVE_BF16 = "OSP_ASSUME_NATIVE_BF16"
+
+
 def native_bf16(device_type: str) -> bool:
-    """Whether bf16 matmuls run natively (not emulated) on this machine's `device_type` ("cpu" | "cuda")."""
+    """Whether bf16 matmuls run natively (not emulated) on this machine's `device_type` ("cpu" | "cuda");
+    for the CPU, $OSP_ASSUME_NATIVE_BF16 (0 or 1) overrides what the CPU says."""
+    assumed = os.environ.get(ASSUME_NATIVE_BF16, "")
+    if device_type == "cpu" and assumed:
+        if assumed not in ("0", "1"):
+            raise ValueError(f"{ASSUME_NATIVE_BF16}={assumed!r} must be 0 or 1 (or unset: ask the CPU)")
+        return assumed == "1"
+    return _detected_native_bf16(device_type)
+
+
+@functools.cache  # asked at every Newton-Schulz call (optim ns_dtype=auto); the answer never changes
+def _detected_native_bf16(device_type: str) -> bool:
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     try:

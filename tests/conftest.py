@@ -17,7 +17,24 @@ from collections.abc import Iterator  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from osp.precision import ASSUME_NATIVE_BF16  # noqa: E402
 from tests.support.synthetic_text import write_corpus  # noqa: E402
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # `pytest -m auto_precision` selects the tests whose numbers depend on what `auto` resolves to.
+    for item in items:
+        if "auto_precision" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.auto_precision)
+
+
+@pytest.fixture(params=["fp32", "bf16"])
+def auto_precision(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test twice: with `auto` (trainer.precision, optim.ns_dtype) resolved as on a CPU that emulates
+    bf16 (fp32) and as on one that computes it natively (bf16), in the test and in the processes it starts.
+    So one machine of either kind runs what the other kind would."""
+    monkeypatch.setenv(ASSUME_NATIVE_BF16, "1" if request.param == "bf16" else "0")
+    return request.param
 
 
 @pytest.fixture(autouse=True)

@@ -215,7 +215,7 @@ def input_max_median(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, flo
 # widening the grid.
 NOISE_SIGMA = 0.1
 # What evaluate_point computes; a cached evaluation of another version is computed again.
-EVALUATION_VERSION = 2
+EVALUATION_VERSION = 3
 
 
 def with_relative_noise(x: torch.Tensor, sigma: float, generator: torch.Generator) -> torch.Tensor:
@@ -269,8 +269,8 @@ def evaluate_point(run_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
         pass
     run = load_run(run_dir, settings["presets"], settings["blocks"], settings["calib_blocks"])
     result = protocol_ratios(run, settings["presets"], settings["batch_size"])
-    result["input_max_median"] = input_max_median(run.model, run.held[:, :-1])
-    with autocast_for(run.precision, "cpu"):
+    with autocast_for(run.precision, "cpu"):  # the numerics the run trained with, as the protocols use
+        result["input_max_median"] = input_max_median(run.model, run.held[:, :-1])
         result["noise_ratio"] = noise_ratio(run.model, run.held, settings["batch_size"], settings["noise_sigma"])
     write_json(cache, {"settings": key, "result": result})
     return result

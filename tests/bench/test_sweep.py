@@ -17,6 +17,7 @@ from osp.cli.eval import build_pipeline
 from osp.conf import compose
 from osp.data import DataError
 from osp.export import load_model
+from osp.precision import autocast_for
 from tests.support.training import TINY_MODEL_DATA, subprocess_env
 
 
@@ -166,16 +167,13 @@ def test_relative_noise_has_the_asked_size_per_row():
     assert sweep.with_relative_noise(x.bfloat16(), 0.1, generator).dtype == torch.bfloat16
 
 
-def down_proj_max_median(run, blocks: int) -> float:
+def down_proj_max_median(model, ids) -> float:
     """By hand: the mean over layers and tokens of max|x| / median|x| at each down_proj input."""
-    model, _ = load_model(run, device="cpu")
-    ids = build_pipeline(run, None, None, None).heldout_blocks(blocks)[:, :-1]
     ratios = []
     hooks = [layer.mlp.down_proj.register_forward_pre_hook(
         lambda _m, args: ratios.append((lambda a: a.amax(-1) / a.median(-1).values)(args[0].float().abs()).mean()))
         for layer in model.layers]
     with torch.no_grad():
-        model.eval()
         model(ids)
     for hook in hooks:
         hook.remove()
@@ -183,7 +181,7 @@ def down_proj_max_median(run, blocks: int) -> float:
 
 
 @pytest.mark.slow
-def test_a_minuscule_sweep_trains_resumes_and_reads_the_goal(corpus, tmp_path, monkeypatch):
+def test_a_minuscule_sweep_trains_resumes_and_reads_the_goal(corpus, tmp_path, monkeypatch, auto_precision):
     for key, value in subprocess_env().items():
         monkeypatch.setenv(key, value)
     broken = sweep.Point("adam-broken", "adam", "a setting that fails", ("optim.eps=2",))
@@ -206,14 +204,19 @@ def test_a_minuscule_sweep_trains_resumes_and_reads_the_goal(corpus, tmp_path, m
         # The table's ratios are `osp bench protocols`' on the same run, computed again here.
         again = evaluate_run(run, ["w4a4kv4", "w4a4kv4+static"], 2, 2, 2)
         assert again["ratios"] == pytest.approx(result[name]["protocols"]["ratios"], rel=1e-6)
-        shape = result[name]["protocols"]["input_max_median"]
-        assert set(shape) == {"norm-fed", "o_proj", "down_proj"}
-        assert shape["down_proj"] == pytest.approx(down_proj_max_median(run, blocks=2), rel=1e-5)
-        # Noise of zero size is no change (the hooks perturb nothing else); the seeded noise gives the table's value.
+        # Recomputed here at the precision the run recorded, which `auto` resolved in its subprocess.
+        precision = result[name]["summary"]["precision"]
+        assert precision == {"bf16": "bf16-mixed", "fp32": "32-true"}[auto_precision]
         model, _ = load_model(run, device="cpu")
         held = build_pipeline(run, None, None, None).heldout_blocks(2)
-        assert sweep.noise_ratio(model, held, 2, sigma=0.0) == 1.0
-        assert result[name]["protocols"]["noise_ratio"] == sweep.noise_ratio(model, held, 2) != 1.0
+        shape = result[name]["protocols"]["input_max_median"]
+        assert set(shape) == {"norm-fed", "o_proj", "down_proj"}
+        with autocast_for(precision, "cpu"):
+            assert shape["down_proj"] == pytest.approx(down_proj_max_median(model, held[:, :-1]), rel=1e-5)
+            # Noise of zero size is no change (the hooks perturb nothing else); the seeded noise gives the
+            # table's value.
+            assert sweep.noise_ratio(model, held, 2, sigma=0.0) == 1.0
+            assert result[name]["protocols"]["noise_ratio"] == sweep.noise_ratio(model, held, 2) != 1.0
     adam, osp = (result[n]["protocols"]["ratios"]["w4a4kv4"] for n in ("adam-base", "osp-base"))
     verdict = "meets" if adam >= 1.5 and osp <= 1.1 else "does not meet"
     assert f"default settings: AdamW {adam:.3f}, OSP {osp:.3f}: {verdict} the goal" in "\n".join(payload["reading"])

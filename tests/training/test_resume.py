@@ -87,6 +87,18 @@ def test_preempted_run_resumes_exactly(corpus, uninterrupted, one_thread):
     assert_same_run(root / "cut", root / "full", resumed, full)
 
 
+def test_a_run_at_the_auto_precision_resumes_exactly(corpus, tmp_path, one_thread, auto_precision):
+    """trainer.precision and optim.ns_dtype left at `auto`, resolved both ways (bf16 autocast with bf16
+    Newton-Schulz, and fp32): a preempted run resumes bitwise either way, and records what auto became."""
+    full = run(corpus, tmp_path, "full", "trainer.precision=auto")
+    assert full["precision"] == {"bf16": "bf16-mixed", "fp32": "32-true"}[auto_precision]
+    with pytest.raises(Preempted):
+        run(corpus, tmp_path, "cut", "trainer.precision=auto", "+callbacks.kill.step=5",
+            "+callbacks.kill._target_=tests.support.callbacks.SignalAt")
+    resumed = run(corpus, tmp_path, "cut", "trainer.precision=auto", "resume=auto")
+    assert_same_run(tmp_path / "cut", tmp_path / "full", resumed, full)
+
+
 @pytest.mark.filterwarnings("ignore:The dirpath has changed")  # the copy still names the original folder
 def test_crash_resumes_from_the_newest_step_checkpoint(corpus, uninterrupted, one_thread):
     """A run killed without warning after step 10: resume=auto takes the step-8 checkpoint and redoes 9-10."""
