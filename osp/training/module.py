@@ -21,6 +21,7 @@ from osp.optim import OptimConfig, describe_groups
 from osp.training.checkpoints import capture_rng, restore_rng
 from osp.training.loggers import ResumableCSVLogger
 from osp.training.parallel import apply_activation_checkpointing, apply_fsdp, fsdp_options_of, is_sharded
+from osp.training.tail_loss import TailLoss, TailLossConfig
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -33,17 +34,22 @@ class LanguageModelModule(L.LightningModule):
 
     def __init__(self, model: dict[str, Any] | ModelConfig, optim: dict[str, Any] | DictConfig | OptimConfig,
                  compile: bool = False, activation_checkpointing: bool = False,
-                 run_record: dict[str, Any] | None = None) -> None:
+                 run_record: dict[str, Any] | None = None,
+                 loss: dict[str, Any] | TailLossConfig | None = None) -> None:
         super().__init__()
         self.run_record = run_record  # the run's config and data fingerprints (osp.training.run_record)
         model_cfg = model if isinstance(model, ModelConfig) else ModelConfig.from_dict(dict(model))
         optim_cfg = OptimConfig.from_dict(optim)
+        loss_cfg = loss if isinstance(loss, TailLossConfig) else TailLossConfig(**dict(loss or {}))
         self.save_hyperparameters({"model": model_cfg.to_dict(), "optim": optim_cfg.to_dict(), "compile": compile,
-                                   "activation_checkpointing": activation_checkpointing})
+                                   "activation_checkpointing": activation_checkpointing,
+                                   "loss": loss_cfg.to_dict()})
         self.model_cfg = model_cfg
         self.optim_cfg = optim_cfg
         self.activation_checkpointing = activation_checkpointing
         self.model = Transformer(model_cfg)
+        # Training-only loss terms (none by default: then no hook is registered at all).
+        self.tail_loss = TailLoss(self.model, loss_cfg) if loss_cfg.ffn_tail_weight > 0 else None
         # Kept out of the module tree (object.__setattr__) so the compiled wrapper's parameters are not
         # registered a second time under another name in state_dict.
         object.__setattr__(self, "_forward", torch.compile(self.model) if compile else self.model)
@@ -70,13 +76,21 @@ class LanguageModelModule(L.LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        loss = next_token_loss(self(inputs), targets)
+        if self.tail_loss is None:
+            loss = objective = next_token_loss(self(inputs), targets)
+        else:
+            with self.tail_loss.collecting():
+                logits = self(inputs)
+            tail = self.tail_loss.total()
+            self.log("train/ffn_tail", tail, sync_dist=True)
+            loss = next_token_loss(logits, targets)  # train/loss stays the cross-entropy, comparable across runs
+            objective = loss + tail
         self.last_loss = loss.detach()
         self.tokens_seen += targets.numel() * self.trainer.world_size
         # The mean over ranks (one scalar all-reduce): the curve of the global batch, whatever the world size.
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("train/tokens", float(self.tokens_seen), reduce_fx="max")
-        return loss
+        return objective
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         inputs, targets = batch[:, :-1], batch[:, 1:]

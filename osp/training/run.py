@@ -32,6 +32,7 @@ from osp.training.preemption import Preempted, requeue_slurm_job
 from osp.training.rundir import recover_checkpoints
 from osp.training.run_record import check_resume, run_record
 from osp.training.summary import collect_summary, format_summary
+from osp.training.tail_loss import TailLossConfig
 
 # Noise that every run would print and no user can act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
@@ -73,6 +74,10 @@ def preflight(cfg: DictConfig) -> None:
                           "osp does not support; use trainer=fsdp (FSDP2)")
     build_model_config(cfg, vocab_size=1)
     DataConfig.from_dict(cfg.data)
+    try:
+        TailLossConfig(**OmegaConf.to_container(cfg.get("loss") or {}, resolve=True))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from None
     seq_len, max_seq_len = cfg.data.get("seq_len"), cfg.model.get("max_seq_len")
     if isinstance(seq_len, int) and isinstance(max_seq_len, int) and seq_len > max_seq_len:
         raise ConfigError(f"data.seq_len={seq_len} exceeds model.max_seq_len={max_seq_len}; lower "
@@ -94,7 +99,7 @@ def build_module(cfg: DictConfig, vocab_size: int, record: dict[str, Any] | None
     osp.training.run_record) travels in its checkpoints."""
     return LanguageModelModule(build_model_config(cfg, vocab_size), cfg.optim, compile=bool(cfg.compile),
                                activation_checkpointing=bool(cfg.get("activation_checkpointing", False)),
-                               run_record=record)
+                               run_record=record, loss=OmegaConf.to_container(cfg.get("loss") or {}, resolve=True))
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback],

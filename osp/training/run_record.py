@@ -65,8 +65,10 @@ def _matches(key: str, prefixes: tuple[str, ...] | list[str]) -> bool:
 def code_defaults() -> dict[str, Any]:
     """Every model, optim and data setting at its code default, flattened like a record."""
     from osp.optim import OptimConfig
+    from osp.training.tail_loss import TailLossConfig
 
-    return flatten({"model": config_defaults(), "optim": OptimConfig().to_dict(), "data": DataConfig().to_dict()})
+    return flatten({"model": config_defaults(), "optim": OptimConfig().to_dict(), "data": DataConfig().to_dict(),
+                    "loss": TailLossConfig().to_dict()})
 
 
 def differences(stored: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
