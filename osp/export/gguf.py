@@ -28,6 +28,8 @@ import torch
 from osp.model import ModelConfig, Transformer
 
 from .atomic import atomic_file, check_file_target
+from osp.quant.smooth import Smoothing
+
 from .hf import CUSTOM_BLOCK_KEYS, hf_state_dict
 from .tokenizer import as_tokenizer
 
@@ -56,12 +58,14 @@ def export_gguf(
     outtype: str = "f16",
     force: bool = False,
     name: str | None = None,
+    smoothing: list[Smoothing] | None = None,
 ) -> Path:
     """Write `model` with `tokenizer` (an HF tokenizer or its folder) as a GGUF file; returns its path.
 
     `out` is the file, or an existing directory that gets `<name>.gguf`. The file appears atomically
     (written under a temporary sibling name, then renamed); an existing file is refused unless `force`.
-    `outtype`: one of OUTTYPES (f16 by default, as llama.cpp's converter).
+    `outtype`: one of OUTTYPES (f16 by default, as llama.cpp's converter). `smoothing` is folded into the
+    weights as `export_hf` does.
     """
     if outtype not in OUTTYPES:
         raise GGUFExportError(f"outtype {outtype!r} is not supported; choose one of {list(OUTTYPES)}")
@@ -76,7 +80,7 @@ def export_gguf(
                               "pass one (osp export --tokenizer PATH)")
     cfg = model.cfg
     file_type, _ = OUTTYPES[outtype]
-    tensors = list(gguf_tensors(model, outtype))  # before the file exists: a failure leaves nothing
+    tensors = list(gguf_tensors(model, outtype, smoothing))  # before the file exists: a failure leaves nothing
     with atomic_file(path, force) as tmp:
         writer = gguf.GGUFWriter(tmp, ARCH)
         try:
@@ -133,12 +137,14 @@ def permute_qk(weight: torch.Tensor, n_head: int) -> torch.Tensor:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def gguf_tensors(model: Transformer, outtype: str) -> Iterator[tuple[str, np.ndarray, QT]]:
+def gguf_tensors(model: Transformer, outtype: str, smoothing: list[Smoothing] | None = None
+                 ) -> Iterator[tuple[str, np.ndarray, QT]]:
     """(llama.cpp name, data as written, GGML type) of every weight, folded and with Q/K permuted."""
     cfg = model.cfg
     _, weight_type = OUTTYPES[outtype]
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.n_layers)
-    for hf_name, tensor in hf_state_dict(model, dtype=torch.float32, tied=cfg.tie_embeddings).items():
+    for hf_name, tensor in hf_state_dict(model, dtype=torch.float32, tied=cfg.tie_embeddings,
+                                               smoothing=smoothing).items():
         new_name = names.get_name(hf_name, try_suffixes=(".weight",))
         if new_name is None:
             raise GGUFExportError(f"osp export: no llama.cpp name for {hf_name}; the GGUF export code lags "

@@ -26,6 +26,7 @@ import osp
 from osp.data.tokenizer import save_tokenizer
 from osp.model import ModelConfig, Transformer, merge_emb_proj
 from osp.precision import DTYPES
+from osp.quant.smooth import Smoothing, fold_into_state, trained_smoothing
 
 from .atomic import atomic_directory, check_target
 from .layout import warn_layout
@@ -54,12 +55,14 @@ def export_hf(
     force: bool = False,
     max_shard_size: int | str = "5GB",
     dtype: torch.dtype | str | None = None,
+    smoothing: list[Smoothing] | None = None,
 ) -> Path:
     """Write `model` (and `tokenizer`: an HF tokenizer object or a folder) as a Hugging Face folder.
 
     Writes config.json, generation_config.json, safetensors weights (sharded with an index above
     `max_shard_size`), tokenizer files and, for non-Llama blocks, the custom modeling code. `dtype`
-    casts the weights (default: as trained). The folder appears atomically; a non-empty `out_dir` is
+    casts the weights (default: as trained); `smoothing` (osp.quant.w4a4.smoothing_of of a +smooth preset) is
+    folded into the weights (a smooth_swiglu model's own is folded by default). The folder appears atomically; a non-empty `out_dir` is
     refused unless `force`, which replaces it. Warns (LayoutWarning) when QuaRot/SpinQuant would
     reject the shapes. Returns the folder.
     """
@@ -73,9 +76,12 @@ def export_hf(
     # The custom code always has its own head: simpler code, same function, one vocab x d copy more.
     tied = plain and cfg.tie_embeddings
     warn_layout(cfg, tied)
-    tensors = hf_state_dict(model, _as_dtype(dtype), tied=tied)
+    tensors = hf_state_dict(model, _as_dtype(dtype), tied=tied, smoothing=smoothing)
     weight_dtype = tensors["model.embed_tokens.weight"].dtype
     config = llama_config(model, weight_dtype, tok) if plain else osp_config(model, weight_dtype, tok, reasons)
+    if smoothing:
+        config["osp"]["folded"].append(f"+smooth per-channel scales of {sum(len(s.readers) for s in smoothing)} "
+                                       "linear inputs folded into up_proj, the norm gains and their readers")
     check_loadable(config, tensors)
     with atomic_directory(out_dir, force=force) as tmp:
         _write_json(tmp / "config.json", config)
@@ -91,13 +97,14 @@ def export_hf(
 
 
 @torch.no_grad()
-def hf_state_dict(model: Transformer, dtype: torch.dtype | None = None, tied: bool | None = None
-                  ) -> dict[str, torch.Tensor]:
+def hf_state_dict(model: Transformer, dtype: torch.dtype | None = None, tied: bool | None = None,
+                  smoothing: list[Smoothing] | None = None) -> dict[str, torch.Tensor]:
     """The model's weights in Hugging Face Llama names, with foldable blocks folded.
 
     Parameters keep osp's names (which are HF Llama's) under the `model.` prefix, except `lm_head`.
     Every norm contributes its `llama_weight()` (an SSNorm scalar becomes g * 1_d); EmbProj is merged
-    into the embedding and head (exact up to rounding: done in fp64). With `tied` (default: the model's
+    into the embedding and head (exact up to rounding: done in fp64), and per-channel smoothing (`smoothing`,
+    default: a smooth_swiglu model's own) into up_proj, the norm gains and their readers. With `tied` (default: the model's
     tie_embeddings) the head is left out, since `tie_word_embeddings` restores it. Other parameters
     (gates, GatedNorm, PreAffine) are copied as is.
     """
@@ -105,6 +112,11 @@ def hf_state_dict(model: Transformer, dtype: torch.dtype | None = None, tied: bo
     for name, module in model.named_modules():
         if hasattr(module, "llama_weight"):
             state[f"{name}.weight"] = module.llama_weight()
+    # Per-channel smoothing folds into the weights (osp.quant.smooth): a +smooth calibration when given, else
+    # what a smooth_swiglu model tracked in training; its running max is training state, not a weight.
+    list(fold_into_state(state, trained_smoothing(model) if smoothing is None else smoothing))
+    for key in [k for k in state if k.endswith(".mlp.output_absmax")]:
+        del state[key]
     if model.emb_proj_in is not None:
         embedding, head = merge_emb_proj(model.embed_tokens.weight, model.lm_head.weight,
                                          model.emb_proj_in.weight, model.emb_proj_out.weight)
@@ -226,6 +238,8 @@ def _provenance(model: Transformer) -> dict[str, Any]:
         folded.append("emb_proj merged into embed_tokens and lm_head")
     if cfg.norm == "ss":
         folded.append("SSNorm scalars written as RMSNorm weight vectors")
+    if cfg.smooth_swiglu:
+        folded.append("Smooth-SwiGLU per-channel scales folded into up_proj rows and down_proj columns")
     return {"version": osp.__version__, "trained_config": cfg.to_dict(), "folded": folded}
 
 

@@ -22,9 +22,12 @@ from torch import Tensor, nn
 from osp.metrics.outliers import (
     channel_kurtosis_from_sums,
     channel_square_sums,
+    gate_up_alignment,
     gaussian_floor,
+    peak_channels,
     token_excess_kurtosis,
     token_max_median_ratio,
+    top_channel_share,
 )
 from osp.model.modes import eval_mode
 
@@ -36,7 +39,19 @@ __all__ = [
     "evaluate_kurtosis",
     "outlier_log_dict",
     "format_kurtosis",
+    "INPUT_KINDS",
+    "input_kind",
+    "gate_up_alignments",
 ]
+
+# The quantized linear inputs by what produces them: an RMSNorm (q/k/v and gate/up read one tensor, named after
+# its first reader), the attention (o_proj) and the SwiGLU product (down_proj).
+INPUT_KINDS = {"q_proj": "norm_fed", "gate_proj": "norm_fed", "o_proj": "o_proj", "down_proj": "down_proj"}
+
+
+def input_kind(site: str) -> str | None:
+    """"norm_fed", "o_proj" or "down_proj" for a linear-input site name ("block_01.mlp.down_proj"), else None."""
+    return INPUT_KINDS.get(site.rsplit(".", 1)[-1])
 
 Mode = Literal["osp_exact", "context"]
 MODES: tuple[str, ...] = ("osp_exact", "context")
@@ -55,6 +70,7 @@ class _StatsAccumulator:
         self.max_abs: Tensor | None = None
         self.max_median_sum: Tensor | None = None
         self.channel_sums: Tensor | None = None
+        self.peak_counts: Tensor | None = None
 
     @staticmethod
     def _add(total: Tensor | None, value: Tensor) -> Tensor:
@@ -72,6 +88,7 @@ class _StatsAccumulator:
             self.max_median_sum = self._add(self.max_median_sum, token_max_median_ratio(h).sum())
             sums, _ = channel_square_sums(h)
             self.channel_sums = self._add(self.channel_sums, sums)
+            self.peak_counts = self._add(self.peak_counts, torch.bincount(peak_channels(h), minlength=self.d))
 
     def result(self) -> dict[str, float]:
         if self.n_tokens == 0:
@@ -85,6 +102,7 @@ class _StatsAccumulator:
         if self.full:
             out["max_median"] = self.max_median_sum.item() / self.n_tokens
             out["channel_kurtosis"] = channel_kurtosis_from_sums(self.channel_sums, self.n_tokens).item()
+            out["channel_share"] = top_channel_share(self.peak_counts).item()
         return out
 
 
@@ -168,7 +186,8 @@ def outlier_stats(
 
     Returns {"mode", "d", "n_tokens", "n_taps", and per-tap lists "kurtosis" (OSP, relu-clamped),
     "kurtosis_unclamped", "max_abs", plus "max_median" and "channel_kurtosis" when full}; with
-    linear_inputs, also "linear_inputs": {site: {same statistics}} for each distinct block-linear input.
+    linear_inputs, also "linear_inputs": {site: {same statistics, plus "channel_share" when full}} for each
+    distinct block-linear input, and "gate_up_alignment": [per block] (see `gate_up_alignment`).
     """
     input_ids = input_ids.to(next(model.parameters()).device)
     taps: list[_StatsAccumulator] = []
@@ -193,6 +212,7 @@ def outlier_stats(
     }
     if linear_inputs:
         stats["linear_inputs"] = {name: accumulator.result() for name, accumulator in sites.items()}
+        stats["gate_up_alignment"] = gate_up_alignments(model)
     return stats
 
 
@@ -267,10 +287,46 @@ def outlier_log_dict(context: dict, exact: dict | None = None, prefix: str = "ou
         metrics[f"{prefix}/kurtosis_exact_mean"] = exact["mean"]
         metrics[f"{prefix}/kurtosis_exact_unclamped_mean"] = exact["unclamped_mean"]
         metrics[f"{prefix}/kurtosis_exact_floor_ratio"] = exact["mean"] / floor
+    by_kind: dict[str, list[dict[str, float]]] = {}
     for site, values in context.get("linear_inputs", {}).items():
-        metrics[f"{prefix}/linear_kurtosis/{site}"] = values["kurtosis"]
-        metrics[f"{prefix}/linear_max_abs/{site}"] = values["max_abs"]
+        for key in ("kurtosis", "max_abs", "max_median", "channel_share"):
+            if key in values:
+                metrics[f"{prefix}/linear_{key}/{site}"] = values[key]
+        kind = input_kind(site)
+        if kind is not None:
+            by_kind.setdefault(kind, []).append(values)
+    # Per kind of input: the mean over layers (max|x|: the largest), what the summary and the sweep report.
+    for kind, sites in by_kind.items():
+        metrics[f"{prefix}/{kind}_kurtosis_mean"] = sum(v["kurtosis"] for v in sites) / len(sites)
+        metrics[f"{prefix}/{kind}_max_abs_max"] = max(v["max_abs"] for v in sites)
+        for key in ("max_median", "channel_share"):
+            if all(key in v for v in sites):
+                metrics[f"{prefix}/{kind}_{key}_mean"] = sum(v[key] for v in sites) / len(sites)
+    for layer, value in enumerate(context.get("gate_up_alignment", [])):
+        metrics[f"{prefix}/gate_up_alignment/layer_{layer:02d}"] = value
+    if context.get("gate_up_alignment"):
+        values = context["gate_up_alignment"]
+        metrics[f"{prefix}/gate_up_alignment_mean"] = sum(values) / len(values)
     return metrics
+
+
+def gate_up_alignments(model: nn.Module) -> list[float]:
+    """`gate_up_alignment` of every block's SwiGLU (osp Transformer or an HF Llama), in block order."""
+    layers = getattr(model, "layers", None)
+    if layers is None:
+        layers = getattr(getattr(model, "model", None), "layers", [])
+    out = []
+    for block in layers:
+        mlp = getattr(block, "mlp", None)
+        if mlp is not None and hasattr(mlp, "gate_proj") and hasattr(mlp, "up_proj"):
+            out.append(float(gate_up_alignment(_dense(mlp.gate_proj.weight), _dense(mlp.up_proj.weight))))
+    return out
+
+
+def _dense(weight: Tensor) -> Tensor:
+    """A weight as a plain tensor (gathered when FSDP2 shards it: a collective, every rank calls it)."""
+    full_tensor = getattr(weight, "full_tensor", None)
+    return (full_tensor() if callable(full_tensor) else weight).detach()
 
 
 def format_kurtosis(result: dict) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -22,6 +23,9 @@ __all__ = [
     "gaussian_floor",
     "channel_square_sums",
     "channel_kurtosis_from_sums",
+    "peak_channels",
+    "top_channel_share",
+    "gate_up_alignment",
 ]
 
 
@@ -93,6 +97,30 @@ def token_max_median_ratio(h: Tensor) -> Tensor:
     """
     a = _tokens(h).abs()
     return a.max(-1).values / a.median(-1).values
+
+
+# The shape of a tail: are a token's largest entries in the same few channels for most tokens?
+TOP_CHANNELS = 8
+
+
+def peak_channels(h: Tensor) -> Tensor:
+    """The channel of each token's largest |x_j|: (N,) int64."""
+    return _tokens(h).abs().argmax(-1)
+
+
+def top_channel_share(channel_counts: Tensor, k: int = TOP_CHANNELS) -> Tensor:
+    """From `bincount(peak_channels)` (d,): the share of tokens whose largest entry lies in one of the k
+    channels that hold it most often. Near 1 the tail is channel-concentrated (a per-channel scale folded into
+    the weights removes it); near k / d it is spread over tokens and channels (it needs a rotation, a clip or
+    prevention in training)."""
+    return channel_counts.topk(min(k, channel_counts.numel())).values.sum() / channel_counts.sum()
+
+
+def gate_up_alignment(gate: Tensor, up: Tensor) -> Tensor:
+    """Mean over FFN channels i of |cos(w_gate_i, w_up_i)| for gate/up weights (F, d). Aligned rows make the
+    SwiGLU channel silu(a) * c a, quadratic in a = w_i . x: a sparse, heavy tail at the down_proj input
+    (Fishman et al., arXiv 2409.12517). Independent random rows give about sqrt(2 / (pi d))."""
+    return F.cosine_similarity(gate.float(), up.float(), dim=-1).abs().mean()
 
 
 def max_median_ratio(h: Tensor) -> Tensor:

@@ -31,6 +31,10 @@ COLUMNS: tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("kurt max", ".3g", ("kurtosis_max",), ("outliers/kurtosis_max",)),
     ("floor", ".3f", ("kurtosis_floor",), ("outliers/kurtosis_floor",)),
     ("max|h|", ".4g", ("max_abs",), ("outliers/max_abs_max",)),
+    ("down max/med", ".3g", ("down_proj_max_median",), ("outliers/down_proj_max_median_mean",)),
+    ("down kurt", ".3g", ("down_proj_kurtosis",), ("outliers/down_proj_kurtosis_mean",)),
+    ("top-8 share", ".2f", ("down_proj_channel_share",), ("outliers/down_proj_channel_share_mean",)),
+    ("gate/up align", ".2f", ("gate_up_alignment",), ("outliers/gate_up_alignment_mean",)),
 )
 MISSING = "-"
 
@@ -166,4 +170,10 @@ def write_report(runs: Sequence[Run], out_dir: Path) -> list[Path]:
     if peaks:
         written.append(run_curves(peaks, out_dir / "max_abs.png", ylabel="max |h| (over taps)",
                                   title="max |h| vs step"))
+    down = {run.name: run.curve("outliers/down_proj_max_median_mean") for run in runs
+            if run.series.get("outliers/down_proj_max_median_mean")}
+    if down:
+        written.append(run_curves(down, out_dir / "down_proj_max_median.png",
+                                  ylabel="down_proj input max/median (mean over layers)",
+                                  title="SwiGLU output max/median vs step"))
     return written

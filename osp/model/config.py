@@ -50,6 +50,7 @@ class ModelConfig:
     gated_norm_rank: int = 0
     pre_affine: bool = False
     tie_embeddings: bool = False
+    smooth_swiglu: bool = False
     init: str = "scaled"
     init_std: float = 0.02
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..metrics.outliers import token_excess_kurtosis
 from .config import QuantConfig
-from .w4a4 import input_absmax, nll_stats, observe_inputs, quantized, site_names
+from .w4a4 import input_absmax, nll_stats, observe_inputs, quantized, site_names, smoothing_of
 
 
 def _kind(name: str) -> str:
@@ -57,12 +57,14 @@ def attribute(model: nn.Module, blocks: torch.Tensor, preset: QuantConfig | str 
     """
     cfg = QuantConfig.resolve(preset)
     nll_fp, tokens = nll_stats(model, blocks, batch_size)
-    # A static preset's scales come from the full-precision model: calibrate once, not in every view below.
-    absmax = input_absmax(model, cfg, calib_blocks, batch_size) if cfg.a_static and calib_blocks is not None else None
+    # Smoothing and static scales come from the full-precision model: calibrate once, not in every view below.
+    smoothing = smoothing_of(model, cfg, calib_blocks, batch_size)
+    absmax = (input_absmax(model, cfg, calib_blocks, batch_size, smoothing=smoothing)
+              if cfg.a_static and calib_blocks is not None else None)
 
     def cost(only: Any) -> float:
         with quantized(model, cfg, calib_blocks=calib_blocks, calib_batch_size=batch_size, backend=backend,
-                       only=only, static_absmax=absmax):
+                       only=only, static_absmax=absmax, smoothing=smoothing):
             return nll_stats(model, blocks, batch_size)[0]
 
     full = cost(None)

@@ -7,8 +7,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 OFF = 16  # a bit width of 16 means "leave this tensor in full precision"
+DEFAULT_ALPHA = 0.5  # the +smooth migration strength (osp.quant.smooth)
 
-_PRESET = re.compile(r"^w(\d+)a(\d+)(?:kv(\d+))?((?:\+(?:had|gptq|static))*)$")
+_PRESET = re.compile(r"^w(\d+)a(\d+)(?:kv(\d+))?((?:\+(?:smooth|had|gptq|static))*)$")
 
 #: Named presets (any string matching the grammar of `QuantConfig.from_preset` also works).
 PRESETS: dict[str, str] = {
@@ -25,6 +26,9 @@ PRESETS: dict[str, str] = {
                    "static W8A8 without smoothing): one outlier channel sets the scale of the whole tensor",
     "w4a8+static": "4-bit weights, INT8 static per-tensor activations",
     "w4a4+static": "W4A4 with static per-tensor activation scales (needs calibration blocks)",
+    "w4a4kv4+smooth": "w4a4kv4 with SmoothQuant per-channel scales on the down_proj and norm-fed inputs, "
+                      "calibrated offline and folded into up_proj and the norm gains (free at inference)",
+    "w4a4kv4+smooth+static": "w4a4kv4+smooth with static per-tensor activation scales",
 }
 
 
@@ -66,6 +70,9 @@ class QuantConfig:
     k_hadamard: bool = True  # Hadamard over head_dim on Q and K before K is quantized (OSP does this)
     # Rotations.
     down_hadamard: bool = False  # online Hadamard on the down_proj input, folded into its weight
+    # Smoothing (osp.quant.smooth): per-channel scales of the foldable inputs, max|x|^alpha / max|W|^(1-alpha)
+    # calibrated offline; None: off (a model.smooth_swiglu model still applies the down_proj scale it trained).
+    smooth_alpha: float | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -91,31 +98,34 @@ class QuantConfig:
             raise QuantConfigError(f"quant.a_group_size={self.a_group_size!r} must be positive or null")
         if self.a_static and self.a_bits == OFF:
             raise QuantConfigError("quant.a_static needs quantized activations (a_bits < 16)")
+        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
+            raise QuantConfigError(f"quant.smooth_alpha={self.smooth_alpha!r} must lie in [0, 1] (or null: off)")
         if self.gptq_blocksize <= 0 or self.gptq_percdamp < 0:
             raise QuantConfigError("quant.gptq_blocksize must be > 0 and quant.gptq_percdamp >= 0")
 
     @property
     def is_identity(self) -> bool:
-        """True when nothing is quantized or rotated (the view would equal the fp model)."""
-        return self.w_bits == OFF and self.a_bits == OFF and self.kv_bits == OFF and not self.down_hadamard
+        """True when nothing is quantized, rotated or smoothed (the view would equal the fp model)."""
+        return (self.w_bits == OFF and self.a_bits == OFF and self.kv_bits == OFF and not self.down_hadamard
+                and self.smooth_alpha is None)
 
     @property
     def needs_calibration(self) -> bool:
         """True when the view needs calibration blocks (GPTQ weights, static activation scales)."""
-        return self.w_method == "gptq" or self.a_static
+        return self.w_method == "gptq" or self.a_static or self.smooth_alpha is not None
 
     @property
     def name(self) -> str:
-        """Preset-style name: w{W}a{A}[kv{KV}][+had][+gptq][+static] (other fields are not encoded)."""
+        """Preset-style name: w{W}a{A}[kv{KV}][+smooth][+had][+gptq][+static] (other fields are not encoded)."""
         if self.is_identity:
             return "fp"
         out = f"w{self.w_bits}a{self.a_bits}" + (f"kv{self.kv_bits}" if self.kv_bits != OFF else "")
-        return (out + ("+had" if self.down_hadamard else "") + ("+gptq" if self.w_method == "gptq" else "")
+        return (out + ("+smooth" if self.smooth_alpha is not None else "") + ("+had" if self.down_hadamard else "") + ("+gptq" if self.w_method == "gptq" else "")
                 + ("+static" if self.a_static else ""))
 
     @classmethod
     def from_preset(cls, preset: str = "w4a4kv4", **overrides: Any) -> QuantConfig:
-        """Parse `w{W}a{A}[kv{KV}][+had][+gptq][+static]` (or "fp"), then apply field overrides.
+        """Parse `w{W}a{A}[kv{KV}][+smooth][+had][+gptq][+static]` (or "fp"), then apply field overrides.
 
         "w4a4kv4" is the OSP row; "w4a16" weight-only; "w16a4" activation-only (K/V kept full precision).
         """
@@ -125,7 +135,7 @@ class QuantConfig:
             match = _PRESET.match(preset.strip().lower())
             if match is None:
                 raise QuantConfigError(
-                    f"unknown quant preset {preset!r}; use w<bits>a<bits>[kv<bits>][+had][+gptq][+static], "
+                    f"unknown quant preset {preset!r}; use w<bits>a<bits>[kv<bits>][+smooth][+had][+gptq][+static], "
                     f"e.g. {sorted(PRESETS)}"
                 )
             w, a, kv, flags = match.groups()
@@ -137,6 +147,7 @@ class QuantConfig:
                 "down_hadamard": "had" in tags,
                 "w_method": "gptq" if "gptq" in tags else "rtn",
                 "a_static": "static" in tags,
+                "smooth_alpha": DEFAULT_ALPHA if "smooth" in tags else None,
             }
         fields_.update(overrides)
         return cls.from_dict(fields_)

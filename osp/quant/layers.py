@@ -35,8 +35,8 @@ class QuantLinear(nn.Module):
     """Stands in for one nn.Linear while the W4A4 view is open; the original is kept as `.inner`.
 
     `weight` is the dense effective weight the torch path multiplies with: the dequantized codes (W4,
-    materialized on first use), or the fp weight (W16). With `hadamard`, input and weight are both in the
-    rotated basis (x M, W M). On CUDA (Triton backend) a 4-bit weight with a 4-bit input runs the integer
+    materialized on first use), or the fp weight (W16). With `smooth` (osp.quant.smooth) the input is x / s
+    and the weight W diag(s); with `hadamard`, input and weight are then both in the rotated basis (x M, W M). On CUDA (Triton backend) a 4-bit weight with a 4-bit input runs the integer
     W4A4 GEMM on packed codes instead, and no dense copy is made.
     """
 
@@ -47,9 +47,11 @@ class QuantLinear(nn.Module):
         act: ActQuant | None,
         hadamard: bool,
         backend: str | None,
+        smooth: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.inner = inner
+        self.smooth = smooth
         self.in_features, self.out_features = inner.in_features, inner.out_features
         self.qweight: QuantizedWeight | None = None
         self.act = act
@@ -89,6 +91,8 @@ class QuantLinear(nn.Module):
         return group is None or (group >= 64 and is_pow2(group))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.smooth is not None:
+            x = (x.float() / self.smooth).to(x.dtype)
         if not self.quantize_input:
             x = ops.hadamard_transform(x, self.backend) if self.hadamard else x
             if self.observer is not None:
@@ -145,7 +149,8 @@ class QuantLinear(nn.Module):
             if self.act
             else "a16"
         )
-        return f"{self.in_features} -> {self.out_features}, {w}{a}" + (", hadamard" if self.hadamard else "")
+        return (f"{self.in_features} -> {self.out_features}, {w}{a}" + (", smoothed" if self.smooth is not None else "")
+                + (", hadamard" if self.hadamard else ""))
 
 
 class KVQuantizer:

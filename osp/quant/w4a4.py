@@ -29,6 +29,7 @@ from .gptq import gptq_quantize_model
 from .hadamard import has_hadamard, is_pow2
 from .layers import ActQuant, KVQuantizer, QuantLinear
 from .quantizers import quantize_weight
+from .smooth import FoldedScales, Smoothing, folded_scales, reader_scales, scaled, smooth_groups, trained_smoothing
 
 
 def _full_weight(linear: nn.Linear) -> torch.Tensor:
@@ -86,9 +87,15 @@ def _act_quant(cfg: QuantConfig, site: _Site, absmax: float | None = None) -> Ac
     return ActQuant(cfg.a_bits, cfg.a_sym, group, cfg.a_clip)
 
 
-def _effective_weight(cfg: QuantConfig, site: _Site, rotate: bool) -> torch.Tensor:
-    """fp32 weight the quantizer sees: a bf16 copy (if configured), rotated by the Hadamard if any."""
+def _effective_weight(cfg: QuantConfig, site: _Site, rotate: bool, folded: FoldedScales | None = None
+                      ) -> torch.Tensor:
+    """fp32 weight the quantizer sees: with smoothing folded in (diag(1/rows) W diag(columns)), as a bf16 copy
+    (if configured), rotated by the Hadamard if any."""
     w = _full_weight(site.linear).float()
+    if folded is not None and site.name in folded.columns:
+        w = w * folded.columns[site.name].to(w.device)
+    if folded is not None and site.name in folded.rows:
+        w = w / folded.rows[site.name].to(w.device)[:, None]
     if cfg.w_round_bf16 and cfg.w_bits != OFF:
         w = w.bfloat16().float()
     if rotate:
@@ -151,16 +158,46 @@ def observe_inputs(model: nn.Module, blocks: torch.Tensor, batch_size: int,
             hook.remove()
 
 
+def smoothing_of(model: nn.Module, cfg: QuantConfig | str, blocks: torch.Tensor | None = None,
+                 batch_size: int = 8) -> list[Smoothing]:
+    """The smoothing the view applies: calibrated on `blocks` (N, T+1) for a +smooth preset (max |x_j| on the
+    full-precision model), else what a `model.smooth_swiglu` model trained (else none)."""
+    cfg = QuantConfig.resolve(cfg)
+    base = _base_model(model)
+    if cfg.smooth_alpha is None:
+        return trained_smoothing(base)
+    if blocks is None:
+        raise ValueError("+smooth needs calibration blocks (calib_blocks=LongTensor (N, T+1))")
+    groups = smooth_groups(base)
+    if not groups:
+        raise ValueError("+smooth: the model has no input that folds into a preceding layer (SwiGLU up_proj "
+                         "or an RMSNorm/SSNorm gain)")
+    readers = {reader for group in groups for reader in group.readers}
+    absmax: dict[str, torch.Tensor] = {}
+
+    def observe(name: str, x: torch.Tensor) -> None:
+        if name in readers:
+            peak = x.detach().float().abs().flatten(0, -2).amax(0)
+            absmax[name] = peak if name not in absmax else torch.maximum(absmax[name], peak)
+
+    observe_inputs(base, blocks, batch_size, observe)
+    return [scaled(group, torch.stack([absmax[r] for r in group.readers]).amax(0), base, cfg.smooth_alpha)
+            for group in groups]
+
+
 def input_absmax(model: nn.Module, cfg: QuantConfig | str, blocks: torch.Tensor, batch_size: int = 8,
-                 sites: list[_Site] | None = None) -> dict[str, float]:
-    """max |x| of every linear site's input (in the rotated basis where the view rotates it) over `blocks`, on
-    the full-precision model: the calibration of static per-tensor scales (`sites`: a subset)."""
+                 sites: list[_Site] | None = None, smoothing: list[Smoothing] | None = None) -> dict[str, float]:
+    """max |x| of every linear site's input (smoothed and rotated where the view smooths and rotates it) over
+    `blocks`, on the full-precision model: the calibration of static per-tensor scales (`sites`: a subset;
+    `smoothing`: as `smoothing_of` gives it, computed here when not passed)."""
     cfg = QuantConfig.resolve(cfg)
     sites = _linear_sites(_base_model(model)) if sites is None else sites
     absmax = {site.name: 0.0 for site in sites}
     rotated = {site.name for site in sites if cfg.down_hadamard and site.attr == "down_proj"}
+    scales = reader_scales(smoothing_of(model, cfg, blocks, batch_size) if smoothing is None else smoothing)
 
     def observe(name: str, x: torch.Tensor) -> None:
+        x = x.float() / scales[name] if name in scales else x
         x = ops.hadamard_transform(x.float(), "torch") if name in rotated else x
         absmax[name] = max(absmax[name], float(x.abs().amax()))
 
@@ -178,6 +215,7 @@ def quantized(
     backend: str | None = None,
     only: Callable[[str], bool] | None = None,
     static_absmax: Mapping[str, float] | None = None,
+    smoothing: list[Smoothing] | None = None,
 ) -> Iterator[nn.Module]:
     """Context manager: the W4A4 view of `model` (yields the model itself).
 
@@ -187,7 +225,7 @@ def quantized(
     and every attention's `kv_quantizer` is set. `only(name)` restricts the view to the sites it accepts (names
     as `site_names`: "layers.0.mlp.down_proj", "layers.0.kv"); the rest stay in full precision. A static
     preset's calibration may be passed in as `static_absmax` (from `input_absmax`), for views opened many
-    times over the same calibration (attribution). On exit (also on an exception) the original modules and
+    times over the same calibration (attribution), and so may the smoothing (`smoothing_of`). On exit (also on an exception) the original modules and
     kv_quantizers are put back; parameters are never modified. `backend` forces "torch" or "triton" kernels.
     """
     cfg = QuantConfig.resolve(cfg)
@@ -199,14 +237,17 @@ def quantized(
     if (cfg.w_method == "gptq" or static) and calib_blocks is None:
         what = "GPTQ weights" if cfg.w_method == "gptq" else "static activation scales"
         raise ValueError(f"{what} need calibration blocks (calib_blocks=LongTensor (N, T+1))")
-    absmax = input_absmax(base, cfg, calib_blocks, calib_batch_size, sites) if static else (  # type: ignore[arg-type]
+    if smoothing is None:
+        smoothing = smoothing_of(base, cfg, calib_blocks, calib_batch_size)
+    folded = folded_scales(smoothing, {site.name for site in every_site})
+    absmax = input_absmax(base, cfg, calib_blocks, calib_batch_size, sites, smoothing) if static else (  # type: ignore[arg-type]
         static_absmax or {})
 
     installed: list[_Site] = []
     kv_saved: list[tuple[nn.Module, object]] = []
     try:
         with torch.no_grad():
-            built = [_build_wrapper(cfg, site, backend, absmax.get(site.name)) for site in sites]
+            built = [_build_wrapper(cfg, site, backend, absmax.get(site.name), folded) for site in sites]
             for site, (wrapper, _) in zip(sites, built):
                 setattr(site.parent, site.attr, wrapper)
                 installed.append(site)
@@ -230,25 +271,29 @@ def quantized(
 
 
 def _build_wrapper(
-    cfg: QuantConfig, site: _Site, backend: str | None, absmax: float | None = None
+    cfg: QuantConfig, site: _Site, backend: str | None, absmax: float | None = None,
+    folded: FoldedScales | None = None,
 ) -> tuple[QuantLinear, torch.Tensor | None]:
-    """The QuantLinear for one site, and (GPTQ only) the fp32 weight GPTQ starts from."""
+    """The QuantLinear for one site (with the smoothing `folded` in), and (GPTQ only) the fp32 weight GPTQ
+    starts from."""
     rotate = cfg.down_hadamard and site.attr == "down_proj"
     act = _act_quant(cfg, site, absmax)
+    smooth = folded.inputs.get(site.name) if folded is not None else None
+    smoothed = folded is not None and (site.name in folded.columns or site.name in folded.rows)
     if cfg.w_bits == OFF:
         dense = (
-            _effective_weight(cfg, site, rotate).to(site.linear.weight.dtype)
-            if rotate
+            _effective_weight(cfg, site, rotate, folded).to(site.linear.weight.dtype)
+            if rotate or smoothed
             else _full_weight(site.linear)
         )
-        return QuantLinear(site.linear, dense, act, rotate, backend), None
-    w_eff = _effective_weight(cfg, site, rotate)
+        return QuantLinear(site.linear, dense, act, rotate, backend, smooth), None
+    w_eff = _effective_weight(cfg, site, rotate, folded)
     if cfg.w_method == "gptq":
         # Calibration runs on the fp weights with input quantization off; GPTQ then sets the codes.
-        wrapper = QuantLinear(site.linear, w_eff.to(site.linear.weight.dtype), act, rotate, backend)
+        wrapper = QuantLinear(site.linear, w_eff.to(site.linear.weight.dtype), act, rotate, backend, smooth)
         wrapper.quantize_input = False
         return wrapper, w_eff
-    wrapper = QuantLinear(site.linear, None, act, rotate, backend)
+    wrapper = QuantLinear(site.linear, None, act, rotate, backend, smooth)
     wrapper.set_qweight(
         quantize_weight(w_eff, cfg.w_bits, cfg.w_mse, cfg.w_mse_grid, cfg.w_mse_maxshrink, cfg.w_mse_norm)
     )

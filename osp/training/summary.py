@@ -75,6 +75,12 @@ def format_summary(s: dict[str, Any]) -> str:
                      f"{fmt('kurtosis_floor', '.3f')} at d={s['d_model']}   (osp_exact {fmt('kurtosis_exact')})")
     if "max_abs" in s:
         lines.append(f"max |h|        {fmt('max_abs', '.1f')}")
+    if "down_proj_max_median" in s:
+        lines.append(f"down_proj in   max/median {fmt('down_proj_max_median', '.3g')} per token, kurtosis "
+                     f"{fmt('down_proj_kurtosis', '.3g')}   (norm-fed inputs: max/median "
+                     f"{fmt('norm_fed_max_median', '.3g')})")
+        lines.append(f"tail shape     {tail_shape(s.get('down_proj_channel_share'))}; gate/up alignment "
+                     f"{fmt('gate_up_alignment', '.2f')}")
     if "ppl_w4a4" in s:
         lines.append(f"W4A4 ppl       {fmt('ppl_w4a4', '.2f')}   (fp {fmt('ppl_fp', '.2f')}, "
                      f"ratio {fmt('quant_ratio', '.3f')})")
@@ -87,6 +93,14 @@ def format_summary(s: dict[str, Any]) -> str:
     width = max(len(line) for line in lines)
     bar = "=" * width
     return "\n".join([bar, "osp summary".center(width), bar, *lines, bar])
+
+
+def tail_shape(share: float | None) -> str:
+    """A down_proj tail described by its top-channel share (osp.metrics.top_channel_share)."""
+    if share is None:
+        return "tail shape n/a"
+    kind = "channel-concentrated" if share >= 0.5 else "spread over tokens"
+    return f"{kind} (a token's peak in the top-8 channels for {100 * share:.0f}% of tokens)"
 
 
 def shown(path: str | Path) -> str:

@@ -13,7 +13,13 @@ from osp.metrics import (
     per_channel_kurtosis,
     token_excess_kurtosis,
 )
-from osp.metrics.outliers import channel_kurtosis_from_sums, channel_square_sums
+from osp.metrics.outliers import (
+    channel_kurtosis_from_sums,
+    channel_square_sums,
+    gate_up_alignment,
+    peak_channels,
+    top_channel_share,
+)
 
 # Two tokens, d = 4, worked by hand:
 #   token a = [1, -1, 2, 0]: mean x^4 (uncentred) = 18/4 = 4.5; centred squares sum to 5, var (n-1) = 5/3,
@@ -101,3 +107,29 @@ def test_bad_inputs_raise():
         excess_kurtosis(torch.ones(4, 1))
     with pytest.raises(ValueError, match="d >= 2"):
         gaussian_floor(1)
+
+
+def test_top_channel_share_tells_channel_from_token_concentrated_tails():
+    generator = torch.Generator().manual_seed(0)
+    gaussian = torch.randn(400, 256, generator=generator)
+    channel = gaussian.clone()
+    channel[:, 7] += 30.0  # the same channel peaks in every token
+    tokens = gaussian.clone()
+    tokens[torch.arange(400), torch.randint(0, 256, (400,), generator=generator)] += 30.0  # any channel
+    share = {name: float(top_channel_share(torch.bincount(peak_channels(h), minlength=256)))
+             for name, h in (("channel", channel), ("tokens", tokens))}
+    assert share["channel"] == 1.0 and share["tokens"] < 0.15
+    # By hand: the share of tokens whose argmax is among the 8 most frequent argmax channels.
+    argmax = tokens.abs().argmax(-1)
+    top = torch.bincount(argmax, minlength=256).topk(8).indices
+    assert share["tokens"] == pytest.approx(torch.isin(argmax, top).float().mean().item())
+
+
+def test_gate_up_alignment_is_the_mean_absolute_row_cosine():
+    generator = torch.Generator().manual_seed(1)
+    gate = torch.randn(96, 64, generator=generator)
+    up = torch.randn(96, 64, generator=generator)
+    cos = [abs(float(g @ u / (g.norm() * u.norm()))) for g, u in zip(gate, up)]
+    assert float(gate_up_alignment(gate, up)) == pytest.approx(sum(cos) / len(cos), rel=1e-5)
+    assert float(gate_up_alignment(gate, -3.0 * gate)) == pytest.approx(1.0)
+    assert float(gate_up_alignment(gate, up)) < 0.2  # ~ sqrt(2 / (pi 64)) = 0.1 for independent rows

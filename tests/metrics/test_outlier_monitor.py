@@ -88,7 +88,14 @@ def test_monitor_logs_history_plots_and_summary(tmp_path):
     assert final["kurtosis_exact"] == last["outliers/kurtosis_exact_mean"]
     assert final["max_abs"] == last["outliers/max_abs_max"]
     assert final["kurtosis_floor"] == pytest.approx(0.2, abs=0.05)  # d = 32
-    for kind in ("kurtosis_heatmap", "kurtosis_exact_heatmap", "max_abs"):
+    # The quantizer's inputs (linear_inputs is on by default): the down_proj input per layer and per kind.
+    assert {"outliers/linear_max_median/block_01.mlp.down_proj", "outliers/linear_channel_share/block_00.mlp.down_proj",
+            "outliers/down_proj_max_median_mean", "outliers/norm_fed_max_median_mean",
+            "outliers/gate_up_alignment/layer_01"} <= set(rows[0])
+    downs = [last[f"outliers/linear_max_median/block_{b:02d}.mlp.down_proj"] for b in range(2)]
+    assert final["down_proj_max_median"] == pytest.approx(sum(downs) / 2)
+    assert 0 < final["down_proj_channel_share"] <= 1 and 0 <= final["gate_up_alignment"] <= 1
+    for kind in ("kurtosis_heatmap", "kurtosis_exact_heatmap", "max_abs", "down_proj_max_median"):
         name = f"outliers_{kind}.png"
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

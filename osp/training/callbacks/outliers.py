@@ -28,6 +28,13 @@ FINAL_KEYS = {
     "max_abs": "max_abs_max",
     "max_median": "max_median_mean",
     "channel_kurtosis": "channel_kurtosis_mean",
+    # The linear inputs the 4-bit quantizer sees (linear_inputs=true): the SwiGLU product and the norm outputs.
+    "down_proj_kurtosis": "down_proj_kurtosis_mean",
+    "down_proj_max_abs": "down_proj_max_abs_max",
+    "down_proj_max_median": "down_proj_max_median_mean",
+    "down_proj_channel_share": "down_proj_channel_share_mean",
+    "norm_fed_max_median": "norm_fed_max_median_mean",
+    "gate_up_alignment": "gate_up_alignment_mean",
 }
 
 
@@ -50,7 +57,7 @@ class OutlierMonitor(L.Callback):
         every_n_steps: int = 100,
         n_blocks: int = 8,
         exact: bool = True,
-        linear_inputs: bool = False,
+        linear_inputs: bool = True,
         max_tokens: int = 8192,
         alarm_kurtosis: float | None = None,
         alarm_action: str = "warn",
@@ -193,9 +200,11 @@ class OutlierMonitor(L.Callback):
             out["kurtosis_alarm_step"] = float(self.alarm_step)
         return out
 
-    def _series(self, name: str) -> tuple[list[int], np.ndarray]:
-        """Steps and a (n_layers, n_steps) array of the per-layer metric `name` from the history."""
-        keys = sorted(k for k in self.history[-1] if k.startswith(f"{PREFIX}/{name}/layer_"))
+    def _series(self, name: str, site: str | None = None) -> tuple[list[int], np.ndarray]:
+        """Steps and a (n_layers, n_steps) array of the per-layer metric `name` from the history (of the linear
+        input `site`, e.g. "mlp.down_proj", for the linear_* metrics)."""
+        pattern = f"{PREFIX}/{name}/block_" if site else f"{PREFIX}/{name}/layer_"
+        keys = sorted(k for k in self.history[-1] if k.startswith(pattern) and (site is None or k.endswith(site)))
         steps = [int(entry["step"]) for entry in self.history]
         values = np.array([[entry.get(key, math.nan) for entry in self.history] for key in keys])
         return steps, values
@@ -214,6 +223,11 @@ class OutlierMonitor(L.Callback):
         steps, peaks = self._series("max_abs")
         paths.append(layer_curves(steps, peaks, Path(out_dir) / "outliers_max_abs.png", ylabel="max |h|",
                                   title="max |h| per layer"))
+        steps, down = self._series("linear_max_median", site="mlp.down_proj")
+        if down.size:
+            paths.append(layer_curves(steps, down, Path(out_dir) / "outliers_down_proj_max_median.png",
+                                      ylabel="max / median |x| per token",
+                                      title="down_proj input (SwiGLU output) max/median per layer"))
         rank_zero_info(f"OutlierMonitor: plots written to {Path(out_dir)}")
         return paths
 
