@@ -159,9 +159,9 @@ def attention_cases() -> list[tuple]:
 QUANT_DTYPES = ("bf16", "fp16", "fp32")  # activation dtypes the quant and FWHT kernels read
 GEMM_OUT_DTYPES = ("bf16", "fp32")
 TOKENS = 4096  # rows per launch in the gate: a training/eval micro-batch (the row kernels' widest tiles)
-# Quant+pack modes (name: row length K, group size, bits, hadamard, fake) over the recipes' linear inputs:
+# Quant+pack variants (name: row length K, group size, bits, hadamard, fake) over the recipes' linear inputs:
 # d_model 768 (--scale gpu) and 2048 (1.4B), the 1.4B FFN 5504 (padded to 8192), o_proj's head groups.
-QUANT_MODES = {
+QUANT_VARIANTS = {
     "k768": (768, None, 4, False, False),
     "k2048": (2048, None, 4, False, False),
     "k2048-had": (2048, None, 4, True, False),
@@ -174,14 +174,14 @@ FWHT_LENGTHS = (32, 256, 2048, 8192)  # 32 and 256: the power-of-two factors of 
 GEMM_GROUP_SIZES = (64, 128)  # head dims
 
 
-def quant_case(mode: str, dtype: str, arch: int) -> dict:
-    """Compile `_quant_rows_kernel` as `osp.quant.kernels.quant_rows` launches it for TOKENS rows."""
+def quant_case(variant: str, dtype: str, arch: int) -> dict:
+    """Compile `_quant_rows_kernel` as `osp.quant.kernels.quant_rows_triton` launches it for TOKENS rows."""
     import triton
 
     from osp.quant.kernels import quant as qk
     from osp.quant.kernels.common import rows_launch
 
-    k, group, bits, hadamard, fake = QUANT_MODES[mode]
+    k, group, bits, hadamard, fake = QUANT_VARIANTS[variant]
     bk = triton.next_power_of_2(k)
     g, num_g = (bk, 1) if group is None else (group, k // group)
     bm, num_warps = rows_launch(TOKENS, bk)
@@ -201,17 +201,17 @@ def quant_case(mode: str, dtype: str, arch: int) -> dict:
     fn = qk._quant_rows_kernel
     out = compile_kernel(fn, signature, constexprs, arch, num_warps, 1,
                          attrs=divisible(fn, (*pointers, "stride_x")))
-    return _record(out, family="quant", kernel="quant_rows", dtype=dtype, mode=mode, rows=bm,
+    return _record(out, family="quant", kernel="quant_rows", dtype=dtype, variant=variant, rows=bm,
                    num_warps=num_warps)
 
 
 def fwht_case(n: int, dtype: str, arch: int) -> dict:
-    """Compile `_fwht_kernel` as `osp.quant.kernels.fwht` launches it for TOKENS rows of length n."""
+    """Compile `_fwht_kernel` as `osp.quant.kernels.fwht_triton` launches it for TOKENS rows of length n."""
     import importlib
 
     from osp.quant.kernels.common import rows_launch
 
-    fk = importlib.import_module("osp.quant.kernels.fwht")  # the package exports the function `fwht`
+    fk = importlib.import_module("osp.quant.kernels.fwht")
 
     bm, num_warps = rows_launch(TOKENS, n)
     x = "*" + dtype
@@ -252,7 +252,7 @@ def gemm_case(config: int, group_size: int | None, out_dtype: str, arch: int) ->
 def quant_cases() -> list[tuple]:
     from osp.quant.kernels import gemm
 
-    cases: list[tuple] = [("quant", mode, dt, arch) for mode in QUANT_MODES for dt in QUANT_DTYPES
+    cases: list[tuple] = [("quant", variant, dt, arch) for variant in QUANT_VARIANTS for dt in QUANT_DTYPES
                           for arch in ARCHS]
     cases += [("fwht", n, dt, arch) for n in FWHT_LENGTHS for dt in QUANT_DTYPES for arch in ARCHS]
     cases += [("gemm", i, None, dt, arch) for i in range(len(gemm._ROW_CONFIGS)) for dt in GEMM_OUT_DTYPES

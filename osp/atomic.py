@@ -3,7 +3,7 @@
 Everything osp writes that another step reads back (token shards, tokenizers, the demo corpus, metrics.csv,
 checkpoints, summary.json, reports, bench results) goes through these helpers: write to a temporary name
 in the same folder (same file system, so the last step is a rename), then rename. Exports add their own
-target policy on top (osp.export.atomic: `--force` replaces only an earlier export).
+target policy on top (osp.export.targets: `--force` replaces only an earlier export).
 """
 
 from __future__ import annotations

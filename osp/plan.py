@@ -33,9 +33,9 @@ from unittest import mock
 import torch
 from omegaconf import DictConfig
 
+from osp.errors import ConfigError
 from osp.hardware import GPUS, GiB
 from osp.model import ModelConfig, Transformer
-from osp.model.config import ConfigError
 
 # trainer.precision -> (bytes of stored parameters/gradients/optimizer states, dtype of activations)
 PRECISIONS = {

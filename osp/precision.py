@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from osp.errors import ConfigError
+
 # Config and CLI names of torch dtypes (short and long), the one map every `*_dtype` key resolves through.
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
@@ -34,7 +36,7 @@ def native_bf16(device_type: str) -> bool:
     assumed = os.environ.get(ASSUME_NATIVE_BF16, "")
     if device_type == "cpu" and assumed:
         if assumed not in ("0", "1"):
-            raise ValueError(f"{ASSUME_NATIVE_BF16}={assumed!r} must be 0 or 1 (or unset: ask the CPU)")
+            raise ConfigError(f"{ASSUME_NATIVE_BF16}={assumed!r} must be 0 or 1 (or unset: ask the CPU)")
         return assumed == "1"
     return _detected_native_bf16(device_type)
 
@@ -69,7 +71,7 @@ def resolve_precision(precision: str | int, accelerator: str = "cpu") -> str:
     """
     value = str(precision)
     if value not in KNOWN:
-        raise ValueError(f"trainer.precision={value!r} is not a precision; use one of {', '.join(KNOWN)}")
+        raise ConfigError(f"trainer.precision={value!r} is not a precision; use one of {', '.join(KNOWN)}")
     if value != AUTO:
         return value
     return "bf16-mixed" if native_bf16(accelerator_device_type(accelerator)) else "32-true"

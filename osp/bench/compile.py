@@ -4,7 +4,7 @@ variant: compile time, step time, graphs, and recompiles after the first trainin
     osp bench compile                    # the block recipes' models at d 128, 2 layers, batch 8 x 128, CPU
     osp bench compile --recipes tiny osp --set model.d_model=256 --set model.n_layers=4
 
-A variant is a recipe's model (osp/conf/recipe/<name>.yaml: tiny is the baseline; ssnorm, embproj,
+A variant is a recipe's model (recipes/<name>.yaml: tiny is the baseline; ssnorm, embproj,
 clipped_softmax, the gated attentions, gated_norm, pre_affine, osp_gated add one mitigation each) with the
 sizes of `--set`. Each runs `--steps` training steps (forward, cross-entropy, backward, AdamW step) eager, then
 compiled, on the same batches. After the first compiled step Dynamo is told to fail on any recompile, so a
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from osp.cli import positive_int
+from osp.arguments import positive_int
 from osp.model import ModelConfig, Transformer
 from osp.tables import format_rows
 
@@ -116,7 +116,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str]) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(prog="osp bench compile", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), help="block recipes (osp/conf/recipe)")
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), help="block recipes (recipes/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="model override for every variant (repeatable; default sizes: " + " ".join(SIZES) + ")")
     parser.add_argument("--steps", type=positive_int, default=6)
@@ -131,7 +131,7 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
         torch.set_num_threads(args.threads)
     from hydra.errors import HydraException
 
-    from osp.model import ConfigError
+    from osp.errors import ConfigError
 
     try:
         rows = run(args.recipes, [*SIZES, *args.set], args.steps, args.batch_size, args.seq_len)

@@ -40,11 +40,11 @@ def _documents(data: Any, chars: int) -> list[str]:
 
 
 def run(values: dict[str, Any], chars: int, repeats: int) -> dict[str, Any]:
-    from osp.data import DataConfig
+    from osp.data import DataConfig, TokenPipeline
     from osp.data.packing import write_shard
     from osp.data.tokenizer import DocumentEncoder, token_dtype, vocab_size_of
 
-    data = DataConfig.from_dict(values).pipeline()
+    data = TokenPipeline(DataConfig.from_dict(values))
     tokenizer = data.tokenizer
     docs = _documents(data, chars)
     n_chars = sum(map(len, docs))
@@ -100,14 +100,14 @@ def format_result(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from osp.cli.data import load_data_config
+    from osp.conf import data_config
 
     parser = argparse.ArgumentParser(prog="osp bench data", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", default="demo", help="data preset (osp/conf/data): demo | files | ...")
+    parser.add_argument("--source", default="demo", help="data preset (configs/data): demo | files | ...")
     parser.add_argument("--chars", type=int, default=20_000_000, help="characters of training text to encode")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("overrides", nargs="*", help="data config overrides key=value (as for osp data prepare)")
     args = parser.parse_intermixed_args(argv)
-    result = run(load_data_config(args.source, None, args.overrides), args.chars, args.repeats)
+    result = run(data_config(args.source, None, args.overrides), args.chars, args.repeats)
     print(format_result(result))
     return result

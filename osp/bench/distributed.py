@@ -30,7 +30,7 @@ import torch
 from osp.atomic import write_text
 from osp.tables import format_rows
 
-MODES = {  # name -> (trainer config, ranks, threads per rank)
+LAYOUTS = {  # name -> (trainer config, ranks, threads per rank)
     "single": ("cpu", 1, 2),
     "single-1t": ("cpu", 1, 1),
     "ddp": ("ddp", 2, 1),
@@ -45,9 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--global-batch", type=int, default=16, help="sequences per optimizer step (all ranks)")
     p.add_argument("--seq-len", type=int, default=None, help="default: the recipe's data.seq_len")
-    p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    p.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
-    p.add_argument("--worker", choices=list(MODES), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=list(LAYOUTS), help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     return p
 
@@ -59,12 +59,12 @@ def _worker(args: argparse.Namespace) -> None:
     import lightning as L
     from torch.utils.data import DataLoader
 
+    from osp.conf.resolvers import register_resolvers
     from osp.optim.distributed import local
     from osp.training.parallel import fsdp_options_of
-    from osp.conf.resolvers import register_resolvers
     from osp.training.run import build_module, build_trainer
 
-    trainer_name, ranks, threads = MODES[args.worker]
+    trainer_name, ranks, threads = LAYOUTS[args.worker]
     torch.set_num_threads(threads)
     cfg = _compose(args, trainer_name, ranks)
     seq_len, per_rank = int(cfg.data.seq_len), args.global_batch // ranks
@@ -112,7 +112,7 @@ def _worker(args: argparse.Namespace) -> None:
         results = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(results, probe.result)
     if trainer.is_global_zero:
-        write_text(args.out, json.dumps({"mode": args.worker, "seq_len": seq_len, "ranks": results}))
+        write_text(args.out, json.dumps({"layout": args.worker, "seq_len": seq_len, "ranks": results}))
 
 
 def _compose(args: argparse.Namespace, trainer_name: str, ranks: int) -> Any:
@@ -130,9 +130,9 @@ def _compose(args: argparse.Namespace, trainer_name: str, ranks: int) -> Any:
 # Driver: start the runs, print the table -------------------------------------------------------------------
 
 
-def _run(mode: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    _, ranks, threads = MODES[mode]
-    worker = ["-m", "osp.bench.distributed", "--worker", mode, "--out", str(out), "--recipe", args.recipe,
+def _run(layout: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    _, ranks, threads = LAYOUTS[layout]
+    worker = ["-m", "osp.bench.distributed", "--worker", layout, "--out", str(out), "--recipe", args.recipe,
               "--steps", str(args.steps), "--warmup", str(args.warmup),
               "--global-batch", str(args.global_batch)]
     if args.seq_len:
@@ -144,7 +144,7 @@ def _run(mode: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     if proc.returncode != 0:  # the ranks' own errors first: torchrun's summary of them comes last
         lines = proc.stderr.splitlines()
         errors = [line for line in lines if "Error" in line or "Exception" in line]
-        raise SystemExit(f"osp bench distributed: {mode} failed ({proc.returncode}):\n"
+        raise SystemExit(f"osp bench distributed: {layout} failed ({proc.returncode}):\n"
                          + "\n".join([*errors[-10:], "...", *lines[-15:]]))
     return json.loads(out.read_text())
 
@@ -160,25 +160,25 @@ def _format(results: list[dict[str, Any]], args: argparse.Namespace, load: tuple
         f"torch {torch.__version__}, gloo",
         "",
     ]
-    table = [["mode", "ranks x threads", "precision", "tokens/s", "step ms", "params MB/rank", "optim MB/rank",
+    table = [["layout", "ranks x threads", "precision", "tokens/s", "step ms", "params MB/rank", "optim MB/rank",
               "peak RSS MB/rank"]]
     rows: dict[str, dict[str, float]] = {}
     for result in results:
-        mode, ranks = result["mode"], result["ranks"]
+        name, ranks = result["layout"], result["ranks"]
         step = max(r["step_s"] for r in ranks)  # the slowest rank sets the pace
         row = {"tokens_per_s": args.global_batch * result["seq_len"] / step, "step_ms": step * 1e3,
                "param_mb": max(r["param_bytes"] for r in ranks) / mb,
                "optim_mb": max(r["optim_bytes"] for r in ranks) / mb,
                "rss_mb": max(r["peak_rss_bytes"] for r in ranks) / mb}
-        rows[mode] = row
-        layout = f"{len(ranks)} x {MODES[mode][2]}"
-        table.append([mode, layout, ranks[0]["precision"], f"{row['tokens_per_s']:,.0f}", f"{row['step_ms']:.1f}",
+        rows[name] = row
+        shape = f"{len(ranks)} x {LAYOUTS[name][2]}"
+        table.append([name, shape, ranks[0]["precision"], f"{row['tokens_per_s']:,.0f}", f"{row['step_ms']:.1f}",
                       f"{row['param_mb']:.2f}", f"{row['optim_mb']:.2f}", f"{row['rss_mb']:.0f}"])
     lines += [format_rows(table), ""]
     for base in ("single", "single-1t"):
         if base in rows and "ddp" in rows:
             speedup = rows["ddp"]["tokens_per_s"] / rows[base]["tokens_per_s"]
-            lines.append(f"DDP 2 x 1 vs {base} ({MODES[base][2]} thread(s)): {speedup:.2f}x tokens/s")
+            lines.append(f"DDP 2 x 1 vs {base} ({LAYOUTS[base][2]} thread(s)): {speedup:.2f}x tokens/s")
     if "ddp" in rows and "fsdp2" in rows:
         params = rows["fsdp2"]["param_mb"] / rows["ddp"]["param_mb"]
         optim = rows["fsdp2"]["optim_mb"] / rows["ddp"]["optim_mb"]
@@ -187,7 +187,7 @@ def _format(results: list[dict[str, Any]], args: argparse.Namespace, load: tuple
 
 
 def main(argv: list[str]) -> None:
-    """Run the chosen modes one after another and print the table (rank 0 of each run reports)."""
+    """Run the chosen layouts one after another and print the table (rank 0 of each run reports)."""
     args = _parser().parse_args(argv)
     if args.worker:
         _worker(args)
@@ -197,9 +197,9 @@ def main(argv: list[str]) -> None:
     load_before = os.getloadavg()[0]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in args.modes:
-            print(f"[bench distributed] {mode} ...", flush=True)
-            results.append(_run(mode, args, Path(tmp) / f"{mode}.json"))
+        for layout in args.layouts:
+            print(f"[bench distributed] {layout} ...", flush=True)
+            results.append(_run(layout, args, Path(tmp) / f"{layout}.json"))
     table = _format(results, args, (load_before, os.getloadavg()[0]))
     print(table)
     if args.json:

@@ -1,8 +1,8 @@
 """`osp bench paper-table`: the OSP paper's ablation table (arXiv 2506.19697), re-run at small scale.
 
-Every arm is one of the paper recipes (osp/conf/recipe/adam_1p4b.yaml, muon_only, muon, muon_ssnorm,
+Every arm is one of the paper recipes (recipes/adam_1p4b.yaml, muon_only, muon, muon_ssnorm,
 muon_embproj, osp_1p4b) with the model shrunk and the data, token budget and learning rate of the chosen `--scale`
-(osp/conf/scale/<name>.yaml, so `osp train recipe=muon scale=cpu-small` re-runs one arm); the
+(configs/scale/<name>.yaml, so `osp train recipe=muon scale=cpu-small` re-runs one arm); the
 arms differ only in what the recipe ablates. Each arm is a real `osp train` run (same config composition,
 same callbacks: OutlierMonitor during training, QuantEval at the end), so its run directory works with
 `osp report` and `osp eval`. The table puts our kurtosis (both modes, with the Gaussian floor), max|h|,
@@ -82,7 +82,7 @@ PAPER_D_MODEL = 2048  # the paper's width: its kurtosis floor is gaussian_floor(
 
 
 def scale_facts(cfg: Any) -> dict[str, Any]:
-    """Model size, token budget and optimizer settings that a scale (osp/conf/scale/) gives every arm."""
+    """Model size, token budget and optimizer settings that a scale (configs/scale/) gives every arm."""
     facts = {"d_model": cfg.model.d_model, "n_layers": cfg.model.n_layers, "n_heads": cfg.model.n_heads,
              "ffn_hidden": cfg.model.ffn_hidden, "seq_len": cfg.data.seq_len, "batch_size": cfg.data.batch_size,
              "steps": cfg.trainer.max_steps, "lr": cfg.optim.lr, "warmup_steps": cfg.optim.warmup_steps}
@@ -100,7 +100,7 @@ def scale_description(scale: str) -> str:
 
 
 def arm_overrides(arm: str, scale: str, runs_root: Path, seed: int, export: bool) -> list[str]:
-    """The `osp train` command line of one arm: its paper recipe at this scale (osp/conf/scale/<scale>.yaml)."""
+    """The `osp train` command line of one arm: its paper recipe at this scale (configs/scale/<scale>.yaml)."""
     overrides = [f"recipe={ARMS[arm].recipe}", f"scale={scale}", f"name={arm}", f"run_name={arm}",
                  f"runs_root={runs_root}", f"seed={seed}"]
     if not export:
@@ -120,7 +120,7 @@ def merge_overrides(base: list[str], extra: list[str]) -> list[str]:
 
 def run_arm(arm: str, overrides: list[str], run_dir: Path, reuse: bool) -> dict[str, Any]:
     """Train one arm in this process (or read its summary back with --reuse); returns the summary."""
-    from osp.model import ConfigError
+    from osp.errors import ConfigError
     from osp.training.callbacks.stability import NonFiniteLossError
     from osp.training.run import train
 
@@ -247,7 +247,8 @@ def reading(results: dict[str, dict[str, Any]]) -> list[str]:
 
 def write_plots(run_dirs: list[Path], out_dir: Path) -> list[Path]:
     """Comparison plots of the arms (kurtosis and max|h| against step) via `osp report`'s writer."""
-    from osp.metrics.report import RunDirError, load_run, write_report
+    from osp.errors import RunDirError
+    from osp.metrics.report import load_run, write_report
 
     runs = []
     for path in run_dirs:
@@ -262,7 +263,7 @@ def write_plots(run_dirs: list[Path], out_dir: Path) -> list[Path]:
 
 def scales_help() -> str:
     """Each scale's size, token budget and lr (composed from its file) and its description."""
-    lines = ["scales (osp/conf/scale/; one arm: osp train recipe=muon scale=NAME):"]
+    lines = ["scales (configs/scale/; one arm: osp train recipe=muon scale=NAME):"]
     for name in presets("scale"):
         f = scale_facts(compose(["recipe=osp_1p4b", f"scale={name}"]))
         lines.append(f"  {name:10s} d {f['d_model']}, {f['n_layers']} layers, {f['steps']} steps x {f['batch_size']} "

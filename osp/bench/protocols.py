@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
+from osp.arguments import positive_int
 from osp.atomic import write_json
-from osp.cli import positive_int
 from osp.tables import format_rows
 
 DEFAULT_PRESETS = ("w4a4kv4", "w4a4kv4+had", "w8a8", "w8a8+static", "w4a8+static", "w4a4kv4+static",
@@ -53,9 +53,9 @@ class LoadedRun:
 def load_run(run_dir: Path, presets: list[str], blocks: int, calib_blocks: int) -> LoadedRun:
     """Load a run dir or checkpoint with `osp eval`'s data: `blocks` held-out blocks, and `calib_blocks`
     training blocks when one of `presets` calibrates."""
-    from osp.cli.eval import build_pipeline, find_tokenizer_dir, run_precision
     from osp.export import load_model
-    from osp.quant.perplexity import eval_config
+    from osp.quant.evaluation import eval_config
+    from osp.runs import build_pipeline, find_tokenizer_dir, run_precision
 
     model, _ = load_model(run_dir, device="cpu")  # its last checkpoint, or its export when it kept none
     data = build_pipeline(run_dir, None, find_tokenizer_dir(run_dir), None)
@@ -71,7 +71,7 @@ def load_run(run_dir: Path, presets: list[str], blocks: int, calib_blocks: int) 
 def protocol_ratios(run: LoadedRun, presets: list[str], batch_size: int) -> dict[str, Any]:
     """Quantized / full-precision perplexity of a loaded run under each preset."""
     from osp.precision import autocast_for
-    from osp.quant.perplexity import evaluate_quant
+    from osp.quant.evaluation import evaluate_quant
 
     out: dict[str, Any] = {"run": str(run.path), "name": run.name, "kurtosis": run.summary.get("kurtosis_exact"),
                            "max_abs": run.summary.get("max_abs"), "ratios": {}}
@@ -113,11 +113,8 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args(argv)
-    from osp.data import DataError
-    from osp.export import CheckpointError
-    from osp.model import ConfigError
-    from osp.quant import QuantConfigError
-    from osp.quant.perplexity import eval_config
+    from osp.errors import CheckpointError, ConfigError, DataError, QuantConfigError
+    from osp.quant.evaluation import eval_config
 
     try:
         for preset in args.presets:

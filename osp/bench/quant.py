@@ -81,7 +81,7 @@ def bench_eval(args: argparse.Namespace, device: torch.device) -> str:
         f"L={cfg.n_layers} heads={cfg.n_heads} ffn={cfg.ffn_hidden} vocab={cfg.vocab_size}, "
         f"{args.blocks} blocks x {args.seq_len} tokens, batch {args.batch_size}, median of {args.repeats}"
     )
-    header = ["mode", "enter s", "eval s", "tokens/s", "x fp", "ppl"]
+    header = ["view", "enter s", "eval s", "tokens/s", "x fp", "ppl"]
     return title + "\n" + format_rows([header, *rows])
 
 

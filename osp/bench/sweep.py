@@ -31,8 +31,8 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,10 +41,10 @@ from typing import IO, Any
 import torch
 from omegaconf import OmegaConf
 
+from osp.arguments import positive_int
 from osp.atomic import write_json, write_text
 from osp.bench.paper_table import merge_overrides
 from osp.bench.protocols import DEFAULT_PRESETS
-from osp.cli import positive_int
 from osp.tables import format_rows
 
 # The two arms of the default A/B: d 256, 4 layers, 300 steps x 16 x 256 = 1.2M tokens, lr 1e-2, warmup 30.
@@ -350,11 +350,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    from osp.data import DataError
-    from osp.export import CheckpointError
-    from osp.model import ConfigError
-    from osp.quant import QuantConfigError
-    from osp.quant.perplexity import eval_config
+    from osp.errors import CheckpointError, ConfigError, DataError, QuantConfigError
+    from osp.quant.evaluation import eval_config
 
     try:  # as the protocols name them (w16a16 -> fp, W4A4KV4 -> w4a4kv4), each once
         args.presets = list(dict.fromkeys(eval_config(preset).name for preset in args.presets))

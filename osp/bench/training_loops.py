@@ -11,7 +11,7 @@ Five loops train the same model size with the same batch, precision, AdamW setti
 They run interleaved: each repetition runs a few steps of every loop, in a fresh random order; the table
 reports the median step. `osp fit` is timed from one batch start to the next, so Lightning's data fetching,
 scheduler and logging are in it. The second table is each default callback's cost: one call, timed inside a
-real `trainer.fit` with the callback firing every step, divided by its default interval (osp/conf/callbacks).
+real `trainer.fit` with the callback firing every step, divided by its default interval (configs/callbacks).
 """
 
 from __future__ import annotations
@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         reference = next(name for name in ("osp fit", "osp step", *timed) if name in timed)
         step = timed[reference]
         costs = callback_costs(setup, cfg, args.callback_steps)
-        print(f"\ncallback cost at the default intervals (osp/conf/callbacks), against the "
+        print(f"\ncallback cost at the default intervals (configs/callbacks), against the "
               f"{step * 1e3:.1f} ms step of `{reference}`\n")
         print(format_rows([["callback", "every", "ms/call", "ms/step", "% of step"],
                            *callback_rows(costs, step)]))

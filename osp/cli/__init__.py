@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
+
+from osp.errors import OspError, error_line
 
 USAGE = """usage: osp <command> [args]
 
@@ -22,17 +23,6 @@ commands:
 COMMANDS = ("train", "export", "eval", "report", "data", "bench", "plan")  # modules osp.cli.<command>
 
 
-def positive_int(text: str) -> int:
-    """argparse type of counts (blocks, steps, batch sizes): an integer >= 1, else one usage error."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -43,5 +33,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"osp: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)
     module = importlib.import_module(f"osp.cli.{command}")
-    module.main(rest)
+    try:
+        module.main(rest)
+    except (OspError, OSError) as err:  # what a command did not turn into its own message
+        message = error_line(err)
+        if message is None:
+            raise
+        print(f"osp {command}: error: {message}", file=sys.stderr)
+        raise SystemExit(1) from None
 

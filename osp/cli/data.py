@@ -1,11 +1,11 @@
 """`osp data prepare | info`: build the corpus, tokenizer and token shards ahead of a run, or show the cache.
 
-    osp data prepare                                   # the demo corpus (osp/conf/data/demo.yaml)
+    osp data prepare                                   # the demo corpus (configs/data/demo.yaml)
     osp data prepare --source files source.paths='/corpus/*.jsonl' vocab_size=8192
     osp data prepare --config my_data.yaml seq_len=1024
     osp data info                                      # what the cache holds
 
-Settings come from the preset `osp/conf/data/<source>.yaml` (or --config), then `key=value` overrides, exactly as
+Settings come from the preset `configs/data/<source>.yaml` (or --config), then `key=value` overrides, exactly as
 `osp train data=<source> data.key=value` would compose them, so a prepared cache is the one training finds.
 """
 
@@ -15,46 +15,12 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
+from osp.conf import data_config
 from osp.data.cache import cache_root, human_bytes
+from osp.errors import OspError, one_line
 from osp.tables import format_rows
-
-
-def load_data_config(source: str | None, config: str | None, overrides: list[str]) -> dict[str, Any]:
-    """The data config as plain values: the named preset (composed with Hydra, so its `defaults` apply, as
-    in `osp train data=<source>`) or a file, then `key=value` overrides."""
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from osp.conf import compose, presets
-
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise SystemExit(f"osp data: overrides must look like key=value, got {bad}")
-    try:
-        if config:
-            if not Path(config).is_file():
-                raise SystemExit(f"osp data: no data config file {config!r}")
-            # Nested under `data` as in the composed training config, so interpolations such as
-            # ${oc.select:seed,1234} resolve the same way (to the default here: no run-level seed).
-            root = OmegaConf.create({"data": OmegaConf.load(config)})
-            if "defaults" in root.data:
-                raise SystemExit(f"osp data: {config} has a defaults list, which only presets can use; "
-                                 "write out the keys it inherits")
-            root.data = OmegaConf.merge(root.data, OmegaConf.from_dotlist(overrides))
-        else:
-            name = source or "demo"
-            if name not in presets("data"):
-                raise SystemExit(f"osp data: no data preset {name!r} (presets: {', '.join(presets('data'))})")
-            root = compose([f"+data={name}", *(f"++data.{o}" for o in overrides)], config_name=None)
-        values = OmegaConf.to_container(root.data, resolve=True, throw_on_missing=True)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise SystemExit(f"osp data: {str(err).strip().splitlines()[0]}") from None
-    assert isinstance(values, dict)
-    return values
 
 
 def _print_rows(rows: list[tuple[str, ...]]) -> None:
@@ -63,10 +29,10 @@ def _print_rows(rows: list[tuple[str, ...]]) -> None:
 
 def prepare(values: dict[str, Any]) -> dict[str, Any]:
     """Build everything a run needs and print where it is; returns the summary."""
-    from osp.data import DataConfig, DemoCorpus
+    from osp.data import DataConfig, DemoCorpus, TokenPipeline
 
     started = time.perf_counter()
-    data = DataConfig.from_dict(values).pipeline()
+    data = TokenPipeline(DataConfig.from_dict(values))
     data.prepare()
     summary = data.summary()
     summary["seconds"] = round(time.perf_counter() - started, 2)
@@ -150,13 +116,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "info":
         info(args.cache_dir)
         return
-    from osp.data import DataError
-    from osp.model import ConfigError
-
     try:
-        summary = prepare(load_data_config(args.source, args.config, args.overrides))
-    except (DataError, ConfigError) as err:
-        raise SystemExit(f"osp data prepare: {err}") from err
+        summary = prepare(data_config(args.source, args.config, args.overrides))
+    except OspError as err:
+        raise SystemExit(f"osp data: error: {one_line(str(err))}") from None
     if args.json:
         print(json.dumps(summary, indent=2))
 

@@ -14,61 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
+from osp.arguments import positive_int
 from osp.atomic import write_text
-from osp.cli import positive_int
-from osp.precision import autocast_for, resolve_precision
-
-DEMO_DATA = {"source": {"kind": "demo"}, "seq_len": 256}
-
-
-def find_run_config(model_path: Path) -> Path | None:
-    """The .hydra/config.yaml of the run that produced MODEL (a run dir, its checkpoint or its export)."""
-    path = model_path.resolve()
-    for candidate in (path, *path.parents[:3]):
-        config = candidate / ".hydra" / "config.yaml"
-        if config.is_file():
-            return config
-    return None
-
-
-def run_precision(model_path: Path, data_config: str | None, device: str) -> str:
-    """The trainer precision of the run that produced MODEL ("32-true" when unknown).
-
-    A run's summary records the precision it ran; a run still going (no summary yet) says what its config
-    says, with `auto` resolved for `device` as training resolves it.
-    """
-    config_file = Path(data_config) if data_config else find_run_config(model_path)
-    if config_file is None:
-        return "32-true"
-    summary = config_file.parent.parent / "summary.json"
-    if summary.is_file():
-        recorded = json.loads(summary.read_text()).get("precision")
-        if recorded:
-            return str(recorded)
-    precision = OmegaConf.load(config_file).get("trainer", {}).get("precision", "32-true")
-    return resolve_precision(precision, "gpu" if torch.device(device).type == "cuda" else "cpu")
-
-
-def build_pipeline(model_path: Path, data_config: str | None, tokenizer_dir: Path | None, seq_len: int | None):
-    """The data pipeline (no Lightning) of the run's own data config when it can be found (same held-out blocks
-    as in training), else of the demo corpus tokenized with the model's tokenizer."""
-    from osp.data import DataConfig
-
-    config_file = Path(data_config) if data_config else find_run_config(model_path)
-    if config_file is not None:
-        data = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
-        data = data.get("data", data)
-        data = {k: v for k, v in data.items() if not (isinstance(v, str) and "${" in v)}
-    else:
-        if tokenizer_dir is None:
-            raise SystemExit(f"osp eval: {model_path} has no tokenizer and no run config; pass --tokenizer "
-                             "or --data-config RUN_DIR/.hydra/config.yaml")
-        data = dict(DEMO_DATA, tokenizer=str(tokenizer_dir))
-    if seq_len is not None:
-        data["seq_len"] = seq_len
-    return DataConfig.from_dict(data).pipeline()
+from osp.precision import autocast_for
+from osp.runs import build_pipeline, find_tokenizer_dir, run_precision
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -87,7 +37,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="also the cost of the preset at each site alone (every linear input and KV cache), "
                         "each layer and each kind of site")
     p.add_argument("--attribute-top", type=positive_int, default=10, help="sites to list with --attribute")
-    p.add_argument("--mode", choices=("osp_exact", "context", "both"), default="both", help="kurtosis mode")
+    p.add_argument("--feed", choices=("osp_exact", "context", "both"), default="both",
+                   help="kurtosis: each token alone (osp_exact, as the OSP paper), in context, or both")
     p.add_argument("--data-config", help="a YAML with a `data` node (default: the run's .hydra/config.yaml)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: the model's own)")
     p.add_argument("--seq-len", type=positive_int, help="override the evaluation sequence length")
@@ -99,9 +50,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> None:
-    from osp.export import CheckpointError, load_model
-    from osp.quant import QuantConfigError
-    from osp.quant.perplexity import eval_config
+    from osp.errors import CheckpointError, QuantConfigError
+    from osp.export import load_model
+    from osp.quant.evaluation import eval_config
 
     args = parse_args(argv)
     if args.quant:  # a typo fails in a second, before the model and the data are loaded
@@ -117,8 +68,7 @@ def main(argv: list[str]) -> None:
         print(f"osp eval: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     tokenizer_dir = Path(args.tokenizer) if args.tokenizer else find_tokenizer_dir(model_path)
-    from osp.data import DataError
-    from osp.model import ConfigError
+    from osp.errors import ConfigError, DataError
 
     try:
         data = build_pipeline(model_path, args.data_config, tokenizer_dir, args.seq_len)
@@ -141,7 +91,7 @@ def main(argv: list[str]) -> None:
 def _evaluate(args: argparse.Namespace, model: torch.nn.Module, data: Any, do_quant: bool, do_kurtosis: bool,
               results: dict[str, Any]) -> None:
     from osp.metrics import evaluate_kurtosis, format_kurtosis
-    from osp.quant.perplexity import eval_config, evaluate_quant
+    from osp.quant.evaluation import eval_config, evaluate_quant
 
     if do_quant:
         blocks = data.heldout_blocks(args.quant_blocks).to(args.device)
@@ -158,15 +108,8 @@ def _evaluate(args: argparse.Namespace, model: torch.nn.Module, data: Any, do_qu
             print(format_attribution(results["attribution"], top=args.attribute_top))
     if do_kurtosis:
         ids = data.heldout_blocks(args.kurtosis_blocks)[:, :-1].to(args.device)
-        modes = ("context", "osp_exact") if args.mode == "both" else (args.mode,)
-        for mode in modes:
-            k = evaluate_kurtosis(model, ids, mode)
-            results[f"kurtosis_{mode}"] = k
+        feeds = ("context", "osp_exact") if args.feed == "both" else (args.feed,)
+        for feed in feeds:
+            k = evaluate_kurtosis(model, ids, feed)
+            results[f"kurtosis_{feed}"] = k
             print(format_kurtosis(k))
-
-
-def find_tokenizer_dir(model_path: Path) -> Path | None:
-    for candidate in (model_path, model_path / "tokenizer", model_path.parent.parent / "tokenizer"):
-        if (candidate / "tokenizer.json").is_file() or (candidate / "tokenizer_config.json").is_file():
-            return candidate
-    return None

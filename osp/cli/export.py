@@ -10,11 +10,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from osp.arguments import positive_int
+from osp.checkpoint_files import resolve_checkpoint, run_dir_of
+from osp.errors import CheckpointError
 from osp.export.gguf import OUTTYPES, export_gguf
 from osp.export.hf import export_hf
 from osp.export.layout import LayoutWarning
-from osp.cli import positive_int
-from osp.export.load import CheckpointError, load_model, resolve_checkpoint, run_dir_of
+from osp.export.load import load_model
 from osp.quant.config import DEFAULT_ALPHA
 
 DESCRIPTION = """Write a Hugging Face folder (config.json, generation_config.json, safetensors, tokenizer)
@@ -66,9 +68,9 @@ def calibrated_smoothing(args: argparse.Namespace, model: Any) -> list | None:
     """--smooth: the +smooth scales of the model, calibrated on its run's training blocks."""
     if args.smooth is None:
         return None
-    from osp.cli.eval import build_pipeline, find_tokenizer_dir
     from osp.quant import QuantConfig
     from osp.quant.w4a4 import smoothing_of
+    from osp.runs import build_pipeline, find_tokenizer_dir
 
     cfg = QuantConfig.from_preset("w4a4kv4+smooth", smooth_alpha=args.smooth)
     data = build_pipeline(Path(args.checkpoint), None, find_tokenizer_dir(Path(args.checkpoint)), None)

@@ -7,8 +7,8 @@ import json
 import sys
 from dataclasses import asdict
 
+from osp.errors import ConfigError
 from osp.hardware import GPUS
-from osp.model import ConfigError
 from osp.plan import format_plan, make_plan
 
 

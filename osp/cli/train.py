@@ -7,7 +7,6 @@ run `osp.training.run.train` under Hydra, and turn input errors and environment 
 
 from __future__ import annotations
 
-import errno
 import os
 import sys
 from pathlib import Path
@@ -17,32 +16,12 @@ from omegaconf import DictConfig
 
 from osp.conf import CONFIG_DIR, TRAIN_CONFIG, compose
 from osp.conf.resolvers import launch_rank, register_resolvers, run_id
-from osp.model import ConfigError
+from osp.errors import TRAIN_FAULT_HINTS, OspError, environment_fault, error_line, one_line
 from osp.training import rundir
 from osp.training.checkpoints import resolve_resume
 from osp.training.preemption import Preempted
 from osp.training.run import check_resume_config, preflight, train
 from osp.training.rundir import RunLock
-
-
-def fault_message(err: BaseException) -> str | None:
-    """One line for an environment fault (disk full, read-only or missing permissions), else None."""
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return (f"no space left on the device writing {err.filename or 'a file'}; free space (or move "
-                "runs_root / OSP_CACHE_DIR) and continue with resume=auto: earlier checkpoints are intact")
-    if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-        return (f"cannot write {err.filename or 'a file'} ({os.strerror(err.errno)}); choose a writable "
-                "runs_root=PATH (or OSP_CACHE_DIR for the data cache)")
-    if isinstance(err, RuntimeError) and "size mismatch" in str(err):
-        first = next(line.strip() for line in str(err).splitlines() if "size mismatch" in line)
-        return (f"the checkpoint does not fit this model ({first}); resume with the model settings it was "
-                "trained with, or start a new run")
-    return None
-
-
-def one_line(err: BaseException) -> str:
-    """An error's message on one line (Hydra lists the available options on lines of their own)."""
-    return " ".join(line.strip() for line in str(err).splitlines() if line.strip()).replace(": ", ": ", 1)
 
 
 def moved_key_hint(message: str) -> str:
@@ -61,13 +40,6 @@ def moved_key_hint(message: str) -> str:
     return f" ({key} is a setting of the {'/'.join(kinds)} source: data.source.{key}=...)"
 
 
-def root_cause(err: BaseException) -> BaseException:
-    """The innermost exception of a chain (Lightning and Hydra wrap the one that names the fault)."""
-    while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
-        err = err.__cause__ or err.__context__  # type: ignore[assignment]
-    return err
-
-
 _LAUNCH_ARGV: list[str] = []  # the command line as started (`osp train ...`), set by main
 
 
@@ -77,25 +49,19 @@ def _hydra_main(cfg: DictConfig) -> None:
         sys.argv = list(_LAUNCH_ARGV)  # what Lightning re-runs for the other devices' processes
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    from osp.data.sources import DataError
-    from osp.training.callbacks.stability import NonFiniteLossError
-
     try:
         train(cfg)
-    except (ConfigError, DataError, FileNotFoundError, NonFiniteLossError) as err:
-        # Problems with the user's input get one clear line, not a traceback.
-        print(f"osp train: error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
     except Preempted as stop:
         # Neither success (a scheduler must not mark the job done) nor a crash: one line, no traceback.
         if launch_rank() == 0:
             print(f"osp train: {stop.describe(str(cfg.run_name))}", file=sys.stderr)
         raise SystemExit(stop.exit_code) from None
     except MisconfigurationException as err:  # a trainer setting Lightning refuses
-        print(f"osp train: error: {one_line(err)} (check the trainer.* settings)", file=sys.stderr)
+        print(f"osp train: error: {one_line(str(err))} (check the trainer.* settings)", file=sys.stderr)
         raise SystemExit(1) from None
-    except (OSError, RuntimeError) as err:
-        message = fault_message(root_cause(err)) or fault_message(err)
+    except Exception as err:
+        # Problems with the user's input or the machine get one clear line, not a traceback.
+        message = error_line(err, **TRAIN_FAULT_HINTS)
         if message is None:
             raise
         print(f"osp train: error: {message}", file=sys.stderr)
@@ -125,10 +91,10 @@ def start_checks(args: list[str]) -> RunLock | None:
             check_resume_config(cfg, ckpt_path)
         lock = RunLock(run_dir)
         lock.acquire()
-    except (HydraException, OmegaConfBaseException, ConfigError, FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"osp train: error: {one_line(err)}{moved_key_hint(str(err))}") from None
+    except (HydraException, OmegaConfBaseException, OspError, FileNotFoundError) as err:
+        raise SystemExit(f"osp train: error: {one_line(str(err))}{moved_key_hint(str(err))}") from None
     except OSError as err:
-        raise SystemExit(f"osp train: error: {fault_message(err) or err}") from None
+        raise SystemExit(f"osp train: error: {environment_fault(err, **TRAIN_FAULT_HINTS) or err}") from None
     return lock
 
 

@@ -1,26 +1,45 @@
-"""osp's Hydra configuration, shipped inside the package: `train.yaml`, its groups and the recipes.
+"""osp's Hydra configuration: `configs/` (`train.yaml` and its groups) and `recipes/` (the `recipe` group), at the
+top level of a checkout and installed with the package as `osp/configs` and `osp/recipes` (pyproject's
+package-dir), so a wheel trains exactly as a checkout does.
 
 `compose(overrides)` is the one way to get the config `osp train <overrides>` would run with; `osp train`
 itself, `osp plan`, `osp data`, the benches and the tests all go through it.
 
-`model/base` is not a file: it is `osp.model.ModelConfig`'s defaults, registered here in Hydra's config store
-so that the model presets extend the dataclass instead of restating it.
+Two groups are registered in Hydra's config store rather than searched as files: `recipe` (every
+`recipes/<name>.yaml`, each a global package, as `osp train recipe=<name>` selects it) and `model/base`, which
+is `osp.model.ModelConfig`'s defaults, so that the model presets extend the dataclass instead of restating it.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from osp.conf.resolvers import register_resolvers
+from osp.errors import ConfigError, PathNotFoundError
 from osp.model.config import config_defaults
 
-CONFIG_DIR = Path(__file__).resolve().parent
+
+def shipped_dir(name: str) -> Path:
+    """`configs` or `recipes`: the installed package osp.<name> (a wheel, or an editable install of a checkout),
+    else the folder at the top of the checkout this package sits in."""
+    spec = importlib.util.find_spec(f"osp.{name}")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(__file__).resolve().parents[2] / name
+
+
+CONFIG_DIR = shipped_dir("configs")
+RECIPE_DIR = shipped_dir("recipes")
 TRAIN_CONFIG = "train"
 ConfigStore.instance().store(group="model", name="base", node=config_defaults())
+for _recipe in sorted(RECIPE_DIR.glob("*.yaml")):
+    ConfigStore.instance().store(group="recipe", name=_recipe.stem, node=OmegaConf.load(_recipe), package="_global_")
 
 
 def compose(overrides: Sequence[str] = (), config_name: str | None = TRAIN_CONFIG) -> DictConfig:
@@ -38,4 +57,38 @@ def compose(overrides: Sequence[str] = (), config_name: str | None = TRAIN_CONFI
 
 def presets(group: str) -> list[str]:
     """The option names of a config group (`recipe`, `data`, `trainer`, ...), sorted."""
-    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+    folder = RECIPE_DIR if group == "recipe" else CONFIG_DIR / group
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def data_config(source: str | None, config: str | None, overrides: list[str]) -> dict[str, Any]:
+    """The data config as plain values: the named preset (composed with Hydra, so its `defaults` apply, as
+    in `osp train data=<source>`) or a file, then `key=value` overrides."""
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value, got {bad}")
+    try:
+        if config:
+            if not Path(config).is_file():
+                raise PathNotFoundError(f"no data config file {config!r}")
+            # Nested under `data` as in the composed training config, so interpolations such as
+            # ${oc.select:seed,1234} resolve the same way (to the default here: no run-level seed).
+            root = OmegaConf.create({"data": OmegaConf.load(config)})
+            if "defaults" in root.data:
+                raise ConfigError(f"{config} has a defaults list, which only presets can use; "
+                                  "write out the keys it inherits")
+            root.data = OmegaConf.merge(root.data, OmegaConf.from_dotlist(overrides))
+        else:
+            name = source or "demo"
+            if name not in presets("data"):
+                raise ConfigError(f"no data preset {name!r} (presets: {', '.join(presets('data'))})")
+            root = compose([f"+data={name}", *(f"++data.{o}" for o in overrides)], config_name=None)
+        values = OmegaConf.to_container(root.data, resolve=True, throw_on_missing=True)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(str(err).strip().splitlines()[0]) from None
+    assert isinstance(values, dict)
+    return values

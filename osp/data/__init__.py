@@ -1,9 +1,9 @@
 """Data pipeline: a text source -> tokenizer -> token shards -> held-out blocks and per-rank, resumable batches.
 
-    from osp.data import DataConfig
-    pipeline = DataConfig.from_dict({"source": {"kind": "files", "paths": "corpus/*.txt"}}).pipeline()
+    from osp.data import DataConfig, TokenPipeline
+    pipeline = TokenPipeline(DataConfig.from_dict({"source": {"kind": "files", "paths": "corpus/*.txt"}}))
     pipeline.heldout_blocks(16)          # no Lightning needed
-    dm = DataConfig.from_dict(cfg.data).datamodule()   # the LightningDataModule `osp train` uses
+    dm = PretrainDataModule(pipeline)    # osp.data.datamodule: the LightningDataModule `osp train` uses
 
 Modules: sources (the TextSource interface, DataError), demo/ (the demo corpus and its extractors), files,
 hub (one module per source), config (DataConfig, the SOURCES registry), tokenizer, packing (token shards),
@@ -17,7 +17,9 @@ from osp.data.config import SOURCES, DataConfig, build_source
 from osp.data.demo import DemoCorpus
 from osp.data.files import LocalFiles
 from osp.data.hub import HubDataset
-from osp.data.sources import DataError, TextSource
+from osp.data.pipeline import TokenPipeline
+from osp.data.sources import TextSource
+from osp.errors import DataError
 
 __all__ = ["SOURCES", "DataConfig", "DataError", "DemoCorpus", "HubDataset", "LocalFiles", "TextSource",
-           "build_source"]
+           "TokenPipeline", "build_source"]

@@ -8,9 +8,9 @@ The node has the settings every source shares at its top level and one nested no
       seq_len: 512
       ...
 
-`DataConfig.from_dict(node).pipeline()` gives the Lightning-free `TokenPipeline` (tokenizer, shards, held-out
-blocks, per-rank batches); `.datamodule()` wraps it in the LightningDataModule that training uses. Every
-error names the key (`data.source.val_fractio is not a setting of the files source; its settings: ...`).
+`TokenPipeline(DataConfig.from_dict(node))` (osp.data.pipeline) is the Lightning-free pipeline (tokenizer,
+shards, held-out blocks, per-rank batches); `PretrainDataModule(pipeline)` (osp.data.datamodule) wraps it in
+the LightningDataModule that training uses. Every error names the key (`data.source.val_fractio is not a setting of the files source; its settings: ...`).
 """
 
 from __future__ import annotations
@@ -18,17 +18,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from osp.data.demo import DemoCorpus
 from osp.data.files import LocalFiles
 from osp.data.hub import HubDataset
 from osp.data.sources import TextSource
-from osp.model.config import ConfigError
-
-if TYPE_CHECKING:
-    from osp.data.datamodule import PretrainDataModule
-    from osp.data.pipeline import TokenPipeline
+from osp.errors import ConfigError
 
 # data.source.kind -> the class; its dataclass fields are the other keys of data.source.
 SOURCES: dict[str, type[TextSource]] = {cls.kind: cls for cls in (DemoCorpus, LocalFiles, HubDataset)}
@@ -65,7 +61,7 @@ class DataConfig:
     tokenizer: "bpe" (trained on the training split; `vocab_size` is its size, and the model's vocabulary is
     read back from the pipeline) or a pretrained name/path (`vocab_size` is then only what `osp plan` assumes).
     tokenizer_train_chars caps the BPE training text. val_blocks: held-out blocks in each validation (None: all).
-    The defaults are those of `osp/conf/data/demo.yaml`.
+    The defaults are those of `configs/data/demo.yaml`.
     """
 
     source: TextSource = dataclasses.field(default_factory=DemoCorpus)
@@ -126,17 +122,6 @@ class DataConfig:
         out["source"] = self.source.to_dict()
         return out
 
-    def pipeline(self) -> TokenPipeline:
-        """The Lightning-free pipeline (tokenizer, token shards, held-out blocks, batches)."""
-        from osp.data.pipeline import TokenPipeline
-
-        return TokenPipeline(self)
-
-    def datamodule(self, *, world_size: int | None = None, rank: int | None = None) -> PretrainDataModule:
-        """The LightningDataModule over the pipeline (imports Lightning); rank/world_size default to the trainer's."""
-        from osp.data.datamodule import PretrainDataModule
-
-        return PretrainDataModule(self.pipeline(), world_size=world_size, rank=rank)
 
 
 def _plain(node: Any) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """`PretrainDataModule`: the LightningDataModule over a `TokenPipeline` (osp.data.pipeline) — rank, resume state.
 
-    dm = DataConfig.from_dict(cfg.data).datamodule()      # what `osp train` does
+    dm = PretrainDataModule(TokenPipeline(DataConfig.from_dict(cfg.data)))      # what `osp train` does
     trainer.fit(module, datamodule=dm)
 
 Everything about the data itself (tokenizer, shards, held-out blocks, the batch order) is the pipeline's;

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from osp.data.cache import fingerprint
-from osp.data.sources import DataError, DataWarning, Split, TextSource, check_split
-
+from osp.data.sources import DataWarning, Split, TextSource, check_split
+from osp.errors import DataError
 
 _TEXT_SUFFIXES = (".txt", ".text", ".md")
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from osp.data.cache import fingerprint
-from osp.data.sources import DataError, Split, TextSource, check_split
-
+from osp.data.sources import Split, TextSource, check_split
+from osp.errors import DataError
 
 
 @dataclass

@@ -28,7 +28,8 @@ from torch.utils.data import Dataset
 
 from osp.atomic import atomic_path, write_json
 from osp.data.cache import file_lock, file_sha256
-from osp.data.sources import DataError, warn_damaged
+from osp.data.sources import warn_damaged
+from osp.errors import DataError
 
 SHARD_FORMAT_VERSION = 3  # 2: one .bin per split; 3: an index and pieces of bounded size
 PIECE_TOKENS = 1 << 28  # tokens per piece file at most (512 MiB at uint16, 1 GiB at uint32)

@@ -31,9 +31,15 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from osp.data.cache import cache_root, fingerprint
 from osp.data.packing import PackedBlocks, TokenShard, cached_shard, pack_stream, require_blocks
-from osp.data.sources import DataError, Split
-from osp.data.tokenizer import (DocumentEncoder, build_tokenizer, token_dtype, tokenizer_fingerprint,
-                                vocab_size_of)
+from osp.data.sources import Split
+from osp.data.tokenizer import (
+    DocumentEncoder,
+    build_tokenizer,
+    token_dtype,
+    tokenizer_fingerprint,
+    vocab_size_of,
+)
+from osp.errors import DataError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast

@@ -22,10 +22,6 @@ Split = Literal["train", "val"]
 SPLITS: tuple[Split, ...] = ("train", "val")
 
 
-class DataError(RuntimeError):
-    """Missing, empty or unusable data, with a message that says what to do."""
-
-
 class DataWarning(UserWarning):
     """Usable but suspect input (a text file with some bytes that are not UTF-8), or a damaged cache
     entry that is being rebuilt."""

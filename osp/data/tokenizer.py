@@ -22,7 +22,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from osp.atomic import atomic_path, write_json
 from osp.data.cache import cache_root, file_lock, file_sha256, fingerprint
-from osp.data.sources import DataError, TextSource, warn_damaged
+from osp.data.sources import TextSource, warn_damaged
+from osp.errors import ConfigError, DataError
 
 EOS_TOKEN = "<|endoftext|>"
 BPE = "bpe"  # the `tokenizer` config value that selects a BPE trained on the corpus
@@ -69,7 +70,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 4096) -> PreTrainedTokeniz
     On a small corpus the vocabulary can come out smaller than `vocab_size` (no pair left to merge).
     """
     if vocab_size < MIN_BPE_VOCAB:
-        raise ValueError(f"vocab_size must be at least {MIN_BPE_VOCAB} for a byte-level BPE, "
+        raise ConfigError(f"vocab_size must be at least {MIN_BPE_VOCAB} for a byte-level BPE, "
                          f"got {vocab_size}")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -25,12 +25,12 @@ import gguf
 import numpy as np
 import torch
 
+from osp.errors import ExportError
 from osp.model import ModelConfig, Transformer
-
-from .atomic import atomic_file, check_file_target
 from osp.quant.smooth import Smoothing
 
 from .hf import CUSTOM_BLOCK_KEYS, hf_state_dict
+from .targets import atomic_file, check_file_target
 from .tokenizer import as_tokenizer
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,8 @@ ARCH = "llama"
 TOKENIZER_PRE = "gpt-2"  # llama.cpp's name for the GPT-2 pre-tokenizer regex (LLAMA_VOCAB_PRE_TYPE_GPT2)
 
 
-class GGUFExportError(ValueError):
-    """The model or tokenizer cannot be written as a llama.cpp GGUF file (a ValueError: a user error)."""
+class GGUFExportError(ExportError):
+    """The model or tokenizer cannot be written as a llama.cpp GGUF file."""
 
 
 def export_gguf(

@@ -24,12 +24,13 @@ from safetensors.torch import save_file
 
 import osp
 from osp.data.tokenizer import save_tokenizer
+from osp.errors import ExportError
 from osp.model import ModelConfig, Transformer, merge_emb_proj
 from osp.precision import DTYPES
 from osp.quant.smooth import Smoothing, fold_into_state, trained_smoothing
 
-from .atomic import atomic_directory, check_target
 from .layout import warn_layout
+from .targets import atomic_directory, check_target
 from .tokenizer import as_tokenizer
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def export_hf(
     cfg = model.cfg
     tok = as_tokenizer(tokenizer)
     if tok is not None and len(tok) > cfg.vocab_size:
-        raise ValueError(f"the tokenizer has {len(tok)} tokens but the model's vocab_size is {cfg.vocab_size}")
+        raise ExportError(f"the tokenizer has {len(tok)} tokens but the model's vocab_size is {cfg.vocab_size}")
     plain, reasons = model.llama_compatible()
     # The custom code always has its own head: simpler code, same function, one vocab x d copy more.
     tied = plain and cfg.tie_embeddings
@@ -276,5 +277,5 @@ def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not allowed; choose one of {list(DTYPES)} (or None: as trained)")
+        raise ExportError(f"dtype={dtype!r} is not allowed; choose one of {list(DTYPES)} (or None: as trained)")
     return DTYPES[dtype]

@@ -15,30 +15,32 @@ from typing import Any
 
 import torch
 
-from osp.model import ConfigError, ModelConfig, Transformer
-from osp.torch_files import DISTRIBUTED_META, load_torch_file
+from osp.checkpoint_files import (
+    DISTRIBUTED_META,
+    latest_checkpoint,
+    load_torch_file,
+    resolve_checkpoint,
+    run_dir_of,
+)
+from osp.errors import CheckpointError, ConfigError
+from osp.model import ModelConfig, Transformer
 
 from .hf import CUSTOM_BLOCK_KEYS, OSP_MODEL_TYPE
 from .tokenizer import load_tokenizer
-
-LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or exported folder is missing, corrupt, or not something osp wrote."""
 
 
 def load_model(
     path: str | os.PathLike, device: str | torch.device = "cpu", tokenizer: str | os.PathLike | None = None
 ) -> tuple[Transformer, Any]:
-    """(Transformer in eval mode on `device`, tokenizer or None) from a .ckpt file, a run dir (its last
-    checkpoint, or its export when it kept no checkpoints), or an HF folder.
+    """(Transformer in eval mode on `device`, tokenizer or None) from a .ckpt file, a run dir (its newest
+    checkpoint, osp.checkpoint_files' rule, or its export when it kept no checkpoints), or an HF folder.
 
     The tokenizer comes from `tokenizer` (a folder) when given, else from the exported folder itself or
     from `<run_dir>/tokenizer/`; None when there is none.
     """
     path = Path(path)
-    if path.is_dir() and not (path / LAST_CHECKPOINT).exists() and (path / "export" / "config.json").is_file():
+    if (path.is_dir() and latest_checkpoint(path / "checkpoints") is None
+            and (path / "export" / "config.json").is_file()):
         path = path / "export"  # a run that kept no checkpoints (the paper-table scales): its export
     if path.is_dir() and (path / "config.json").is_file():
         cfg, state = read_hf_folder(path)
@@ -52,30 +54,9 @@ def load_model(
                                  required=tokenizer is not None)
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A Lightning checkpoint given itself or its run dir (-> <run_dir>/checkpoints/last.ckpt)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    if path.is_file() or _is_distributed_checkpoint(path):
-        return path
-    last = path / LAST_CHECKPOINT
-    if last.exists():
-        return last
-    raise CheckpointError(
-        f"{path}: not a checkpoint, a run dir (no {LAST_CHECKPOINT}) or an exported folder (no config.json)"
-    )
-
-
-def run_dir_of(checkpoint: Path) -> Path:
-    """<run_dir> of <run_dir>/checkpoints/<name>.ckpt (else the checkpoint's own folder)."""
-    parent = checkpoint.parent
-    return parent.parent if parent.name == "checkpoints" else parent
-
-
 def read_lightning_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """ModelConfig and Transformer state dict of a LanguageModelModule checkpoint (file or FSDP2 folder)."""
-    if _is_distributed_checkpoint(path):
+    if path.is_dir():
         return _read_distributed_checkpoint(path)
     checkpoint = _torch_load(path)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
@@ -201,10 +182,6 @@ def _strip_model_prefix(state_dict: dict[str, Any], path: Path) -> dict[str, tor
         raise CheckpointError(f"{path}: state_dict has no 'model.' keys (found {_few(sorted(state_dict))}); "
                               "not an osp LanguageModelModule checkpoint")
     return state
-
-
-def _is_distributed_checkpoint(path: Path) -> bool:
-    return path.is_dir() and (path / ".metadata").is_file()
 
 
 def _read_distributed_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:

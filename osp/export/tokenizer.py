@@ -11,6 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from osp.errors import PathNotFoundError
+
 log = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -20,7 +22,7 @@ def load_tokenizer(folder: str | Path, required: bool = False) -> Any:
     folder = Path(folder)
     if not (folder.is_dir() and any((folder / name).is_file() for name in TOKENIZER_FILES)):
         if required:
-            raise FileNotFoundError(f"no tokenizer files in {folder}")
+            raise PathNotFoundError(f"no tokenizer files in {folder}")
         log.info("osp: no tokenizer found in %s", folder)
         return None
     if (folder / "tokenizer.json").is_file():
@@ -37,5 +39,5 @@ def as_tokenizer(tokenizer: Any) -> Any:
     if tokenizer is None or hasattr(tokenizer, "save_pretrained"):
         return tokenizer
     if not Path(tokenizer).is_dir():
-        raise FileNotFoundError(f"tokenizer folder {tokenizer} does not exist")
+        raise PathNotFoundError(f"tokenizer folder {tokenizer} does not exist")
     return load_tokenizer(tokenizer, required=True)

@@ -1,8 +1,8 @@
 """Outlier metrics: OSP per-token kurtosis, per-channel kurtosis, max|h|, max/median."""
 
 from osp.metrics.activations import (
-    MODES,
-    Mode,
+    FEEDS,
+    Feed,
     evaluate_kurtosis,
     format_kurtosis,
     model_kurtosis,
@@ -20,8 +20,8 @@ from osp.metrics.outliers import (
 )
 
 __all__ = [
-    "MODES",
-    "Mode",
+    "FEEDS",
+    "Feed",
     "evaluate_kurtosis",
     "excess_kurtosis",
     "format_kurtosis",

@@ -29,11 +29,11 @@ from osp.metrics.outliers import (
     token_max_median_ratio,
     top_channel_share,
 )
-from osp.model.modes import eval_mode
+from osp.model.eval_context import eval_mode
 
 __all__ = [
-    "Mode",
-    "MODES",
+    "Feed",
+    "FEEDS",
     "outlier_stats",
     "model_kurtosis",
     "evaluate_kurtosis",
@@ -53,8 +53,10 @@ def input_kind(site: str) -> str | None:
     """"norm_fed", "o_proj" or "down_proj" for a linear-input site name ("block_01.mlp.down_proj"), else None."""
     return INPUT_KINDS.get(site.rsplit(".", 1)[-1])
 
-Mode = Literal["osp_exact", "context"]
-MODES: tuple[str, ...] = ("osp_exact", "context")
+# How the tokens reach the model for a measurement: each alone at position 0 (OSP's evaluate_kurtosis.py, comparable
+# with the paper) or in their sequences.
+Feed = Literal["osp_exact", "context"]
+FEEDS: tuple[str, ...] = ("osp_exact", "context")
 
 
 class _StatsAccumulator:
@@ -146,14 +148,14 @@ def _linear_input_hooks(model: nn.Module, full: bool) -> Iterator[dict[str, _Sta
         last_input[0] = None
 
 
-def _chunks(input_ids: Tensor, mode: str, max_tokens: int | None) -> Iterator[Tensor]:
+def _chunks(input_ids: Tensor, feed: str, max_tokens: int | None) -> Iterator[Tensor]:
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
     if input_ids.numel() == 0:
         raise ValueError("input_ids is empty: nothing to measure")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode == "osp_exact":
+    if feed not in FEEDS:
+        raise ValueError(f"feed must be one of {FEEDS}, got {feed!r}")
+    if feed == "osp_exact":
         # OSP's evaluate_kurtosis.py feeds each token as its own length-1 sequence at position 0.
         input_ids = input_ids.reshape(-1, 1)
     rows = input_ids.shape[0] if max_tokens is None else max(1, max_tokens // input_ids.shape[1])
@@ -176,7 +178,7 @@ def _hidden_states(model: nn.Module, input_ids: Tensor) -> Sequence[Tensor]:
 def outlier_stats(
     model: nn.Module,
     input_ids: Tensor,
-    mode: Mode = "context",
+    feed: Feed = "context",
     *,
     full: bool = True,
     linear_inputs: bool = False,
@@ -184,7 +186,7 @@ def outlier_stats(
 ) -> dict:
     """Per-tap outlier statistics of `model` on `input_ids` (B, T).
 
-    Returns {"mode", "d", "n_tokens", "n_taps", and per-tap lists "kurtosis" (OSP, relu-clamped),
+    Returns {"feed", "d", "n_tokens", "n_taps", and per-tap lists "kurtosis" (OSP, relu-clamped),
     "kurtosis_unclamped", "max_abs", plus "max_median" and "channel_kurtosis" when full}; with
     linear_inputs, also "linear_inputs": {site: {same statistics, plus "channel_share" when full}} for each
     distinct block-linear input, and "gate_up_alignment": [per block] (see `gate_up_alignment`).
@@ -194,7 +196,7 @@ def outlier_stats(
     with eval_mode(model), torch.no_grad():
         hooks = _linear_input_hooks(model, full) if linear_inputs else contextlib.nullcontext({})
         with hooks as sites:
-            for chunk in _chunks(input_ids, mode, max_tokens):
+            for chunk in _chunks(input_ids, feed, max_tokens):
                 hidden = _hidden_states(model, chunk)
                 if not taps:
                     taps = [_StatsAccumulator(full) for _ in hidden]
@@ -204,7 +206,7 @@ def outlier_stats(
                     accumulator.update(h)
     per_tap = [accumulator.result() for accumulator in taps]
     stats: dict = {
-        "mode": mode,
+        "feed": feed,
         "d": taps[0].d,
         "n_tokens": taps[0].n_tokens,
         "n_taps": len(taps),
@@ -217,16 +219,16 @@ def outlier_stats(
 
 
 def model_kurtosis(
-    model: nn.Module, input_ids: Tensor, mode: Mode = "osp_exact", *, max_tokens: int | None = 8192
+    model: nn.Module, input_ids: Tensor, feed: Feed = "osp_exact", *, max_tokens: int | None = 8192
 ) -> dict:
     """OSP kurtosis per tap and its mean over taps.
 
     Returns {"per_tap", "mean", "unclamped_per_tap", "unclamped_mean", "d", "n_tokens"}.
 
-    mode="osp_exact" feeds every token alone (comparable with the OSP paper's numbers);
-    mode="context" feeds the sequences as they are.
+    feed="osp_exact" feeds every token alone (comparable with the OSP paper's numbers);
+    feed="context" feeds the sequences as they are.
     """
-    stats = outlier_stats(model, input_ids, mode, full=False, max_tokens=max_tokens)
+    stats = outlier_stats(model, input_ids, feed, full=False, max_tokens=max_tokens)
     return {
         "per_tap": stats["kurtosis"],
         "mean": sum(stats["kurtosis"]) / stats["n_taps"],
@@ -238,7 +240,7 @@ def model_kurtosis(
 
 
 def evaluate_kurtosis(
-    model: nn.Module, input_ids: Tensor, mode: Mode = "osp_exact", *, max_tokens: int | None = 8192
+    model: nn.Module, input_ids: Tensor, feed: Feed = "osp_exact", *, max_tokens: int | None = 8192
 ) -> dict:
     """`model_kurtosis` plus its reference points: the Gaussian floor at this width, the mean as a
     ratio to that floor, the largest tap and the mean as a fraction of the maximum d - 3.
@@ -246,11 +248,11 @@ def evaluate_kurtosis(
     This is what `osp eval --kurtosis` reports and what `OutlierMonitor` logs as
     `outliers/kurtosis_exact_mean`.
     """
-    result = model_kurtosis(model, input_ids, mode, max_tokens=max_tokens)
+    result = model_kurtosis(model, input_ids, feed, max_tokens=max_tokens)
     d = result["d"]
     floor = gaussian_floor(d)
     result.update(
-        mode=mode,
+        feed=feed,
         max=max(result["per_tap"]),
         floor=floor,
         floor_ratio=result["mean"] / floor,
@@ -260,7 +262,7 @@ def evaluate_kurtosis(
 
 
 def outlier_log_dict(context: dict, exact: dict | None = None, prefix: str = "outliers") -> dict[str, float]:
-    """Flatten `outlier_stats` (context mode) and optionally `evaluate_kurtosis` (osp_exact) into
+    """Flatten `outlier_stats` (context feed) and optionally `evaluate_kurtosis` (osp_exact) into
     logger keys: `{prefix}/kurtosis/layer_03`, `{prefix}/kurtosis_mean`, `{prefix}/max_abs_max`, ...
     """
     n = context["n_taps"]
@@ -333,7 +335,7 @@ def format_kurtosis(result: dict) -> str:
     """Human-readable lines for an `evaluate_kurtosis` result (used by `osp eval --kurtosis`)."""
     taps = "  ".join(f"{i:02d}:{value:.3g}" for i, value in enumerate(result["per_tap"]))
     return "\n".join([
-        f"kurtosis ({result['mode']}, d={result['d']}, {result['n_tokens']:,} tokens): "
+        f"kurtosis ({result['feed']}, d={result['d']}, {result['n_tokens']:,} tokens): "
         f"mean {result['mean']:.4g}, max {result['max']:.4g}, un-clamped mean {result['unclamped_mean']:.4g}",
         f"  Gaussian floor {result['floor']:.4g} (mean = {result['floor_ratio']:.3g} x floor, "
         f"{100 * result['fraction_of_max']:.3g}% of the maximum d-3)",

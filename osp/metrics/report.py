@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from osp.atomic import write_text
+from osp.errors import RunDirError
 from osp.tables import format_rows
 
 __all__ = ["RunDirError", "Run", "load_run", "format_table", "write_report", "check_unique_names"]
@@ -37,10 +38,6 @@ COLUMNS: tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("gate/up align", ".2f", ("gate_up_alignment",), ("outliers/gate_up_alignment_mean",)),
 )
 MISSING = "-"
-
-
-class RunDirError(ValueError):
-    """A path given to `osp report` is not a readable osp run directory."""
 
 
 @dataclass

@@ -6,10 +6,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or incompatible with another one."""
-
+from osp.errors import ConfigError
 
 # Allowed values of every string-valued block choice. Registries in the block modules must
 # agree with these (a test checks it), so an error can list the choices without importing torch code.

@@ -8,7 +8,6 @@ from torch import nn
 
 from .config import ModelConfig
 
-
 # Smooth-SwiGLU's running per-channel max: a moving average of each training step's max over ~100 steps.
 ABSMAX_DECAY = 0.99
 

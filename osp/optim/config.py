@@ -2,7 +2,7 @@
 optimizer (`build`) and its LR schedule (`build_scheduler`).
 
 Every error names the key and the allowed values (`optim.lr=-1.0 must be a number in [0.0, inf]`).
-The defaults are those of `osp/conf/optim/adamw.yaml`; a config file only needs the keys it changes.
+The defaults are those of `configs/optim/adamw.yaml`; a config file only needs the keys it changes.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from osp.errors import ConfigError
 from osp.optim.groups import DECAYED_ROLES, ROLES, params_by_role
 from osp.optim.muon import UPDATE_SCALES, Muon
 from osp.optim.newton_schulz import AUTO
@@ -64,9 +65,9 @@ class OptimConfig:
         for key, allowed in (("name", OPTIMIZERS), ("schedule", SCHEDULES), ("decay_shape", DECAY_SHAPES),
                              ("update_scale", UPDATE_SCALES), ("ns_dtype", NS_DTYPES), ("ns_fit", NS_FITS)):
             if getattr(self, key) not in allowed:
-                raise ValueError(f"optim.{key}={getattr(self, key)!r} is not supported; allowed: {', '.join(allowed)}")
+                raise ConfigError(f"optim.{key}={getattr(self, key)!r} is not supported; allowed: {', '.join(allowed)}")
         if not isinstance(self.nesterov, bool):
-            raise ValueError(f"optim.nesterov={self.nesterov!r} must be true or false")
+            raise ConfigError(f"optim.nesterov={self.nesterov!r} must be true or false")
         inf = float("inf")
         for key, low, high in (("lr", 0.0, inf), ("weight_decay", 0.0, inf), ("eps", 0.0, 1.0),
                                ("momentum", 0.0, 0.999999), ("clip_quantile", 0.0, 1.0), ("clip_eps", 0.0, inf),
@@ -96,7 +97,7 @@ class OptimConfig:
         allowed = [f.name for f in fields(cls)]
         unknown = sorted(set(given) - set(allowed))
         if unknown:
-            raise ValueError(f"unknown optim key(s) {unknown}; allowed: {', '.join(allowed)}")
+            raise ConfigError(f"unknown optim key(s) {unknown}; allowed: {', '.join(allowed)}")
         return cls(**given)
 
     def to_dict(self) -> dict[str, Any]:
@@ -180,7 +181,7 @@ def _number(key: str, v: Any, low: float, high: float, integer: bool = False) ->
         ok = ok and float(v).is_integer()
     if not ok:
         kind = "an integer" if integer else "a number"
-        raise ValueError(f"optim.{key}={v!r} must be {kind} in [{low}, {high}]")
+        raise ConfigError(f"optim.{key}={v!r} must be {kind} in [{low}, {high}]")
     return float(v)
 
 
@@ -190,7 +191,7 @@ def _warmup(v: Any) -> int | float:
         return v  # a fraction, resolved against the run's total_steps by lr_multiplier
     if number and v >= 0 and float(v).is_integer():
         return int(v)
-    raise ValueError(f"optim.warmup_steps={v!r} must be a non-negative integer or a fraction in (0, 1)")
+    raise ConfigError(f"optim.warmup_steps={v!r} must be a non-negative integer or a fraction in (0, 1)")
 
 
 def _betas(key: str, v: Any) -> tuple[float, float]:
@@ -199,13 +200,13 @@ def _betas(key: str, v: Any) -> tuple[float, float]:
         or len(v) != 2
         or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in v)
     ):
-        raise ValueError(f"optim.{key}={v!r} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+        raise ConfigError(f"optim.{key}={v!r} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
     return (float(v[0]), float(v[1]))
 
 
 def _roles(key: str, v: Any) -> tuple[str, ...]:
     if isinstance(v, str) or not isinstance(v, (list, tuple)) or not all(r in ROLES for r in v):
-        raise ValueError(f"optim.{key}={v!r} must be a list of roles out of: {', '.join(ROLES)}")
+        raise ConfigError(f"optim.{key}={v!r} must be a list of roles out of: {', '.join(ROLES)}")
     return tuple(dict.fromkeys(v))  # each role once, in the given order
 
 
@@ -216,13 +217,13 @@ def _routing(name: str, routing: Mapping[str, str] | None) -> dict[str, str]:
     if routing is None:
         return resolved
     if not isinstance(routing, Mapping):
-        raise ValueError(f"optim.routing must be a mapping role -> algorithm, got {routing!r}")
+        raise ConfigError(f"optim.routing must be a mapping role -> algorithm, got {routing!r}")
     allowed = ("adamw",) if name == "adamw" else ("adamw", name)
     for role, algorithm in routing.items():
         if role not in ROLES:
-            raise ValueError(f"optim.routing has unknown role {role!r}; allowed roles: {', '.join(ROLES)}")
+            raise ConfigError(f"optim.routing has unknown role {role!r}; allowed roles: {', '.join(ROLES)}")
         if algorithm not in allowed:
-            raise ValueError(
+            raise ConfigError(
                 f"optim.routing.{role}={algorithm!r} is not supported with optim.name={name!r}; "
                 f"allowed: {', '.join(allowed)}"
             )

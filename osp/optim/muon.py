@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from osp.errors import ConfigError
 from osp.optim.adamw import adamw_step
 from osp.optim.distributed import full, is_dtensor, local, shard_like, sharded_map, world_size
 from osp.optim.newton_schulz import AUTO, MUON_COEFFICIENTS, newton_schulz, resolve_dtype
@@ -42,7 +43,7 @@ def update_scale(shape: torch.Size | tuple[int, ...], rule: str) -> float:
         return 0.2 * math.sqrt(max(m, n))
     if rule == "keller":
         return math.sqrt(max(1.0, m / n))
-    raise ValueError(f"update_scale={rule!r} is not supported; allowed: {', '.join(UPDATE_SCALES)}")
+    raise ConfigError(f"update_scale={rule!r} is not supported; allowed: {', '.join(UPDATE_SCALES)}")
 
 
 class Muon(torch.optim.Optimizer):
@@ -98,12 +99,12 @@ class Muon(torch.optim.Optimizer):
         group = self.param_groups[-1]
         allowed = ("adamw", self.algorithm)
         if group["algorithm"] not in allowed:
-            raise ValueError(
+            raise ConfigError(
                 f"param group {group.get('name', len(self.param_groups) - 1)!r} has algorithm "
                 f"{group['algorithm']!r}; {type(self).__name__} accepts: {', '.join(allowed)}"
             )
         if group["update_scale"] not in UPDATE_SCALES:
-            raise ValueError(
+            raise ConfigError(
                 f"update_scale={group['update_scale']!r} is not supported; allowed: {', '.join(UPDATE_SCALES)}"
             )
         # Stored as a name (a torch.dtype becomes its name) so that param_groups stay plain data in checkpoints;

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from osp.errors import ConfigError
 from osp.precision import AUTO, DTYPES, auto_dtype_name
 
 # Keller Jordan's coefficients: they maximize the slope at 0 rather than converge, so after 5 steps the
@@ -26,7 +27,7 @@ def resolve_dtype(dtype: torch.dtype | str, device_type: str = "cpu") -> torch.d
     if dtype == AUTO:
         dtype = auto_dtype_name(device_type)
     if dtype not in DTYPES:
-        raise ValueError(f"unknown Newton-Schulz dtype {dtype!r}; allowed: {AUTO}, {', '.join(DTYPES)}")
+        raise ConfigError(f"unknown Newton-Schulz dtype {dtype!r}; allowed: {AUTO}, {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -37,7 +38,7 @@ def _per_iteration(
         return [tuple(float(x) for x in coefficients)] * steps  # type: ignore[list-item]
     table = [tuple(float(x) for x in abc) for abc in coefficients]  # type: ignore[union-attr]
     if len(table) != steps or any(len(abc) != 3 for abc in table):
-        raise ValueError(
+        raise ConfigError(
             f"coefficients must be one (a, b, c) triple or {steps} triples (one per step), got {coefficients!r}"
         )
     return table  # type: ignore[return-value]

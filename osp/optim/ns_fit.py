@@ -41,8 +41,6 @@ from torch import Tensor
 
 from osp.atomic import write_text
 from osp.optim.newton_schulz import MUON_COEFFICIENTS
-from osp.optim.root import ROOT_COEFFICIENTS as OFFICIAL_COEFFICIENTS
-from osp.optim.root import Coefficients, ns_coefficients, shape_key
 
 STEPS = 5
 STABLE_MAX = 1.5
@@ -53,6 +51,57 @@ EVAL_SEED = 1000  # held out from every fit
 PROXY_MIN = {"cache": 1024, "runtime": 256}
 MAX_EVALS = {"cache": 600, "runtime": 200}
 _GRID = torch.linspace(0.0, 1.0, 2001, dtype=torch.float64, device="cpu")
+
+Coefficients = tuple[float, float, float]
+
+# Key (min(m, n), max(m, n)) -> (a, b, c) for every iteration (huawei-noah/noah-research ROOT example).
+ROOT_COEFFICIENTS: dict[tuple[int, int], Coefficients] = {
+    (2048, 2048): (3.4916, -4.8224, 2.1095),
+    (2048, 3072): (3.4509, -4.5790, 1.9325),
+    (2048, 8192): (2.9794, -3.6674, 1.6207),
+    (2048, 16384): (3.1943, -3.8221, 1.5322),
+}
+
+
+def shape_key(m: int, n: int) -> tuple[int, int]:
+    """Table key of an m×n matrix: NS orthogonalizes the wide orientation, so (min, max)."""
+    return (min(m, n), max(m, n))
+
+
+FITTED_PATH = Path(__file__).with_name("root_coefficients.json")
+
+
+def _load_fitted(path: Path = FITTED_PATH) -> dict[tuple[int, int], Coefficients]:
+    """The shipped fits ({"coefficients": {"MxN": [a, b, c]}}, written by `python -m osp.optim.ns_fit --write`)."""
+    if not path.is_file():
+        return {}
+    table = json.loads(path.read_text())["coefficients"]
+    return {shape_key(*map(int, k.split("x"))): tuple(float(x) for x in v) for k, v in table.items()}  # type: ignore[misc]
+
+
+# Shipped fits, then fits made at run time (per process): key -> (a, b, c).
+FITTED_COEFFICIENTS: dict[tuple[int, int], Coefficients] = _load_fitted()
+
+
+def ns_coefficients(m: int, n: int) -> Coefficients:
+    """The Newton–Schulz (a, b, c), used at all 5 steps, that ROOT uses for an m×n matrix.
+
+    ROOT's published entry where it has one; else the shipped fit; else a fit made now and memoized
+    for the process. A run-time fit is cheap (~0.1 s): 200 Nelder–Mead evaluations on the singular
+    values of 3 Gaussian matrices, drawn at a same-aspect proxy with min dim 256 when the matrix is
+    larger (see osp.optim.ns_fit). Deterministic, so every rank of a distributed run agrees.
+    """
+    key = shape_key(m, n)
+    if key in ROOT_COEFFICIENTS:
+        return ROOT_COEFFICIENTS[key]
+    if key not in FITTED_COEFFICIENTS:
+        FITTED_COEFFICIENTS[key] = fit_coefficients(
+            *key, max_evals=MAX_EVALS["runtime"], proxy_min=PROXY_MIN["runtime"]
+        )
+    return FITTED_COEFFICIENTS[key]
+
+
+OFFICIAL_COEFFICIENTS = ROOT_COEFFICIENTS
 
 
 def iterate(s: Tensor, abc: Sequence[float], steps: int = STEPS) -> Tensor:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from osp.errors import ConfigError
+
 SCHEDULES = ("cosine", "wsd", "constant")
 DECAY_SHAPES = ("linear", "1-sqrt")
 
@@ -62,28 +64,28 @@ def lr_multiplier(
 ) -> LRMultiplier:
     """Validated LRMultiplier; a float warmup_steps in (0, 1) is a fraction of total_steps."""
     if schedule not in SCHEDULES:
-        raise ValueError(f"optim.schedule={schedule!r} is not supported; allowed: {', '.join(SCHEDULES)}")
+        raise ConfigError(f"optim.schedule={schedule!r} is not supported; allowed: {', '.join(SCHEDULES)}")
     if decay_shape not in DECAY_SHAPES:
-        raise ValueError(
+        raise ConfigError(
             f"optim.decay_shape={decay_shape!r} is not supported; allowed: {', '.join(DECAY_SHAPES)}"
         )
     if not isinstance(total_steps, int) or total_steps < 1:
-        raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
+        raise ConfigError(f"total_steps must be a positive integer, got {total_steps!r}")
     if isinstance(warmup_steps, float) and 0.0 < warmup_steps < 1.0:
         warmup_steps = round(warmup_steps * total_steps)
     if warmup_steps != int(warmup_steps) or warmup_steps < 0:
-        raise ValueError(
+        raise ConfigError(
             f"optim.warmup_steps must be a non-negative integer or a fraction in (0, 1), got {warmup_steps!r}"
         )
     warmup_steps = int(warmup_steps)
     if warmup_steps >= total_steps:
-        raise ValueError(
+        raise ConfigError(
             f"optim.warmup_steps={warmup_steps} must be smaller than the run's total_steps={total_steps}"
         )
     if not 0.0 <= min_lr_ratio <= 1.0:
-        raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
+        raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
     if not 0.0 < decay_fraction <= 1.0:
-        raise ValueError(f"optim.decay_fraction must be in (0, 1], got {decay_fraction!r}")
+        raise ConfigError(f"optim.decay_fraction must be in (0, 1], got {decay_fraction!r}")
     return LRMultiplier(
         schedule=schedule,
         total_steps=total_steps,

@@ -10,22 +10,22 @@ quantized view of a live model, perplexity and GPTQ.
     attribute(model, blocks, "w4a4kv4")                          # the cost of each site alone (attribution.py)
 """
 
+from .attribution import attribute
 from .config import OFF, PRESETS, QuantConfig, QuantConfigError
-from .perplexity import evaluate_quant
-from .hadamard import fwht, hadamard_matrix, hadamard_transform
+from .evaluation import eval_config, evaluate_quant
+from .hadamard import hadamard_matrix
+from .layers import KVQuantizer, QuantLinear
+from .ops import fwht, hadamard_transform, quant_rows, w4a4_gemm
 from .quantizers import (
     QuantizedWeight,
     fake_quant,
-    static_fake_quant,
     pack_int4,
-    quant_rows,
     quantize_weight,
+    static_fake_quant,
     unpack_int4,
     weight_scale,
 )
-from .layers import KVQuantizer, QuantLinear
 from .w4a4 import nll_stats, perplexity, quantized, site_names
-from .attribution import attribute
 
 __all__ = [
     "OFF",
@@ -36,6 +36,7 @@ __all__ = [
     "QuantLinear",
     "QuantizedWeight",
     "attribute",
+    "eval_config",
     "evaluate_quant",
     "fake_quant",
     "fwht",
@@ -45,6 +46,7 @@ __all__ = [
     "pack_int4",
     "perplexity",
     "quant_rows",
+    "w4a4_gemm",
     "quantize_weight",
     "quantized",
     "site_names",

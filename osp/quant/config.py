@@ -6,6 +6,8 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from osp.errors import QuantConfigError
+
 OFF = 16  # a bit width of 16 means "leave this tensor in full precision"
 DEFAULT_ALPHA = 0.5  # the +smooth migration strength (osp.quant.smooth)
 
@@ -30,10 +32,6 @@ PRESETS: dict[str, str] = {
                       "calibrated offline and folded into up_proj and the norm gains (free at inference)",
     "w4a4kv4+smooth+static": "w4a4kv4+smooth with static per-tensor activation scales",
 }
-
-
-class QuantConfigError(ValueError):
-    """A quantization setting is unknown or out of range."""
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from ..model.modes import eval_mode
+from ..model.eval_context import eval_mode
 from .config import QuantConfig
 from .layers import QuantLinear
 from .quantizers import QuantizedWeight, qrange, quantize_weight, weight_scale

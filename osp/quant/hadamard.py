@@ -21,7 +21,7 @@ def is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def fwht(x: torch.Tensor) -> torch.Tensor:
+def fwht_torch(x: torch.Tensor) -> torch.Tensor:
     """Normalized Walsh–Hadamard transform over the last dim (a power of two): x @ H_n / sqrt(n).
 
     H_n is Sylvester's (symmetric, so the transform is its own inverse). Radix-2 butterflies in the same
@@ -107,7 +107,7 @@ def _base_matrix(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tens
 def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The orthonormal matrix M (n x n) that `hadamard_transform` applies: x -> x @ M."""
     b, base = _base_factor(n)
-    inner = fwht(torch.eye(n // b, dtype=torch.float64))  # normalized Sylvester matrix
+    inner = fwht_torch(torch.eye(n // b, dtype=torch.float64))  # normalized Sylvester matrix
     return (inner if base is None else torch.kron(base.double() / math.sqrt(b), inner)).to(dtype)
 
 
@@ -123,7 +123,7 @@ def apply_base_factor(inner: torch.Tensor, n: int) -> torch.Tensor:
     return torch.einsum("...jk,ji->...ik", inner, base).flatten(-2)
 
 
-def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
+def hadamard_transform_torch(x: torch.Tensor) -> torch.Tensor:
     """x @ M over the last dim, M = (H_b / sqrt(b)) ⊗ (H_2^m / sqrt(2^m)) orthonormal; in x's dtype.
 
     Rotating a linear layer's input this way and its weight the same way (W -> W @ M, i.e. this function on
@@ -131,6 +131,6 @@ def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
     """
     n = x.shape[-1]
     if is_pow2(n):
-        return fwht(x)
+        return fwht_torch(x)
     b = base_order(n)
-    return apply_base_factor(fwht(x.unflatten(-1, (b, n // b))), n)
+    return apply_base_factor(fwht_torch(x.unflatten(-1, (b, n // b))), n)

@@ -74,7 +74,7 @@ def quant_rows(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token quantization of x (..., K), optionally after a normalized Hadamard over K.
 
-    See `osp.quant.quantizers.quant_rows` for the contract. A Hadamard over a non-power-of-two K is applied
+    See `osp.quant.quantizers.quant_rows_torch` for the contract. A Hadamard over a non-power-of-two K is applied
     by `hadamard_transform` first (not fused).
     """
     k = x.shape[-1]
@@ -87,7 +87,7 @@ def quant_rows(
             path = _unsupported(backend, f"group_size={group} is not a power of two dividing K={k}")
         elif out == "packed" and bits == 4 and k % 2:
             path = _unsupported(backend, f"4-bit packing needs an even K, got {k}")
-    fn = _kernels().quant_rows if path == "triton" else _ref.quant_rows  # type: ignore[union-attr]
+    fn = _kernels().quant_rows_triton if path == "triton" else _ref.quant_rows_torch  # type: ignore[union-attr]
     return fn(x, bits, sym, group_size, clip, zero_inclusive, hadamard, out)
 
 
@@ -103,21 +103,21 @@ def w4a4_gemm(
     out_dtype: torch.dtype = torch.float32,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """W4A4 GEMM with the dequant epilogue; see `osp.quant.quantizers.w4a4_gemm`."""
+    """W4A4 GEMM with the dequant epilogue; see `osp.quant.quantizers.w4a4_gemm_torch`."""
     path = resolve_backend(a_packed, backend)
     if path == "triton" and group_size is not None and (group_size < 64 or not _had.is_pow2(group_size)):
         # Each group is one tile: the int8 dot needs >= 32 packed columns on GPU; the interpreter would
         # accept less, but CI must not pass shapes that cannot compile on the device.
         path = _unsupported(backend, f"activation groups of {group_size} (< 64 or not a power of two)")
-    fn = _kernels().w4a4_gemm if path == "triton" else _ref.w4a4_gemm  # type: ignore[union-attr]
+    fn = _kernels().w4a4_gemm_triton if path == "triton" else _ref.w4a4_gemm_torch  # type: ignore[union-attr]
     return fn(a_packed, s_a, z_a, w_packed, s_w, wsum, group_size, bias, out_dtype)
 
 
 def fwht(x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """Normalized Walsh–Hadamard transform over the last dim (a power of two); result in x's dtype."""
     if resolve_backend(x, backend) == "triton":
-        return _kernels().fwht(x)  # type: ignore[union-attr]
-    return _had.fwht(x.float()).to(x.dtype)
+        return _kernels().fwht_triton(x)  # type: ignore[union-attr]
+    return _had.fwht_torch(x.float()).to(x.dtype)
 
 
 def hadamard_transform(x: torch.Tensor, backend: str | None = None) -> torch.Tensor:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .hadamard import fwht
+from .hadamard import fwht_torch
 
 
 def qrange(bits: int) -> tuple[int, int]:
@@ -69,7 +69,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
     return scale * (q.float() - zero)
 
 
-def quant_rows(
+def quant_rows_torch(
     x: torch.Tensor,
     bits: int = 4,
     sym: bool = False,
@@ -84,7 +84,7 @@ def quant_rows(
     group_size splits each row into K / group_size groups with their own scale and zero (None = one group).
     out="fake": the dequantized tensor in x's dtype (in the rotated basis when hadamard=True).
     out="packed": (codes, scale, zero); codes int8 (..., K/2) packed by `pack_int4` for 4 bits, else int8
-    (..., K); scale and zero fp32 (..., K / group_size). The torch twin of `kernels.quant_rows`.
+    (..., K); scale and zero fp32 (..., K / group_size). The torch twin of `kernels.quant_rows_triton`.
     """
     if out not in ("fake", "packed"):
         raise ValueError(f"out={out!r}; choose 'fake' or 'packed'")
@@ -92,7 +92,7 @@ def quant_rows(
     group = group_size or k
     if k % group:
         raise ValueError(f"row length {k} is not a multiple of group_size={group}")
-    xf = fwht(x.float()) if hadamard else x.float()
+    xf = fwht_torch(x.float()) if hadamard else x.float()
     xg = xf.unflatten(-1, (k // group, group))
     scale, zero = act_params(xg, bits, sym, clip, zero_inclusive)
     q = quantize(xg, scale, zero, bits)
@@ -119,7 +119,7 @@ def fake_quant(
     zero_inclusive: bool = True,
 ) -> torch.Tensor:
     """Quantize-dequantize x per row (or per group of a row); same dtype as x."""
-    return quant_rows(x, bits, sym, group_size, clip, zero_inclusive, out="fake")  # type: ignore[return-value]
+    return quant_rows_torch(x, bits, sym, group_size, clip, zero_inclusive, out="fake")  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -237,7 +237,7 @@ def int_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (a.double() @ w.double().T).to(torch.int32)
 
 
-def w4a4_gemm(
+def w4a4_gemm_torch(
     a_packed: torch.Tensor,
     s_a: torch.Tensor,
     z_a: torch.Tensor,

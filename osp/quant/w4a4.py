@@ -22,14 +22,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.modes import eval_mode
+from osp.errors import QuantConfigError
+
+from ..model.eval_context import eval_mode
 from . import ops
 from .config import OFF, QuantConfig
 from .gptq import gptq_quantize_model
 from .hadamard import has_hadamard, is_pow2
 from .layers import ActQuant, KVQuantizer, QuantLinear
 from .quantizers import quantize_weight
-from .smooth import FoldedScales, Smoothing, folded_scales, reader_scales, scaled, smooth_groups, trained_smoothing
+from .smooth import (
+    FoldedScales,
+    Smoothing,
+    folded_scales,
+    reader_scales,
+    scaled,
+    smooth_groups,
+    trained_smoothing,
+)
 
 
 def _full_weight(linear: nn.Linear) -> torch.Tensor:
@@ -81,7 +91,7 @@ def _act_quant(cfg: QuantConfig, site: _Site, absmax: float | None = None) -> Ac
         return ActQuant(cfg.a_bits, True, None, cfg.a_clip, static_scale=max(absmax * cfg.a_clip, 1e-12) / hi)
     group = site.head_dim if (site.head_dim and cfg.o_proj_head_groups) else cfg.a_group_size
     if group is not None and site.linear.in_features % group:
-        raise ValueError(
+        raise QuantConfigError(
             f"{site.name}: input width {site.linear.in_features} is not a multiple of the activation group {group}"
         )
     return ActQuant(cfg.a_bits, cfg.a_sym, group, cfg.a_clip)
@@ -107,22 +117,22 @@ def _check_supported(cfg: QuantConfig, model: nn.Module, sites: list[_Site]) -> 
     if cfg.kv_bits != OFF:
         attns = [m for m in model.layers.modules() if hasattr(m, "kv_quantizer")]
         if not attns:
-            raise ValueError(
+            raise QuantConfigError(
                 "kv_bits < 16, but no attention module in model.layers has a `kv_quantizer` seam"
             )
         for m in attns:
             if cfg.k_hadamard and not is_pow2(int(getattr(m, "head_dim", 0))):
-                raise ValueError(
+                raise QuantConfigError(
                     f"the K Hadamard needs a power-of-two head_dim, got {getattr(m, 'head_dim', None)}; "
                     "set k_hadamard=False"
                 )
     if cfg.down_hadamard:
         downs = [s for s in sites if s.attr == "down_proj"]
         if not downs:
-            raise ValueError("down_hadamard=True, but the blocks have no `down_proj` linear")
+            raise QuantConfigError("down_hadamard=True, but the blocks have no `down_proj` linear")
         for s in downs:
             if not has_hadamard(s.linear.in_features):
-                raise ValueError(f"{s.name}: no Hadamard matrix of order {s.linear.in_features} is available")
+                raise QuantConfigError(f"{s.name}: no Hadamard matrix of order {s.linear.in_features} is available")
 
 
 def kv_sites(model: nn.Module) -> dict[str, nn.Module]:
@@ -167,10 +177,10 @@ def smoothing_of(model: nn.Module, cfg: QuantConfig | str, blocks: torch.Tensor 
     if cfg.smooth_alpha is None:
         return trained_smoothing(base)
     if blocks is None:
-        raise ValueError("+smooth needs calibration blocks (calib_blocks=LongTensor (N, T+1))")
+        raise QuantConfigError("+smooth needs calibration blocks (calib_blocks=LongTensor (N, T+1))")
     groups = smooth_groups(base)
     if not groups:
-        raise ValueError("+smooth: the model has no input that folds into a preceding layer (SwiGLU up_proj "
+        raise QuantConfigError("+smooth: the model has no input that folds into a preceding layer (SwiGLU up_proj "
                          "or an RMSNorm/SSNorm gain)")
     readers = {reader for group in groups for reader in group.readers}
     absmax: dict[str, torch.Tensor] = {}
@@ -236,7 +246,7 @@ def quantized(
     static = cfg.a_static and static_absmax is None
     if (cfg.w_method == "gptq" or static) and calib_blocks is None:
         what = "GPTQ weights" if cfg.w_method == "gptq" else "static activation scales"
-        raise ValueError(f"{what} need calibration blocks (calib_blocks=LongTensor (N, T+1))")
+        raise QuantConfigError(f"{what} need calibration blocks (calib_blocks=LongTensor (N, T+1))")
     if smoothing is None:
         smoothing = smoothing_of(base, cfg, calib_blocks, calib_batch_size)
     folded = folded_scales(smoothing, {site.name for site in every_site})

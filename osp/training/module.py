@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from osp.errors import ConfigError
 from osp.model import ModelConfig, Transformer
 from osp.optim import OptimConfig, describe_groups
 from osp.training.checkpoints import capture_rng, restore_rng
@@ -109,7 +110,7 @@ class LanguageModelModule(L.LightningModule):
         optimizer = self.optim_cfg.build(self.model)
         total = int(self.trainer.max_steps) if self.trainer.max_steps and self.trainer.max_steps > 0 else None
         if total is None:
-            raise ValueError("trainer.max_steps must be set (> 0): the LR schedule is defined over it")
+            raise ConfigError("trainer.max_steps must be set (> 0): the LR schedule is defined over it")
         scheduler = self.optim_cfg.build_scheduler(optimizer, total)
         if self.trainer.is_global_zero:
             print(describe_groups(optimizer))

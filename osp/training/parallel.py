@@ -16,10 +16,10 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
-from osp.model import ConfigError, Transformer
 from osp.atomic import remove_path, replace_path
+from osp.errors import ConfigError
+from osp.model import Transformer
 from osp.precision import DTYPES
-
 
 
 def parse_dtype(value: str | torch.dtype | None, key: str) -> torch.dtype | None:

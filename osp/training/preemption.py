@@ -22,6 +22,8 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from osp.errors import ConfigError
+
 SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 
 
@@ -63,7 +65,7 @@ class Preemption(L.Callback):
     def __init__(self, signals: list[str] | tuple[str, ...] = SIGNALS, requeue: bool = True) -> None:
         unknown = [n for n in signals if not isinstance(getattr(signal, str(n), None), signal.Signals)]
         if unknown:
-            raise ValueError(f"callbacks.preemption.signals: unknown signal(s) {unknown}; "
+            raise ConfigError(f"callbacks.preemption.signals: unknown signal(s) {unknown}; "
                              f"e.g. {list(SIGNALS)}")
         self.signals = [getattr(signal, str(name)) for name in signals]
         self.requeue = requeue

@@ -18,19 +18,23 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from osp.conf.resolvers import launch_rank
 from osp.atomic import write_json
+from osp.checkpoint_files import checkpoint_metadata
+from osp.conf.resolvers import launch_rank
 from osp.data.config import DataConfig
+from osp.data.datamodule import PretrainDataModule
+from osp.data.pipeline import TokenPipeline
 from osp.data.tokenizer import save_tokenizer
-from osp.model import ConfigError, ModelConfig
+from osp.errors import ConfigError
+from osp.model import ModelConfig
 from osp.precision import AUTO, accelerator_device_type, auto_dtype_name, resolve_precision
 from osp.training import rundir
-from osp.training.checkpoints import AtomicCheckpointIO, checkpoint_metadata, resolve_resume
+from osp.training.checkpoints import AtomicCheckpointIO, resolve_resume
 from osp.training.loggers import build_loggers
 from osp.training.module import LanguageModelModule
 from osp.training.preemption import Preempted, requeue_slurm_job
-from osp.training.rundir import recover_checkpoints
 from osp.training.run_record import check_resume, run_record
+from osp.training.rundir import recover_checkpoints
 from osp.training.summary import collect_summary, format_summary
 from osp.training.tail_loss import TailLossConfig
 
@@ -186,7 +190,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         rundir.check_fresh(run_dir, str(cfg.run_name), cfg.resume)
     resumed = read_resume_checkpoint(ckpt_path) if ckpt_path else None
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    datamodule = DataConfig.from_dict(cfg.data).datamodule()
+    datamodule = PretrainDataModule(TokenPipeline(DataConfig.from_dict(cfg.data)))
     data = datamodule.pipeline
     record = run_record(cfg, data.source_fingerprint(), data.tokenizer_fingerprint())
     accepted = []

@@ -14,7 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from osp.data.config import DataConfig
-from osp.model import ConfigError
+from osp.errors import ConfigError
 from osp.model.config import config_defaults
 
 # Keys that say where and how verbosely a run goes, not what it computes: free to change on resume.

@@ -15,9 +15,9 @@ import os
 import socket
 from pathlib import Path
 
-from osp.data.cache import human_bytes
-from osp.model import ConfigError
 from osp.atomic import remove_path
+from osp.data.cache import human_bytes
+from osp.errors import ConfigError
 
 try:
     import fcntl

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from osp.errors import ConfigError
+
 SCALES = ("token", "tensor")
 
 
@@ -50,9 +52,9 @@ class TailLossConfig:
         for key in ("ffn_tail_weight", "ffn_tail_threshold"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"loss.{key}={value!r} must be a number >= 0")
+                raise ConfigError(f"loss.{key}={value!r} must be a number >= 0")
         if self.ffn_tail_scale not in SCALES:
-            raise ValueError(f"loss.ffn_tail_scale={self.ffn_tail_scale!r} is not allowed; choose one of "
+            raise ConfigError(f"loss.ffn_tail_scale={self.ffn_tail_scale!r} is not allowed; choose one of "
                              f"{list(SCALES)}")
 
     def to_dict(self) -> dict[str, Any]:

@@ -7,14 +7,23 @@ import math
 import pytest
 
 from osp.bench import paper_table
-from osp.bench.paper_table import (ARMS, HEADER, PAPER_D_MODEL, arm_overrides, compose, kendall_tau,
-                                   merge_overrides, result_row, scale_facts, table_rows)
+from osp.bench.paper_table import (
+    ARMS,
+    HEADER,
+    PAPER_D_MODEL,
+    arm_overrides,
+    compose,
+    kendall_tau,
+    merge_overrides,
+    result_row,
+    scale_facts,
+    table_rows,
+)
 from osp.metrics import gaussian_floor
 from osp.optim import OptimConfig
 from osp.training.run import build_model_config
-from tests.support.synthetic_text import write_corpus
 from tests.support.cli import REPO
-
+from tests.support.synthetic_text import write_corpus
 
 # The OSP README ablation table (1.4B, 100B tokens): Ex.Kurt, 16-16-16 PPL, 4-4-4 PPL RTN -> Had,
 # 4-4-4 Avg RTN -> Had, 16-16-16 Avg.
@@ -63,7 +72,7 @@ def test_table_prints_the_paper_numbers_as_the_readme():
     assert all(row[HEADER.index("kurt exact")] == "-" for row in rows[1:])
 
 
-# osp/conf/scale/cpu.yaml, written out: d_model, n_layers, n_heads, ffn_hidden, seq_len, batch_size, steps, lr
+# configs/scale/cpu.yaml, written out: d_model, n_layers, n_heads, ffn_hidden, seq_len, batch_size, steps, lr
 CPU_SCALE = (256, 4, 4, 768, 256, 16, 600, 1e-2)
 
 

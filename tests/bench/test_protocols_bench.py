@@ -9,10 +9,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from osp.bench import protocols
-from osp.cli.eval import build_pipeline
 from osp.conf import compose
 from osp.export import load_model
 from osp.quant import perplexity
+from osp.runs import build_pipeline
 from osp.training.run import train
 from tests.support.training import tiny_overrides
 
@@ -32,7 +32,7 @@ def test_protocol_table_of_a_trained_run(corpus, tmp_path, one_thread):
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
     (row,) = results
     assert list(row["ratios"]) == ["w4a4kv4", "w8a8+static"] and row["kurtosis"] is not None
-    # Independently: the same model, blocks and calibration through osp.quant.perplexity.
+    # Independently: the same model, blocks and calibration through osp.quant.perplexity (the function).
     model, _ = load_model(run)
     data = build_pipeline(run, None, None, None)  # the run's own data config, as the bench reads it
     held, calib = data.heldout_blocks(3), data.train_blocks(2)

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from osp.conf import RECIPE_DIR, compose
 from osp.export.layout import layout_problems
 from osp.model import Transformer
 from osp.optim import OptimConfig
-from osp.conf import CONFIG_DIR, compose
 from osp.training.run import build_model_config
 
 SMOLLM_VOCAB = 49152
@@ -31,7 +31,7 @@ def compose_recipe(name):
 
 def test_recipe_files_start_with_the_global_package_header():
     for name in RECIPES:
-        first = (CONFIG_DIR / "recipe" / f"{name}.yaml").read_text().splitlines()[0]
+        first = (RECIPE_DIR / f"{name}.yaml").read_text().splitlines()[0]
         assert first == "# @package _global_", name
 
 

@@ -13,11 +13,11 @@ from omegaconf import OmegaConf
 
 from osp.bench import sweep
 from osp.bench.protocols import evaluate_run
-from osp.cli.eval import build_pipeline
 from osp.conf import compose
-from osp.data import DataError
+from osp.errors import DataError
 from osp.export import load_model
 from osp.precision import autocast_for
+from osp.runs import build_pipeline
 from tests.support.training import TINY_MODEL_DATA, subprocess_env
 
 

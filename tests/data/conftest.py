@@ -6,8 +6,16 @@ import json
 from pathlib import Path
 
 import pytest
-from data_builders import (BIBLE_NT, BIBLE_OT, generated_documents, make_deb, r_character_vector,
-                           r_integer_vector, rdb_blob, write_ztext)
+from data_builders import (
+    BIBLE_NT,
+    BIBLE_OT,
+    generated_documents,
+    make_deb,
+    r_character_vector,
+    r_integer_vector,
+    rdb_blob,
+    write_ztext,
+)
 
 
 @pytest.fixture

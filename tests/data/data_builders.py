@@ -11,7 +11,6 @@ import tarfile
 import zlib
 from pathlib import Path
 
-
 # ---------------------------------------------------------------------------------------------
 # R serialization (XDR) of a character vector, and .rdb blobs
 

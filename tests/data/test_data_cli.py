@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from osp.cli.data import load_data_config, main
+from osp.cli.data import main
+from osp.conf import data_config
 
 
 def test_prepare_files_then_info(tmp_path, corpus_files, capsys):
@@ -38,7 +39,7 @@ def test_prepare_the_demo_corpus_from_local_packages(tmp_path, demo_debs, capsys
 
 
 def test_config_presets_and_errors(tmp_path, corpus_files):
-    values = load_data_config("demo", None, ["seq_len=64", "source.include_bible=false"])
+    values = data_config("demo", None, ["seq_len=64", "source.include_bible=false"])
     assert values["seq_len"] == 64 and values["source"]["include_bible"] is False and values["seed"] == 1234
     with pytest.raises(SystemExit, match="presets: demo, files, hub"):
         main(["prepare", "--source", "nope"])

@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from osp.conf import compose, presets
-from osp.data import SOURCES, DataConfig, DataError, DemoCorpus, HubDataset, LocalFiles
+from osp.data import SOURCES, DataConfig, DemoCorpus, HubDataset, LocalFiles
 from osp.data.config import build_source
-from osp.model import ConfigError
+from osp.errors import ConfigError, DataError
 from osp.training.run_record import flatten, nested_data
 from tests.support.cli import REPO
 from tests.support.training import subprocess_env
@@ -94,8 +94,9 @@ def test_the_pipeline_runs_without_lightning(tmp_path, corpus_files):
     script = f"""
 import sys
 from pathlib import Path
+from osp.data import TokenPipeline
 from tests.support.data import data_config
-pipeline = data_config(Path({str(corpus_files)!r}), Path({str(tmp_path)!r})).pipeline()
+pipeline = TokenPipeline(data_config(Path({str(corpus_files)!r}), Path({str(tmp_path)!r})))
 assert pipeline.heldout_blocks(3).shape == (3, 16)
 assert pipeline.train_blocks(2).shape == (2, 16)
 assert not [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'hydra')], 'imported'

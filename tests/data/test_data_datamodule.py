@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+
 from osp.data.datamodule import PretrainDataModule
 from osp.data.pipeline import BatchSchedule
-from osp.data.sources import DataError
-from osp.model import ConfigError
+from osp.errors import ConfigError, DataError
 from tests.support.data import hub_source, make_dm
 
 

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 from data_builders import generated_documents
 
+from osp.data import DemoCorpus, LocalFiles
 from osp.data import files as files_source
 from osp.data import tokenizer as tokenizer_module
-from osp.data.packing import cached_shard, load_shard, write_shard
-from osp.data import DataError, DemoCorpus, LocalFiles
 from osp.data.files import read_documents
+from osp.data.packing import cached_shard, load_shard, write_shard
 from osp.data.sources import DataWarning
 from osp.data.tokenizer import _pieces, _training_pieces, build_tokenizer, tokenizer_fingerprint
+from osp.errors import DataError
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from osp.data.packing import PackedBlocks, cached_shard, load_shard, pack_stream, require_blocks, write_shard
-from osp.data.sources import DataError, DataWarning
+from osp.data.sources import DataWarning
+from osp.errors import DataError
 
 EOS = 0
 

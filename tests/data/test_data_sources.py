@@ -10,9 +10,10 @@ import shutil
 import pytest
 from data_builders import generated_documents
 
-from osp.data import DataError, DemoCorpus, HubDataset, LocalFiles
+from osp.data import DemoCorpus, HubDataset, LocalFiles
 from osp.data.demo import corpus as demo_corpus
 from osp.data.sources import DataWarning
+from osp.errors import DataError
 
 
 def test_demo_corpus_extracts_splits_and_caches(tmp_path, demo_debs):

@@ -8,10 +8,19 @@ from data_builders import generated_documents
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from osp.data import LocalFiles
 from osp.data import tokenizer as tokenizer_module
-from osp.data import DataError, LocalFiles
-from osp.data.tokenizer import (EOS_TOKEN, DocumentEncoder, build_tokenizer, load_pretrained, token_dtype,
-                                tokenizer_fingerprint, train_bpe, vocab_size_of)
+from osp.data.tokenizer import (
+    EOS_TOKEN,
+    DocumentEncoder,
+    build_tokenizer,
+    load_pretrained,
+    token_dtype,
+    tokenizer_fingerprint,
+    train_bpe,
+    vocab_size_of,
+)
+from osp.errors import DataError
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,24 @@ import struct
 import zlib
 
 import pytest
-from data_builders import (BIBLE_NT, BIBLE_OT, make_deb, r_character_vector, r_integer_vector, rdb_blob,
-                      write_ztext)
+from data_builders import (
+    BIBLE_NT,
+    BIBLE_OT,
+    make_deb,
+    r_character_vector,
+    r_integer_vector,
+    rdb_blob,
+    write_ztext,
+)
 
-from osp.data.demo.extract import (extract_austen, extract_bible_books, osis_to_text, read_deb_files,
-                              read_rdb_character_vectors, read_ztext_verses)
+from osp.data.demo.extract import (
+    extract_austen,
+    extract_bible_books,
+    osis_to_text,
+    read_deb_files,
+    read_rdb_character_vectors,
+    read_ztext_verses,
+)
 
 
 def test_rdb_reads_character_vectors_and_skips_other_objects():

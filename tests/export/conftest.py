@@ -2,8 +2,9 @@
 
 import pytest
 import torch
-from tests.support.export import VOCAB, make_tokenizer
 from transformers import PreTrainedTokenizerFast
+
+from tests.support.export import VOCAB, make_tokenizer
 
 
 @pytest.fixture

@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from tests.support.export import assert_same_function, tiny_config, trained_like
 from transformers import AutoModelForCausalLM
 
 from osp.export import export_hf
 from osp.export.hf import CUSTOM_CODE_FILES, MODELING_DIR
+from tests.support.export import assert_same_function, tiny_config, trained_like
 
 # Every block that does not fold, alone, plus combinations with the foldable ones (which are still folded).
 NON_FOLDING = {

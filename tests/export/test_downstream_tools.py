@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tests.support.export import tiny_config, trained_like
 
 from osp.export import export_hf
 from tests.support.cli import REPO
+from tests.support.export import tiny_config, trained_like
 
 TASK_DIR = REPO / "examples" / "lm_eval"
 SCRIPT = REPO / "examples" / "llmcompressor_oneshot.py"

@@ -5,16 +5,16 @@ import json
 import gguf
 import pytest
 import torch
-from tests.support.export import make_tokenizer, tiny_config, trained_like
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from osp.cli.export import main as export_main
 from osp.data.tokenizer import train_bpe
 from osp.export import export_hf
-from osp.cli.export import main as export_main
 from osp.export.gguf import GGUFExportError, export_gguf, permute_qk
+from tests.support.export import make_tokenizer, tiny_config, trained_like
 
 VOCAB = 320  # > the tokenizer's 302 ids: the tail is written as [PADi] tokens
 CORPUS = ["The quick brown fox jumps over the lazy dog. It's 42 times better!",

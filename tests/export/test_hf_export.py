@@ -6,11 +6,11 @@ import warnings
 
 import pytest
 import torch
-from tests.support.export import assert_same_function, tiny_config, trained_like
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from osp.export import LayoutWarning, export_hf, layout_problems
 from osp.export.layout import HADAMARD_K, hadamard_k
+from tests.support.export import assert_same_function, tiny_config, trained_like
 
 
 def load_hf(path):

@@ -7,10 +7,11 @@ import shutil
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from tests.support.export import tiny_config, trained_like
 
-from osp.export import CheckpointError, export_hf, load_model
+from osp.errors import CheckpointError
+from osp.export import export_hf, load_model
 from osp.model import Transformer
+from tests.support.export import tiny_config, trained_like
 
 
 def lightning_checkpoint(model: Transformer) -> dict:
@@ -135,7 +136,7 @@ def test_checkpoint_that_does_not_fit_its_config(tmp_path):
 
 
 def test_folder_without_config_or_checkpoint(tmp_path):
-    with pytest.raises(CheckpointError, match="no checkpoints/last.ckpt.*no config.json"):
+    with pytest.raises(CheckpointError, match="not a checkpoint, a run dir with checkpoints/.*no config.json"):
         load_model(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model(tmp_path / "missing")

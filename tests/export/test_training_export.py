@@ -11,17 +11,17 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from tests.support.export import VOCAB, assert_same_function, make_tokenizer, tiny_config, trained_like
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
-from osp.export import export_hf, load_model
 from osp.cli.export import main as export_main
+from osp.conf import compose
+from osp.export import export_hf, load_model
 from osp.training.callbacks.export import Export
 from osp.training.module import LanguageModelModule
-from osp.conf import compose
+from tests.support.export import VOCAB, assert_same_function, make_tokenizer, tiny_config, trained_like
 
 SEQ = 16
 OPTIM = {"name": "adamw", "lr": 1e-2, "weight_decay": 0.0, "betas": [0.9, 0.95], "eps": 1e-8,

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 
-
 HERE = Path(__file__).resolve().parent
 SKIP_REASON = "needs a CUDA device"
 INTERPRETER_MESSAGE = (

@@ -20,9 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from osp.conf import CONFIG_DIR
-from osp.training.checkpoints import checkpoint_step, is_distributed_checkpoint
-
+from osp.checkpoint_files import checkpoint_step, is_distributed_checkpoint
+from osp.conf import RECIPE_DIR
 from tests.support.cli import REPO
 from tests.support.gpu import gpu_env
 from tests.support.training import tiny_overrides
@@ -44,7 +43,7 @@ LOSS_ATOL = 2e-2
 
 def recipe_parents(name: str) -> list[str]:
     """The recipes a recipe file starts from (the plain names in its defaults list), recursively."""
-    spec = yaml.safe_load((CONFIG_DIR / "recipe" / f"{name}.yaml").read_text()) or {}
+    spec = yaml.safe_load((RECIPE_DIR / f"{name}.yaml").read_text()) or {}
     parents = [d for d in spec.get("defaults", []) if isinstance(d, str) and d != "_self_"]
     return [p for parent in parents for p in (parent, *recipe_parents(parent))]
 
@@ -54,7 +53,7 @@ def is_1p4b(name: str) -> bool:
 
 
 def block_recipes() -> list[str]:
-    names = sorted(p.stem for p in (CONFIG_DIR / "recipe").glob("*.yaml"))
+    names = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
     return [n for n in names if not is_1p4b(n)]
 
 

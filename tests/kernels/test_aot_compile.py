@@ -4,7 +4,7 @@ thread, issues no TF32 instruction for fp32 inputs, and (W4A4 GEMM) multiplies o
 
 Kernels (see `osp.aot` for the cases): clipped attention fwd/dq/dkdv (bf16, fp32; head dims 64, 128, with
 the tiles `launch_config` picks), activation quant+pack (bf16/fp16/fp32 over the recipes' row lengths,
-groups, Hadamard, 8-bit and fake-quant modes), the W4A4 GEMM per row and per group (every autotune config)
+groups, Hadamard, 8-bit and fake-quant variants), the W4A4 GEMM per row and per group (every autotune config)
 and the FWHT. No GPU is needed: Triton's bundled ptxas/cuobjdump do the work. conftest.py sets
 TRITON_INTERPRET=1, under which `@triton.jit` yields uncompilable interpreter objects, so the compiles run
 once per session in a subprocess without it (2 worker processes); their Triton cache lives under the osp
@@ -34,7 +34,7 @@ def _key(record: dict) -> tuple:
     if family == "attention":
         return (family, record["kernel"], record["dtype"], record["head_dim"], record["arch"])
     if family == "quant":
-        return (family, record["mode"], record["dtype"], record["arch"])
+        return (family, record["variant"], record["dtype"], record["arch"])
     if family == "fwht":
         return (family, record["n"], record["dtype"], record["arch"])
     return (family, record["config"], record["group_size"], record["dtype"], record["arch"])

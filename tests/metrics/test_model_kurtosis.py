@@ -70,7 +70,7 @@ def test_outlier_stats_shape_and_train_mode_restored(model, ids):
 
 def test_evaluate_kurtosis_reports_floor_and_ratios(model, ids):
     result = evaluate_kurtosis(model, ids, "osp_exact")
-    assert result["mode"] == "osp_exact" and result["d"] == 32
+    assert result["feed"] == "osp_exact" and result["d"] == 32
     assert result["floor_ratio"] == pytest.approx(result["mean"] / result["floor"])
     assert result["fraction_of_max"] == pytest.approx(result["mean"] / 29)
     assert result["max"] == max(result["per_tap"])
@@ -90,8 +90,8 @@ def test_linear_inputs_are_measured_and_hooks_removed(model, ids):
     assert sites["block_00.self_attn.q_proj"]["kurtosis"] == pytest.approx(stats["kurtosis"][0], rel=1e-3)
 
 
-def test_bad_mode_and_shape(model, ids):
-    with pytest.raises(ValueError, match="mode"):
+def test_bad_feed_and_shape(model, ids):
+    with pytest.raises(ValueError, match="feed"):
         outlier_stats(model, ids, "sideways")
     with pytest.raises(ValueError, match="batch, seq_len"):
         outlier_stats(model, ids.flatten())

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from osp.model import CHOICES, ConfigError, ModelConfig, Transformer, merge_emb_proj
+from osp.errors import ConfigError
+from osp.model import CHOICES, ModelConfig, Transformer, merge_emb_proj
 from osp.model.attention import ATTENTION_CORES, ATTENTION_GATES, Attention
 from osp.model.norms import NORMS, GatedNorm, PreAffine, RMSNorm, SingleScaleRMSNorm, rms_normalize
 

@@ -3,8 +3,8 @@
 
 import pytest
 
-from osp.model import Transformer
 from osp.conf import compose
+from osp.model import Transformer
 from osp.training.run import build_model_config
 
 EXPECTED = {

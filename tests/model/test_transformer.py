@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from osp.model import ConfigError, ModelConfig, Transformer
+from osp.errors import ConfigError
+from osp.model import ModelConfig, Transformer
 from osp.model.attention import apply_rope, rope_tables
 
 

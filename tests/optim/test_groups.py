@@ -10,7 +10,6 @@ from osp.model import ModelConfig, Transformer
 from osp.optim import ROOT, Muon, OptimConfig, describe_groups
 
 
-
 def tiny_model(**overrides) -> Transformer:
     cfg = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, emb_proj=True, norm="ss")
     return Transformer(ModelConfig(**{**cfg, **overrides}))

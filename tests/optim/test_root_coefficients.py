@@ -14,15 +14,18 @@ from osp.optim import ROOT, newton_schulz
 from osp.optim.newton_schulz import MUON_COEFFICIENTS
 from osp.optim.ns_fit import (
     EVAL_SEED,
+    FITTED_COEFFICIENTS,
     MAX_EVALS,
     PROXY_MIN,
+    ROOT_COEFFICIENTS,
+    _load_fitted,
     fit_coefficients,
     is_stable,
     nearest_official,
+    ns_coefficients,
     orthogonality_error,
     sample_singular_values,
 )
-from osp.optim.root import FITTED_COEFFICIENTS, ROOT_COEFFICIENTS, _load_fitted, ns_coefficients
 
 
 def test_singular_value_measure_equals_matrix_newton_schulz():

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-
 from hydra.utils import instantiate
 
-from osp.conf import compose
 from osp.bench.quant import main as bench_main
+from osp.conf import compose
 from osp.training.callbacks.quant_eval import QuantEval
-
 
 
 def test_bench_prints_a_table(capsys):
@@ -23,4 +21,4 @@ def test_bench_prints_a_table(capsys):
 def test_callback_config_instantiates():
     node = compose([], config_name="callbacks/quant_eval").callbacks
     callback = instantiate(node)
-    assert isinstance(callback, QuantEval) and list(callback.modes) == ["w4a4"]
+    assert isinstance(callback, QuantEval) and list(callback.presets) == ["w4a4"]

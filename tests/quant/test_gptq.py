@@ -7,9 +7,8 @@ import torch
 
 from osp.quant import QuantLinear, evaluate_quant, perplexity, quantized
 from osp.quant import quantizers as Q
+from osp.quant.evaluation import eval_config
 from osp.quant.gptq import _first_block_inputs, _sequential_groups, gptq_quantize
-from osp.quant.perplexity import eval_config
-
 from tests.support.models import make_model
 
 

@@ -18,8 +18,7 @@ import torch.nn.functional as F
 
 from osp.quant import QuantConfig, perplexity
 from osp.quant import quantizers as Q
-from osp.quant.hadamard import fwht
-
+from osp.quant.hadamard import fwht_torch
 from tests.support.models import make_model
 
 transformers = pytest.importorskip("transformers")
@@ -31,8 +30,8 @@ HEAD_DIM = 64
 
 def osp_style_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """OSP's K path: normalized Hadamard on Q and K (fp32), K quantized per token and head, 0-inclusive."""
-    query = fwht(query.float()).to(query.dtype)
-    key = Q.fake_quant(fwht(key.float()), 4).to(key.dtype)
+    query = fwht_torch(query.float()).to(query.dtype)
+    key = Q.fake_quant(fwht_torch(key.float()), 4).to(key.dtype)
     # HF builds masks for a custom attention function as for SDPA (None = causal), so attend through SDPA.
     return sdpa_attention_forward(
         module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
@@ -75,22 +74,22 @@ def fake_quantize_hf(hf: LlamaForCausalLM, cfg: QuantConfig) -> list:
                 w = lin.weight.double()
                 if cfg.w_bits < 16:
                     w = w.bfloat16().double()
-                    w = fwht(w) if rotate else w
+                    w = fwht_torch(w) if rotate else w
                     w = Q.quantize_weight(w.float(), cfg.w_bits).dequantize().double()
                 elif rotate:
-                    w = fwht(w)
+                    w = fwht_torch(w)
                 lin.weight.copy_(w)
             if cfg.a_bits < 16:
                 if name.endswith("o_proj"):
                     quant = lambda x: Q.fake_quant(x, 4, group_size=HEAD_DIM, zero_inclusive=False)
                 elif rotate:
-                    quant = lambda x: Q.fake_quant(fwht(x.float()), 4).to(x.dtype)
+                    quant = lambda x: Q.fake_quant(fwht_torch(x.float()), 4).to(x.dtype)
                 else:
                     quant = lambda x: Q.fake_quant(x, 4)
                 handles.append(lin.register_forward_pre_hook(lambda m, args, q=quant: (q(args[0]),)))
             elif rotate:
                 handles.append(
-                    lin.register_forward_pre_hook(lambda m, args: (fwht(args[0].float()).to(args[0].dtype),))
+                    lin.register_forward_pre_hook(lambda m, args: (fwht_torch(args[0].float()).to(args[0].dtype),))
                 )
         if cfg.kv_bits < 16:
             v_quant = lambda m, args, out: Q.fake_quant(out, 4, group_size=HEAD_DIM, zero_inclusive=False)

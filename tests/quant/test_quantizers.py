@@ -32,7 +32,7 @@ def test_asymmetric_per_token_matches_osp_formulas():
 
 def test_codes_and_zero_use_the_signed_frame():
     x = torch.randn(5, 16)
-    codes, scale, zero = Q.quant_rows(x, 4, out="packed")
+    codes, scale, zero = Q.quant_rows_torch(x, 4, out="packed")
     q = Q.unpack_int4(codes).float()
     assert q.min() >= -8 and q.max() <= 7
     torch.testing.assert_close(scale * (q - zero), Q.fake_quant(x, 4), rtol=0, atol=0)
@@ -64,7 +64,7 @@ def test_fp32_reference_vs_bf16_arithmetic_reference():
     # equally accurate.
     torch.manual_seed(0)
     x = (torch.randn(256, 512) * torch.linspace(0.2, 3.0, 512)).bfloat16()
-    codes32 = Q.unpack_int4(Q.quant_rows(x, 4)[0]).float()
+    codes32 = Q.unpack_int4(Q.quant_rows_torch(x, 4)[0]).float()
     xb = x  # bf16 throughout, as OSP's ActQuantizer
     xmin = torch.minimum(xb.amin(1, keepdim=True), torch.zeros_like(xb[:, :1]))
     xmax = torch.maximum(xb.amax(1, keepdim=True), torch.zeros_like(xb[:, :1]))
@@ -121,8 +121,8 @@ def test_pack_layout_even_low_odd_high():
 def test_integer_gemm_twin_equals_dequantized_matmul(group):
     torch.manual_seed(0)
     a, w = torch.randn(9, 128), torch.randn(5, 128)
-    codes, s_a, z_a = Q.quant_rows(a, 4, group_size=group, zero_inclusive=group is None)
+    codes, s_a, z_a = Q.quant_rows_torch(a, 4, group_size=group, zero_inclusive=group is None)
     qw = Q.quantize_weight(w, 4)
-    out = Q.w4a4_gemm(codes, s_a, z_a, qw.packed(), qw.scale, qw.group_sums(group), group, bias=torch.ones(5))
+    out = Q.w4a4_gemm_torch(codes, s_a, z_a, qw.packed(), qw.scale, qw.group_sums(group), group, bias=torch.ones(5))
     want = Q.fake_quant(a, 4, group_size=group, zero_inclusive=group is None) @ qw.dequantize().T + 1
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)

@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import nn
 
+from osp.errors import QuantConfigError
 from osp.export import export_hf, load_model
 from osp.model import Transformer
-from osp.quant import QuantConfig, QuantConfigError, nll_stats, quantized
+from osp.quant import QuantConfig, nll_stats, quantized
 from osp.quant.smooth import FLOOR, down_proj_groups, smooth_groups, smooth_scale, trained_smoothing
 from osp.quant.w4a4 import smoothing_of
 from tests.support.models import make_model

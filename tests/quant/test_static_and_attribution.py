@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from osp.quant import QuantConfig, QuantConfigError, QuantLinear, nll_stats, quantized
+from osp.errors import QuantConfigError
+from osp.quant import QuantConfig, QuantLinear, nll_stats, quantized
 from osp.quant.attribution import attribute, format_attribution, input_statistics
 from osp.quant.w4a4 import site_names
 from tests.support.models import make_model

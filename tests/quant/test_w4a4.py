@@ -12,9 +12,8 @@ from torch import nn
 from osp.model import ModelConfig, Transformer
 from osp.quant import QuantConfig, QuantLinear, nll_stats, perplexity, quantized
 from osp.quant import quantizers as Q
-from osp.quant.hadamard import fwht
+from osp.quant.hadamard import fwht_torch
 from osp.quant.layers import KVQuantizer
-
 from tests.support.models import make_model
 
 
@@ -147,7 +146,7 @@ def test_kv_quantizer_matches_osp_rotated_q_and_k():
     k2, v2 = KVQuantizer(4, False, 1.0, True, None)(k, v)
     # OSP: scores = (q H)(Q(k H))^T, Q per (token, head) with a 0-inclusive range; V: group path.
     # Same codes on both sides; only the fp32 order of the products differs.
-    osp_scores = fwht(q) @ Q.fake_quant(fwht(k), 4).transpose(-1, -2)
+    osp_scores = fwht_torch(q) @ Q.fake_quant(fwht_torch(k), 4).transpose(-1, -2)
     torch.testing.assert_close(q @ k2.transpose(-1, -2), osp_scores, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(v2, Q.fake_quant(v, 4, zero_inclusive=False))
 

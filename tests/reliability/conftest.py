@@ -14,6 +14,7 @@ import pytest
 
 from tests.support.cli import RUN, osp, strict_json, train_args
 
+
 @pytest.fixture(scope="session")
 def trained(corpus, tmp_path_factory) -> Path:  # noqa: F811
     """One finished tiny run, shared read-only; tests that change it work on `run_copy`."""

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from osp.cli.train import main
-
 from tests.support.cli import error_line, osp, train_args
 
 
@@ -57,6 +56,6 @@ def test_eval_quant_typo_lists_the_valid_presets(trained):
     proc = osp("eval", str(trained), "--quant", "w4q4")
     line = error_line(proc, "osp eval: error: ")
     assert proc.returncode == 2
-    assert "unknown quant preset 'w4q4'" in line and "w<bits>a<bits>[kv<bits>][+had][+gptq]" in line
+    assert "unknown quant preset 'w4q4'" in line and "w<bits>a<bits>[kv<bits>][+smooth][+had][+gptq]" in line
     assert "'w4a4kv4'" in line and "'w4a16'" in line
     assert "perplexity" not in proc.stdout  # refused before any evaluation

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from osp.training.checkpoints import checkpoint_step
-
+from osp.checkpoint_files import checkpoint_step
 from tests.support.cli import error_line, osp, snapshot, train_args
 
 

@@ -8,10 +8,9 @@ import shutil
 import pytest
 import torch
 
+from osp.checkpoint_files import checkpoint_step
 from osp.export import load_model
-from osp.training.checkpoints import checkpoint_step
 from osp.training.rundir import ARTEFACTS
-
 from tests.support.cli import RUN, error_line, osp, snapshot, strict_json, train_args
 from tests.support.training import tiny_overrides
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from osp.training.rundir import RunLock
-
 from tests.support.cli import RUN, error_line, osp, snapshot, train_args
 
 

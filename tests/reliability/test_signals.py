@@ -12,8 +12,7 @@ import time
 
 import pytest
 
-from osp.training.checkpoints import checkpoint_step
-
+from osp.checkpoint_files import checkpoint_step
 from tests.support.cli import REPO, osp, strict_json
 from tests.support.training import subprocess_env, tiny_overrides
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from osp.data import DataConfig
+from osp.data import DataConfig, TokenPipeline
 
 
 def data_config(corpus_files: Path, cache: Path, source: dict[str, Any] | None = None, **shared: Any) -> DataConfig:
@@ -20,7 +20,10 @@ def data_config(corpus_files: Path, cache: Path, source: dict[str, Any] | None =
 
 def make_dm(corpus_files: Path, cache: Path, source: dict[str, Any] | None = None, *, world_size: int | None = None,
             rank: int | None = None, **shared: Any):  # noqa: ANN201 - a PretrainDataModule (imports Lightning)
-    return data_config(corpus_files, cache, source, **shared).datamodule(world_size=world_size, rank=rank)
+    from osp.data.datamodule import PretrainDataModule
+
+    return PretrainDataModule(TokenPipeline(data_config(corpus_files, cache, source, **shared)), world_size=world_size,
+                              rank=rank)
 
 
 def hub_source(corpus_files: Path, **settings: Any) -> dict[str, Any]:

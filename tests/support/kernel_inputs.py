@@ -32,6 +32,6 @@ def gemm_operands(m: int, n: int, k: int, group: int | None):
     """Seeded activations, their 4-bit row codes (scale, zero) and a 4-bit RTN weight for the W4A4 GEMM."""
     g = torch.Generator().manual_seed(m + n + k)
     a, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
-    codes, s_a, z_a = Q.quant_rows(a, 4, group_size=group, zero_inclusive=group is None)
+    codes, s_a, z_a = Q.quant_rows_torch(a, 4, group_size=group, zero_inclusive=group is None)
     qw = Q.quantize_weight(w, 4, mse=False)
     return a, codes, s_a, z_a, qw

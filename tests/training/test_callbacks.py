@@ -11,8 +11,8 @@ from osp.model import ModelConfig
 from osp.training.callbacks.progress import StepProgress
 from osp.training.callbacks.stability import NonFiniteLossError, StabilityGuard
 from osp.training.callbacks.throughput import Throughput
-from osp.training.module import LanguageModelModule, next_token_loss
 from osp.training.loggers import wandb_mode
+from osp.training.module import LanguageModelModule, next_token_loss
 from osp.training.summary import format_summary
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, ffn_hidden=64, max_seq_len=16)

@@ -22,11 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from osp.export import load_model
-from osp.training.checkpoints import checkpoint_step, is_distributed_checkpoint
-from osp.training.run import train
-
+from osp.checkpoint_files import checkpoint_step, is_distributed_checkpoint
 from osp.conf import compose
+from osp.export import load_model
+from osp.training.run import train
 from tests.support.cli import REPO
 from tests.support.training import subprocess_env, tiny_overrides
 

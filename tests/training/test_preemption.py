@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from osp.checkpoint_files import checkpoint_step
+from osp.conf import compose
 from osp.export import load_model
-from osp.training.checkpoints import checkpoint_step
 from osp.training.preemption import Preempted
 from osp.training.run import train
-
-from osp.conf import compose
 from tests.support.cli import REPO
 from tests.support.training import subprocess_env, tiny_overrides
 

@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from osp.training.checkpoints import checkpoint_step, latest_checkpoint
+from osp.checkpoint_files import checkpoint_step, latest_checkpoint
+from osp.conf import compose
 from osp.training.preemption import Preempted
 from osp.training.run import train
-
-from osp.conf import compose
 from tests.support.synthetic_text import synthetic_documents
 from tests.support.training import TINY, tiny_overrides
 

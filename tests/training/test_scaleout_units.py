@@ -15,16 +15,17 @@ from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy
 from torch.distributed import TCPStore
 
-from osp.model import ConfigError, ModelConfig, Transformer
-from osp.conf import resolvers as resolvers_module
-from osp.training.callbacks.stability import StabilityGuard
 from osp.atomic import replace_path
-from osp.training.checkpoints import AtomicCheckpointIO, latest_checkpoint, resolve_resume
+from osp.checkpoint_files import latest_checkpoint
+from osp.conf import compose
+from osp.conf import resolvers as resolvers_module
+from osp.errors import ConfigError
+from osp.model import ModelConfig, Transformer
+from osp.training.callbacks.stability import StabilityGuard
+from osp.training.checkpoints import AtomicCheckpointIO, resolve_resume
 from osp.training.loggers import ContinuedExperimentWriter, wandb_run_id
 from osp.training.parallel import FSDP2Strategy, apply_activation_checkpointing
 from osp.training.run import preflight
-
-from osp.conf import compose
 from tests.support.cli import REPO
 
 

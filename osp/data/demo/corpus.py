@@ -19,8 +19,8 @@ from typing import Any, ClassVar
 from osp.atomic import write_json, write_text
 from osp.data.cache import cache_root, file_lock, file_sha256, fingerprint
 from osp.data.demo.extract import extract_austen, extract_bible_books, read_deb_files
-from osp.data.sources import DataError, Split, TextSource, check_split, warn_damaged
-
+from osp.data.sources import Split, TextSource, check_split, warn_damaged
+from osp.errors import DataError
 
 # Bumped when an extractor changes its output, so that old caches are rebuilt.
 EXTRACTOR_VERSION = 1

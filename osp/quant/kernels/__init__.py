@@ -5,8 +5,8 @@ set before this package is imported).
 """
 
 from .common import INTERPRET
-from .fwht import fwht
-from .gemm import w4a4_gemm
-from .quant import quant_rows
+from .fwht import fwht_triton
+from .gemm import w4a4_gemm_triton
+from .quant import quant_rows_triton
 
-__all__ = ["INTERPRET", "fwht", "quant_rows", "w4a4_gemm"]
+__all__ = ["INTERPRET", "fwht_triton", "quant_rows_triton", "w4a4_gemm_triton"]

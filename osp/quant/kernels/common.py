@@ -52,7 +52,7 @@ def round_half_even(x):
 def fwht_rows(x, BM: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr):
     """Unnormalized Walsh–Hadamard butterflies over the rows of x (BM, N), N = 2^LOG_N, in registers.
 
-    Stage i pairs elements 2^i apart: (a, b) -> (a + b, a - b), the same order as `hadamard.fwht`.
+    Stage i pairs elements 2^i apart: (a, b) -> (a + b, a - b), the same order as `hadamard.fwht_torch`.
     """
     for i in tl.static_range(LOG_N):
         y = tl.reshape(x, (BM, N // (2 << i), 2, 1 << i))

@@ -22,8 +22,8 @@ def _fwht_kernel(x_ptr, y_ptr, M, stride_x, stride_y, scale, BM: tl.constexpr, N
     tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def fwht(x: torch.Tensor) -> torch.Tensor:
-    """Normalized FWHT over the last dim (a power of two), fp32 inside; same result as `hadamard.fwht`."""
+def fwht_triton(x: torch.Tensor) -> torch.Tensor:
+    """Normalized FWHT over the last dim (a power of two), fp32 inside; same result as `hadamard.fwht_torch`."""
     shape = x.shape
     n = shape[-1]
     if n & (n - 1) or n == 0:

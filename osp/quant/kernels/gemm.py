@@ -6,7 +6,7 @@ int8 dots with no re-interleaving: acc += A_lo W_lo^T + A_hi W_hi^T.
 
 Epilogue (per-row activation scales): out = ((acc - z_a wsum) * s_a) * s_w (+ bias), wsum[n] = sum_k q_w[n, k].
 Activation groups along K (OSP's o_proj, group = head_dim): one K tile per group, accumulated in fp32 as
-sum_g (acc_g - z_a,g wsum_g) * s_a,g, then * s_w. Same float order as `quantizers.w4a4_gemm`.
+sum_g (acc_g - z_a,g wsum_g) * s_a,g, then * s_w. Same float order as `quantizers.w4a4_gemm_torch`.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ _gemm_rows = triton.autotune(configs=pick_configs(_ROW_CONFIGS), key=_KEY)(_w4a4
 _gemm_groups = triton.autotune(configs=pick_configs(_GROUP_CONFIGS), key=_KEY + ["BKP"])(_w4a4_gemm_kernel)
 
 
-def w4a4_gemm(
+def w4a4_gemm_triton(
     a_packed: torch.Tensor,
     s_a: torch.Tensor,
     z_a: torch.Tensor,
@@ -107,7 +107,7 @@ def w4a4_gemm(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Triton W4A4 GEMM; same contract as `osp.quant.quantizers.w4a4_gemm`.
+    """Triton W4A4 GEMM; same contract as `osp.quant.quantizers.w4a4_gemm_torch`.
 
     a_packed [M, K/2] int8, s_a/z_a [M, G] fp32, w_packed [N, K/2] int8, s_w [N] or [N, 1] fp32,
     wsum [N, G] int32, G = K / group_size (1 without groups). Groups need group_size >= 64 on GPU.

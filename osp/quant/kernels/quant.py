@@ -2,7 +2,7 @@
 
 One program quantizes BM whole rows, so the rotated activation and the per-element scale/zero never leave
 registers (OSP's torch harness materializes both at full size). Numerics are those of
-`osp.quant.quantizers.quant_rows`, operation for operation: fp32 after the load, IEEE division (`div_rn`),
+`osp.quant.quantizers.quant_rows_torch`, operation for operation: fp32 after the load, IEEE division (`div_rn`),
 ties-to-even rounding, the signed code frame, the `pack_int4` nibble layout.
 """
 
@@ -88,7 +88,7 @@ def _quant_rows_kernel(
         tl.store(zero_ptr + offs, zero, mask=gmask)
 
 
-def quant_rows(
+def quant_rows_triton(
     x: torch.Tensor,
     bits: int = 4,
     sym: bool = False,
@@ -98,7 +98,7 @@ def quant_rows(
     hadamard: bool = False,
     out: str = "packed",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton `quant_rows` on x (..., K); same contract as `osp.quant.quantizers.quant_rows`.
+    """Triton `quant_rows_triton` on x (..., K); same contract as `osp.quant.quantizers.quant_rows_torch`.
 
     Limits: a group size must be a power of two dividing K; hadamard needs K a power of two; 4-bit packed
     output needs K even. `osp.quant.ops` checks these and falls back to the torch twin.

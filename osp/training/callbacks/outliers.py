@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from osp.errors import ConfigError
 from osp.metrics.activations import evaluate_kurtosis, outlier_log_dict, outlier_stats
 from osp.metrics.plots import kurtosis_heatmap, layer_curves
 
@@ -64,13 +65,13 @@ class OutlierMonitor(L.Callback):
         plots: bool = True,
     ) -> None:
         if int(every_n_steps) <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"callbacks.outliers.every_n_steps must be a positive integer, got {every_n_steps!r}"
             )
         if int(n_blocks) <= 0:
-            raise ValueError(f"callbacks.outliers.n_blocks must be a positive integer, got {n_blocks!r}")
+            raise ConfigError(f"callbacks.outliers.n_blocks must be a positive integer, got {n_blocks!r}")
         if alarm_action not in ALARM_ACTIONS:
-            raise ValueError(
+            raise ConfigError(
                 f"callbacks.outliers.alarm_action={alarm_action!r} is not allowed; "
                 f"choose one of {list(ALARM_ACTIONS)}"
             )
@@ -92,7 +93,7 @@ class OutlierMonitor(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "heldout_blocks"):
-            raise ValueError(
+            raise ConfigError(
                 "OutlierMonitor needs a datamodule with heldout_blocks(n) (osp.data.PretrainDataModule); "
                 "pass it as trainer.fit(module, datamodule=...) or remove callbacks.outliers"
             )

@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as L
 import torch
 
+from osp.errors import ConfigError
 from osp.quant import QuantConfig, nll_stats, quantized
 
 
@@ -40,22 +41,22 @@ class QuantEval(L.Callback):
         backend: str | None = None,
     ) -> None:
         if every_n_steps <= 0 or num_blocks <= 0 or batch_size <= 0:
-            raise ValueError("QuantEval: every_n_steps, num_blocks and batch_size must be positive")
+            raise ConfigError("QuantEval: every_n_steps, num_blocks and batch_size must be positive")
         self.every_n_steps = every_n_steps
         self.num_blocks = num_blocks
         self.batch_size = batch_size
         self.at_train_end = at_train_end
         self.backend = backend
         # Metric suffix -> config; validated here so a typo fails at startup, not after N steps.
-        self.modes: dict[str, QuantConfig] = {}
+        self.presets: dict[str, QuantConfig] = {}
         for suffix, name in [("w4a4", preset), *((metric_suffix(p), p) for p in extra_presets)]:
             cfg = QuantConfig.from_preset(name)
             if cfg.needs_calibration:
-                raise ValueError(f"QuantEval: {name!r} needs calibration data (GPTQ weights or static activation "
+                raise ConfigError(f"QuantEval: {name!r} needs calibration data (GPTQ weights or static activation "
                                  "scales); evaluate it offline: osp eval RUN_DIR --quant " + name)
-            if suffix in self.modes:
-                raise ValueError(f"QuantEval: preset {name!r} would log under quant/ppl_{suffix} twice")
-            self.modes[suffix] = cfg
+            if suffix in self.presets:
+                raise ConfigError(f"QuantEval: preset {name!r} would log under quant/ppl_{suffix} twice")
+            self.presets[suffix] = cfg
         self._blocks: torch.Tensor | None = None
         self._last_step = -1
         self.last: dict[str, float] = {}
@@ -93,7 +94,7 @@ class QuantEval(L.Callback):
         sums: list[tuple[float, int]] = []
         with trainer.precision_plugin.forward_context():
             sums.append(nll_stats(model, mine, self.batch_size, num_valid))
-            for cfg in self.modes.values():
+            for cfg in self.presets.values():
                 with quantized(model, cfg, backend=self.backend):
                     sums.append(nll_stats(model, mine, self.batch_size, num_valid))
         totals = torch.tensor(sums, dtype=torch.float64, device=pl_module.device)
@@ -101,7 +102,7 @@ class QuantEval(L.Callback):
 
         ppl = [math.exp(nll / count) for nll, count in totals.tolist()]
         metrics = {"quant/ppl_fp": ppl[0]}
-        metrics.update({f"quant/ppl_{suffix}": value for suffix, value in zip(self.modes, ppl[1:])})
+        metrics.update({f"quant/ppl_{suffix}": value for suffix, value in zip(self.presets, ppl[1:])})
         metrics["quant/ratio"] = metrics["quant/ppl_w4a4"] / metrics["quant/ppl_fp"]
         self.last = metrics
         for key, value in metrics.items():

@@ -9,10 +9,11 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from osp.errors import ConfigError, TrainingError
 from osp.optim.distributed import local
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(TrainingError):
     """Training produced a NaN/Inf loss."""
 
 
@@ -34,9 +35,9 @@ class StabilityGuard(L.Callback):
     def __init__(self, action: str = "stop", spike_factor: float = 3.0, ema: float = 0.98,
                  max_skip_fraction: float = 0.05, min_steps: int = 20) -> None:
         if action not in ("stop", "skip"):
-            raise ValueError(f"callbacks.stability.action={action!r} is not allowed; choose one of ['stop', 'skip']")
+            raise ConfigError(f"callbacks.stability.action={action!r} is not allowed; choose one of ['stop', 'skip']")
         if not 0.0 <= max_skip_fraction <= 1.0:
-            raise ValueError(f"callbacks.stability.max_skip_fraction={max_skip_fraction!r} must be in [0, 1]")
+            raise ConfigError(f"callbacks.stability.max_skip_fraction={max_skip_fraction!r} must be in [0, 1]")
         self.action, self.spike_factor, self.ema = action, spike_factor, ema
         # action=skip gives up once more than this fraction of the steps so far were skipped (judged from
         # `min_steps` on, or at once when the skips alone exceed it): a run that skips most steps is broken.

@@ -1,7 +1,7 @@
 import pytest
 from torch import nn
 
-from osp.model.modes import eval_mode
+from osp.model.eval_context import eval_mode
 
 
 def test_eval_mode_restores_every_module_flag_also_on_error():

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from osp.errors import QuantConfigError
+
 from .config import QuantConfig
 from .w4a4 import nll_stats, quantized
 
@@ -41,7 +43,7 @@ def evaluate_quant(
     """
     cfg = QuantConfig.resolve(quant)
     if cfg.needs_calibration and calib_blocks is None:
-        raise ValueError(f"{cfg.name} needs calibration blocks from the training distribution (calib_blocks)")
+        raise QuantConfigError(f"{cfg.name} needs calibration blocks from the training distribution (calib_blocks)")
 
     start = time.perf_counter()
     nll_fp, tokens = nll_stats(model, blocks, batch_size)

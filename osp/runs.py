@@ -1,0 +1,74 @@
+"""What a run records about itself, found from any of its artifacts (the run dir, a checkpoint in it, its export):
+its config, the precision it trained at, its tokenizer and its data pipeline. `osp eval`, `osp export --smooth` and
+the benches evaluate a model on exactly the held-out blocks its run trained against through here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from osp.errors import DataError
+from osp.precision import resolve_precision
+
+DEMO_DATA = {"source": {"kind": "demo"}, "seq_len": 256}
+
+
+def find_run_config(model_path: Path) -> Path | None:
+    """The .hydra/config.yaml of the run that produced MODEL (a run dir, its checkpoint or its export)."""
+    path = model_path.resolve()
+    for candidate in (path, *path.parents[:3]):
+        config = candidate / ".hydra" / "config.yaml"
+        if config.is_file():
+            return config
+    return None
+
+
+def run_precision(model_path: Path, data_config: str | None, device: str) -> str:
+    """The trainer precision of the run that produced MODEL ("32-true" when unknown).
+
+    A run's summary records the precision it ran; a run still going (no summary yet) says what its config
+    says, with `auto` resolved for `device` as training resolves it.
+    """
+    config_file = Path(data_config) if data_config else find_run_config(model_path)
+    if config_file is None:
+        return "32-true"
+    summary = config_file.parent.parent / "summary.json"
+    if summary.is_file():
+        recorded = json.loads(summary.read_text()).get("precision")
+        if recorded:
+            return str(recorded)
+    precision = OmegaConf.load(config_file).get("trainer", {}).get("precision", "32-true")
+    return resolve_precision(precision, "gpu" if torch.device(device).type == "cuda" else "cpu")
+
+
+def build_pipeline(model_path: Path, data_config: str | None, tokenizer_dir: Path | None, seq_len: int | None):
+    """The data pipeline (no Lightning) of the run's own data config when it can be found (same held-out blocks
+    as in training), else of the demo corpus tokenized with the model's tokenizer."""
+    from osp.data import DataConfig, TokenPipeline
+
+    config_file = Path(data_config) if data_config else find_run_config(model_path)
+    if config_file is not None:
+        data = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
+        data = data.get("data", data)
+        data = {k: v for k, v in data.items() if not (isinstance(v, str) and "${" in v)}
+    else:
+        if tokenizer_dir is None:
+            raise DataError(f"{model_path} has no tokenizer and no run config; pass --tokenizer "
+                            "or --data-config RUN_DIR/.hydra/config.yaml")
+        data = dict(DEMO_DATA, tokenizer=str(tokenizer_dir))
+    if seq_len is not None:
+        data["seq_len"] = seq_len
+    return TokenPipeline(DataConfig.from_dict(data))
+
+
+def find_tokenizer_dir(model_path: Path) -> Path | None:
+    """The tokenizer folder of MODEL: an export's own, a run dir's tokenizer/, or the one beside a checkpoint's
+    checkpoints/ folder; None when there is none."""
+    for candidate in (model_path, model_path / "tokenizer", model_path.parent.parent / "tokenizer"):
+        if (candidate / "tokenizer.json").is_file() or (candidate / "tokenizer_config.json").is_file():
+            return candidate
+    return None
