@@ -6,7 +6,9 @@ their checkpoints) under the quantization protocols deployments use, side by sid
 
 Protocols (presets of `osp.quant.QuantConfig`, any other preset string works too):
 
-- w4a4kv4: OSP's RTN 4-4-4 (per-token dynamic 4-bit inputs); +had: with the down-projection Hadamard;
+- w4a4kv4: OSP's RTN 4-4-4 (per-token dynamic 4-bit inputs); +had: with the down-projection Hadamard (an
+  online rotation at inference); +smooth: with SmoothQuant per-channel scales on the down_proj and norm-fed
+  inputs, calibrated offline and folded into the weights (free at inference, `osp export --smooth`);
 - w8a8: INT8 weights per channel and per-token dynamic INT8 inputs;
 - w8a8+static, w4a8+static, w4a4kv4+static: one symmetric scale per linear input, calibrated offline as the
   max |x| over training blocks (SmoothQuant's or TensorRT's static INT8 without smoothing). One outlier channel
@@ -32,8 +34,8 @@ from osp.arguments import positive_int
 from osp.atomic import write_json
 from osp.tables import format_rows
 
-DEFAULT_PRESETS = ("w4a4kv4", "w4a4kv4+had", "w8a8", "w8a8+static", "w4a8+static", "w4a4kv4+static",
-                   "w4a4kv4+had+static")
+DEFAULT_PRESETS = ("w4a4kv4", "w4a4kv4+had", "w4a4kv4+smooth", "w8a8", "w8a8+static", "w4a8+static",
+                   "w4a4kv4+static", "w4a4kv4+smooth+static", "w4a4kv4+had+static")
 
 
 @dataclass
@@ -113,7 +115,7 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args(argv)
-    from osp.errors import CheckpointError, ConfigError, DataError, QuantConfigError
+    from osp.errors import OspError, QuantConfigError
     from osp.quant.evaluation import eval_config
 
     try:
@@ -128,8 +130,9 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
         run_dir = Path(run)
         try:
             results.append(evaluate_run(run_dir, args.presets, args.blocks, args.calib_blocks, args.batch_size))
-        except (CheckpointError, DataError, ConfigError, FileNotFoundError) as err:
-            raise SystemExit(f"osp bench protocols: {run_dir}: {err}") from None
+        except OspError as err:
+            message = str(err) if str(run_dir) in str(err) else f"{run_dir}: {err}"
+            raise SystemExit(f"osp bench protocols: error: {message}") from None
     print(format_table(results, args.markdown))
     if args.json:
         write_json(args.json, results)

@@ -131,23 +131,28 @@ class Setup:
             torch.cuda.synchronize(self.device)
 
 
+def cross_entropy_of(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The objective of a plain loop: fp32 next-token cross-entropy of `forward`'s logits on a batch (B, T+1)."""
+    return lambda batch: next_token_loss(forward(batch[:, :-1]), batch[:, 1:])
+
+
 class BareLoop:
-    """forward -> fp32 cross-entropy -> backward -> clip -> optimizer (and schedule) step, timed per step."""
+    """objective (forward, fp32 cross-entropy, any training-only terms) -> backward -> clip -> optimizer (and
+    schedule) step, timed per step."""
 
     def __init__(self, setup: Setup, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 forward: Callable[[torch.Tensor], torch.Tensor], scheduler: Any = None) -> None:
+                 objective: Callable[[torch.Tensor], torch.Tensor], scheduler: Any = None) -> None:
         self.setup, self.model, self.optimizer, self.scheduler = setup, model, optimizer, scheduler
-        self.forward = forward
+        self.objective = objective
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     def run(self, steps: int) -> list[float]:
         s, times = self.setup, []
-        inputs, targets = s.batch[:, :-1], s.batch[:, 1:]
         for _ in range(steps):
             s.sync()
             start = time.perf_counter()
             with s.autocast():
-                loss = next_token_loss(self.forward(inputs), targets)
+                loss = self.objective(s.batch)
             loss.backward()
             if s.optim_cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.params, s.optim_cfg.grad_clip)
@@ -267,8 +272,10 @@ class FitLoop:
         return timer.intervals()[1:]
 
 
-def build_loops(setup: Setup, names: list[str]) -> tuple[dict[str, Any], dict[str, int]]:
-    """The selected loops (name -> object with run(steps) -> step seconds) and their parameter counts."""
+def build_loops(setup: Setup, names: list[str], variants: dict[str, list[str]] | None = None
+                ) -> tuple[dict[str, Any], dict[str, int]]:
+    """The selected loops (name -> object with run(steps) -> step seconds) and their parameter counts; each
+    variant is one more `osp step` loop with its `model.*`, `optim.*` and `loss.*` settings changed."""
     c = setup.optim_cfg
 
     def torch_adamw(model: nn.Module) -> torch.optim.Optimizer:
@@ -279,25 +286,58 @@ def build_loops(setup: Setup, names: list[str]) -> tuple[dict[str, Any], dict[st
     for name in names:
         if name == "minimal":
             model = MiniLlama(setup.model_cfg).to(setup.device)
-            loops[name] = BareLoop(setup, model, torch_adamw(model), model)
+            loops[name] = BareLoop(setup, model, torch_adamw(model), cross_entropy_of(model))
         elif name == "plain":
             model = Transformer(setup.model_cfg).to(setup.device)
-            loops[name] = BareLoop(setup, model, torch_adamw(model), model)
+            loops[name] = BareLoop(setup, model, torch_adamw(model), cross_entropy_of(model))
         elif name == "transformers":
             model = hf_llama(setup.model_cfg).to(setup.device)
-            loops[name] = BareLoop(setup, model, torch_adamw(model), lambda x, m=model: m(input_ids=x).logits)
+            loops[name] = BareLoop(setup, model, torch_adamw(model),
+                                   cross_entropy_of(lambda x, m=model: m(input_ids=x).logits))
         elif name == "osp step":
-            module = LanguageModelModule(setup.model_cfg, setup.optim_cfg).to(setup.device)
-            model = module.model
-            optimizer = c.build(model)
-            scheduler = c.build_scheduler(optimizer, total_steps=10**6)
-            loops[name] = BareLoop(setup, model, optimizer, module, scheduler)
+            loops[name], model = osp_step(setup, setup.model_cfg, c, {})
         else:
             module = LanguageModelModule(setup.model_cfg, setup.optim_cfg)
             model = module.model
             loops[name] = FitLoop(setup, module)
         params[name] = sum(p.numel() for p in model.parameters())
+    for name, settings in (variants or {}).items():
+        model_cfg, optim_cfg, loss = variant_configs(setup, settings)
+        loops[name], model = osp_step(setup, model_cfg, optim_cfg, loss)
+        params[name] = sum(p.numel() for p in model.parameters())
     return loops, params
+
+
+def osp_step(setup: Setup, model_cfg: ModelConfig, optim_cfg: OptimConfig, loss: dict[str, Any]
+             ) -> tuple[BareLoop, nn.Module]:
+    """LanguageModelModule's objective (its forward, loss and loss terms) with its optimizer and schedule."""
+    module = LanguageModelModule(model_cfg, optim_cfg, loss=loss).to(setup.device)
+    optimizer = optim_cfg.build(module.model)
+    scheduler = optim_cfg.build_scheduler(optimizer, total_steps=10**6)
+    return BareLoop(setup, module.model, optimizer, lambda batch: module.objective(batch)[1], scheduler), module.model
+
+
+def variant_configs(setup: Setup, settings: list[str]) -> tuple[ModelConfig, OptimConfig, dict[str, Any]]:
+    """The bench's model and optimizer with `model.KEY=VALUE`, `optim.KEY=VALUE` and `loss.KEY=VALUE` applied."""
+    from osp.errors import ConfigError
+
+    changes: dict[str, dict[str, Any]] = {"model": {}, "optim": {}, "loss": {}}
+    for item in settings:
+        key, sep, text = item.partition("=")
+        group, _, name = key.partition(".")
+        if not sep or group not in changes or not name:
+            raise ConfigError(f"--variant setting {item!r}: use model.KEY=VALUE, optim.KEY=VALUE or loss.KEY=VALUE")
+        changes[group][name] = yaml_value(text)
+    model_cfg = ModelConfig.from_dict({**setup.model_cfg.to_dict(), **changes["model"]})
+    optim_cfg = OptimConfig.from_dict({**setup.optim_cfg.to_dict(), **changes["optim"]})
+    return model_cfg, optim_cfg, changes["loss"]
+
+
+def yaml_value(text: str) -> Any:
+    """A command-line value as YAML reads it (1 -> int, 0.5 -> float, true -> bool, else the string)."""
+    import yaml
+
+    return yaml.safe_load(text) if text else text
 
 
 def time_loops(loops: dict[str, Any], steps: int, reps: int, warmup: int,
@@ -354,6 +394,16 @@ def loop_rows(times: dict[str, list[float]], params: dict[str, int], tokens: int
     return rows
 
 
+def variant_rows(times: dict[str, list[float]], variants: dict[str, list[str]]) -> list[list[str]]:
+    """Each variant's median step against `osp step`'s, timed in the same interleaved rounds."""
+    base = statistics.median(times["osp step"])
+    rows = [["osp step", "-", f"{base * 1e3:.1f}", "1.000x"]]
+    for name, settings in variants.items():
+        median = statistics.median(times[name])
+        rows.append([name, " ".join(settings), f"{median * 1e3:.1f}", f"{median / base:.3f}x"])
+    return rows
+
+
 def callback_rows(costs: list[tuple[str, int, float]], step_seconds: float) -> list[list[str]]:
     rows, total = [], 0.0
     for name, interval, per_call in costs:
@@ -386,6 +436,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--loops", nargs="+", choices=LOOPS, default=list(LOOPS), metavar="LOOP",
                    help=f"loops to time (default: all of {', '.join(repr(n) for n in LOOPS)})")
     p.add_argument("--no-callbacks", action="store_true", help="skip the callback-cost table")
+    p.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
+                   help="one more `osp step` loop with model.*, optim.* or loss.* settings changed, timed side by "
+                        "side with `osp step` (repeatable), e.g. --variant tail loss.ffn_tail_weight=1")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
@@ -407,7 +460,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     setup = Setup(model_cfg, OptimConfig.from_dict(cfg.optim), batch, device, args.precision)
     tokens = args.batch_size * args.seq_len
 
-    loops, params = build_loops(setup, args.loops)
+    variants = {spec[0]: spec[1:] for spec in args.variant}
+    names = list(args.loops) + (["osp step"] if variants and "osp step" not in args.loops else [])
+    loops, params = build_loops(setup, names, variants)
     times = time_loops(loops, args.steps, args.reps, args.warmup, args.seed)
     print(f"osp bench train: d {args.d_model}, {args.n_layers} layers, {args.n_heads} heads, "
           f"FFN {args.ffn_hidden}, vocab {args.vocab_size}, batch {args.batch_size} x {args.seq_len} = "
@@ -417,6 +472,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        *loop_rows(times, params, tokens)]))
     result: dict[str, Any] = {"tokens_per_step": tokens,
                               "loops": {name: statistics.median(t) for name, t in times.items()}}
+    if variants:
+        print("\nvariants of `osp step` (median step, same interleaved rounds)\n")
+        print(format_rows([["loop", "settings", "step ms", "vs osp step"], *variant_rows(times, variants)]))
     if not args.no_callbacks:
         # The callbacks run inside the Lightning loop, so its step is the reference when it was timed.
         timed = result["loops"]

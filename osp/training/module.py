@@ -75,17 +75,22 @@ class LanguageModelModule(L.LightningModule):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self._forward(input_ids)
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+    def objective(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(next-token cross-entropy, what the optimizer minimizes: it plus the training-only loss terms)."""
         inputs, targets = batch[:, :-1], batch[:, 1:]
         if self.tail_loss is None:
-            loss = objective = next_token_loss(self(inputs), targets)
-        else:
-            with self.tail_loss.collecting():
-                logits = self(inputs)
-            tail = self.tail_loss.total()
-            self.log("train/ffn_tail", tail, sync_dist=True)
-            loss = next_token_loss(logits, targets)  # train/loss stays the cross-entropy, comparable across runs
-            objective = loss + tail
+            loss = next_token_loss(self(inputs), targets)
+            return loss, loss
+        with self.tail_loss.collecting(self.global_step if self._trainer is not None else 0):
+            logits = self(inputs)
+        loss = next_token_loss(logits, targets)
+        return loss, loss + self.tail_loss.total()
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss, objective = self.objective(batch)  # train/loss stays the cross-entropy, comparable across runs
+        if self.tail_loss is not None:
+            self.log("train/ffn_tail", objective.detach() - loss.detach(), sync_dist=True)
+        targets = batch[:, 1:]
         self.last_loss = loss.detach()
         self.tokens_seen += targets.numel() * self.trainer.world_size
         # The mean over ranks (one scalar all-reduce): the curve of the global batch, whatever the world size.

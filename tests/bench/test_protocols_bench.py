@@ -68,5 +68,5 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         assert "must be a positive integer, got" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--presets: unknown quant preset 'w9x'"):
         protocols.main([str(tmp_path), "--presets", "w9x"])
-    with pytest.raises(SystemExit, match=r"not a checkpoint, a run dir \(no checkpoints/last.ckpt\) or an exported"):
+    with pytest.raises(SystemExit, match=r"error: .*: not a checkpoint, a run dir with checkpoints/, or an exported"):
         protocols.main([str(tmp_path)])

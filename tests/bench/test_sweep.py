@@ -210,7 +210,7 @@ def test_a_minuscule_sweep_trains_resumes_and_reads_the_goal(corpus, tmp_path, m
         model, _ = load_model(run, device="cpu")
         held = build_pipeline(run, None, None, None).heldout_blocks(2)
         shape = result[name]["protocols"]["input_max_median"]
-        assert set(shape) == {"norm-fed", "o_proj", "down_proj"}
+        assert set(shape) == {"norm_fed", "o_proj", "down_proj"}
         with autocast_for(precision, "cpu"):
             assert shape["down_proj"] == pytest.approx(down_proj_max_median(model, held[:, :-1]), rel=1e-5)
             # Noise of zero size is no change (the hooks perturb nothing else); the seeded noise gives the
@@ -229,3 +229,21 @@ def test_a_minuscule_sweep_trains_resumes_and_reads_the_goal(corpus, tmp_path, m
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*.json")}
     assert sweep.main(argv)["reading"] == payload["reading"]
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+
+
+def test_the_outlier_safe_ffn_points_are_read_against_osp_long_and_the_goal():
+    points = {p.name: p for p in sweep.POINTS}
+    done = [points["osp-long"], points["osp-long-tail"], points["osp-long-smooth-swiglu"]]
+    summary = {"kurtosis_floor": 0.1, "kurtosis_exact": 0.12}
+    summaries = {p.name: summary for p in done}
+    evaluations = {
+        "osp-long": {"ppl_fp": 40.0, "ratios": {"w4a4kv4": 1.17, "w4a4kv4+static": 5.6}},
+        "osp-long-tail": {"ppl_fp": 40.6, "ratios": {"w4a4kv4": 1.04, "w4a4kv4+static": 1.4}},
+        "osp-long-smooth-swiglu": {"ppl_fp": 40.0, "ratios": {"w4a4kv4": 1.12}},  # no static column
+    }
+    lines = sweep.ffn_reading(done, summaries, evaluations)
+    assert lines[1].endswith("baseline")
+    assert "osp-long-tail: w4a4kv4 1.040, w4a4kv4+static 1.400, ppl / osp-long's 1.015, kurtosis x floor 1.200: " \
+           "meets the goal" in lines[2]
+    assert "w4a4kv4 1.120 (misses), w4a4kv4+static - (misses)" in lines[3] and lines[3].endswith("does not meet the goal")
+    assert sweep.ffn_reading(done[1:], summaries, evaluations) == []  # nothing to compare with

@@ -37,15 +37,17 @@ def test_the_penalty_is_the_squared_excess_over_threshold_times_the_rms(scale):
 
 
 @pytest.mark.parametrize(("key", "value"), [("ffn_tail_weight", -1.0), ("ffn_tail_threshold", "x"),
-                                            ("ffn_tail_scale", "channel"), ("ffn_tail_weight", True)])
+                                            ("ffn_tail_scale", "channel"), ("ffn_tail_weight", True),
+                                            ("ffn_tail_token_stride", 0), ("ffn_tail_token_stride", 2.5)])
 def test_bad_settings_name_the_key(key, value):
     with pytest.raises(ValueError, match=f"loss.{key}"):
         TailLossConfig(**{key: value})
 
 
-def test_only_forwards_under_collecting_count():
+@pytest.mark.parametrize(("stride", "step"), [(1, 0), (4, 0), (4, 7)])
+def test_only_forwards_under_collecting_count_on_every_strided_token(stride, step):
     model = make_model()
-    tail = TailLoss(model, TailLossConfig(ffn_tail_weight=0.5))
+    tail = TailLoss(model, TailLossConfig(ffn_tail_weight=0.5, ffn_tail_token_stride=stride))
     ids = torch.randint(0, 128, (2, 16))
     model(ids)  # not collecting: e.g. validation, the callbacks, an activation-checkpointing recompute
     with pytest.raises(RuntimeError, match="collecting"):
@@ -53,9 +55,12 @@ def test_only_forwards_under_collecting_count():
     inputs = []
     hooks = [layer.mlp.down_proj.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
              for layer in model.layers]
-    with tail.collecting():
+    with tail.collecting(step):
         model(ids)
-    expected = 0.5 * sum(float(tail_penalty(x.detach(), 4.0)) for x in inputs) / len(inputs)
+    # The tokens step % stride, step % stride + stride, ... of the flattened (batch x time) tokens.
+    picked = [x.detach().reshape(-1, x.shape[-1])[[i for i in range(32) if i % stride == step % stride]]
+              for x in inputs]
+    expected = 0.5 * sum(float(tail_penalty(x, 4.0)) for x in picked) / len(picked)
     assert float(tail.total()) == pytest.approx(expected, rel=1e-6)
     tail.remove()
     for hook in hooks:
@@ -67,7 +72,8 @@ def test_the_training_objective_adds_the_weighted_penalty_and_logs_the_cross_ent
     cfg = ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=2, ffn_hidden=128, max_seq_len=32)
     plain = LanguageModelModule(cfg, {"name": "adamw"})
     assert plain.tail_loss is None and not any(l.mlp.down_proj._forward_pre_hooks for l in plain.model.layers)
-    module = LanguageModelModule(cfg, {"name": "adamw"}, loss={"ffn_tail_weight": 2.0, "ffn_tail_threshold": 1.0})
+    module = LanguageModelModule(cfg, {"name": "adamw"}, loss={"ffn_tail_weight": 2.0, "ffn_tail_threshold": 1.0,
+                                                               "ffn_tail_token_stride": 1})
     logged = {}
     monkeypatch.setattr(module, "log", lambda key, value, **_: logged.__setitem__(key, float(value)))
     monkeypatch.setattr(LanguageModelModule, "trainer", type("T", (), {"world_size": 1})(), raising=False)
