@@ -93,10 +93,11 @@ POINTS: list[Point] = [
     Point("adam-long-lr3e-3", "adam", "token budget at AdamW's lr", (*LONG, "optim.lr=3e-3")),
     # The outlier-safe FFN: OSP at the longest budget with each remedy for the SwiGLU output's tail (read
     # against osp-long, GOAL_FFN). Smooth-SwiGLU trains exactly as osp-long and folds per-channel scales into
-    # the export; the tail loss penalizes down_proj-input entries beyond 4 x their token's RMS.
+    # the export; the tail loss penalizes down_proj-input entries beyond 4 x the RMS of the layer's input
+    # (tensor) or of their token (token).
     Point("osp-long-smooth-swiglu", "osp", FFN_AXIS, (*LONG, "model.smooth_swiglu=true")),
-    Point("osp-long-tail", "osp", FFN_AXIS, (*LONG, "loss.ffn_tail_weight=1")),
-    Point("osp-long-tail-w10", "osp", FFN_AXIS, (*LONG, "loss.ffn_tail_weight=10")),
+    Point("osp-long-tail", "osp", FFN_AXIS, (*LONG, "loss.ffn_tail_weight=1", "loss.ffn_tail_scale=tensor")),
+    Point("osp-long-tail-token", "osp", FFN_AXIS, (*LONG, "loss.ffn_tail_weight=1")),
 ]
 POINT_NAMES = [p.name for p in POINTS]
 

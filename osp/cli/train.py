@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from osp.conf import CONFIG_DIR, TRAIN_CONFIG, compose
+from osp.conf import CONFIG_DIR, TRAIN_CONFIG, compose, composition_error
 from osp.conf.resolvers import launch_rank, register_resolvers, run_id
 from osp.errors import TRAIN_FAULT_HINTS, OspError, environment_fault, error_line, one_line
 from osp.training import rundir
@@ -91,8 +91,10 @@ def start_checks(args: list[str]) -> RunLock | None:
             check_resume_config(cfg, ckpt_path)
         lock = RunLock(run_dir)
         lock.acquire()
-    except (HydraException, OmegaConfBaseException, OspError, FileNotFoundError) as err:
-        raise SystemExit(f"osp train: error: {one_line(str(err))}{moved_key_hint(str(err))}") from None
+    except (HydraException, OmegaConfBaseException) as err:
+        raise SystemExit(f"osp train: error: {composition_error(err)}{moved_key_hint(str(err))}") from None
+    except (OspError, FileNotFoundError) as err:
+        raise SystemExit(f"osp train: error: {one_line(str(err))}") from None
     except OSError as err:
         raise SystemExit(f"osp train: error: {environment_fault(err, **TRAIN_FAULT_HINTS) or err}") from None
     return lock

@@ -5,13 +5,17 @@ package-dir), so a wheel trains exactly as a checkout does.
 `compose(overrides)` is the one way to get the config `osp train <overrides>` would run with; `osp train`
 itself, `osp plan`, `osp data`, the benches and the tests all go through it.
 
-Two groups are registered in Hydra's config store rather than searched as files: `recipe` (every
-`recipes/<name>.yaml`, each a global package, as `osp train recipe=<name>` selects it) and `model/base`, which
-is `osp.model.ModelConfig`'s defaults, so that the model presets extend the dataclass instead of restating it.
+Some options are registered in Hydra's config store rather than searched as files: the `recipe` group (every
+`recipes/<name>.yaml`, each a global package, as `osp train recipe=<name>` selects it), and `model/base`,
+`optim/base`, `loss/base` and `logger/base`, which are the dataclasses ModelConfig, OptimConfig, TailLossConfig and
+LoggerConfig themselves
+(osp.config_base): the presets extend them, so OmegaConf checks every key and type at composition and a
+preset holds only what differs from the code defaults.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,10 +23,15 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from osp.conf.resolvers import register_resolvers
-from osp.errors import ConfigError, PathNotFoundError
-from osp.model.config import config_defaults
+from osp.config_base import describe_value_error
+from osp.errors import ConfigError, PathNotFoundError, one_line
+from osp.model.config import ModelConfig
+from osp.optim.config import OptimConfig
+from osp.training.logger_config import LoggerConfig
+from osp.training.tail_loss import TailLossConfig
 
 
 def shipped_dir(name: str) -> Path:
@@ -37,7 +46,10 @@ def shipped_dir(name: str) -> Path:
 CONFIG_DIR = shipped_dir("configs")
 RECIPE_DIR = shipped_dir("recipes")
 TRAIN_CONFIG = "train"
-ConfigStore.instance().store(group="model", name="base", node=config_defaults())
+# osp's typed configs are their nodes' schema (osp.config_base): the presets of a group extend `<group>/base`.
+for _group, _config in (("model", ModelConfig), ("optim", OptimConfig), ("loss", TailLossConfig),
+                        ("logger", LoggerConfig)):
+    ConfigStore.instance().store(group=_group, name="base", node=_config.schema())
 for _recipe in sorted(RECIPE_DIR.glob("*.yaml")):
     ConfigStore.instance().store(group="recipe", name=_recipe.stem, node=OmegaConf.load(_recipe), package="_global_")
 
@@ -55,6 +67,23 @@ def compose(overrides: Sequence[str] = (), config_name: str | None = TRAIN_CONFI
         return hydra_compose(config_name=config_name, overrides=list(overrides))
 
 
+def composition_error(err: Exception) -> str:
+    """One line for a failed composition: a value of the wrong type names its key and what it must be
+    (osp.config_base), anything else is Hydra's own message on one line."""
+    cause = err.__cause__ or err.__context__
+    key = getattr(cause, "full_key", None)
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key:
+        parent = getattr(cause, "parent_node", None)
+        siblings = [str(k) for k in parent.keys()] if isinstance(parent, DictConfig) else []
+        close = difflib.get_close_matches(str(key).rpartition(".")[2], siblings, n=1)
+        prefix = str(key).rpartition(".")[0]
+        hint = f"did you mean {prefix + '.' if prefix else ''}{close[0]}? " if close else ""
+        return f"{key} is not a setting ({hint}`osp train --cfg job` prints them all)"
+    if isinstance(cause, OmegaConfBaseException) and key:
+        return describe_value_error(cause, str(key))
+    return one_line(str(err))
+
+
 def presets(group: str) -> list[str]:
     """The option names of a config group (`recipe`, `data`, `trainer`, ...), sorted."""
     folder = RECIPE_DIR if group == "recipe" else CONFIG_DIR / group
@@ -65,8 +94,6 @@ def data_config(source: str | None, config: str | None, overrides: list[str]) ->
     """The data config as plain values: the named preset (composed with Hydra, so its `defaults` apply, as
     in `osp train data=<source>`) or a file, then `key=value` overrides."""
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
     bad = [o for o in overrides if "=" not in o]
     if bad:

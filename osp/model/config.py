@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
 
+from osp.config_base import ConfigBase
 from osp.errors import ConfigError
 
 # Allowed values of every string-valued block choice. Registries in the block modules must
@@ -19,11 +20,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(ConfigBase):
     """Sizes and block choices of a Llama-style decoder.
 
-    Every field is a plain value so the config round-trips through YAML, JSON and `config.json`.
+    Every field is a plain value so the config round-trips through YAML, JSON and `config.json`; the fields are
+    the `model` node's schema (osp.config_base).
     """
+
+    SECTION: ClassVar[str] = "model"
 
     vocab_size: int = 4096
     d_model: int = 256
@@ -52,7 +56,6 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        self._check_types()
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.ffn_hidden is None:
@@ -62,18 +65,6 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
-
-    def _check_types(self) -> None:
-        """ConfigError naming the key whose value is not of its declared kind (`model.d_model=abc`, a list)."""
-        kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
-        for f in fields(self):
-            kind, optional = str(f.type).replace(" | None", ""), "None" in str(f.type)
-            value = getattr(self, f.name)
-            if kind not in kinds or (value is None and optional):
-                continue
-            if not isinstance(value, kinds[kind]) or (isinstance(value, bool) and kind != "bool"):
-                what = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}[kind]
-                raise ConfigError(f"model.{f.name} must be {what}{' or null' if optional else ''}, got {value!r}")
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad key."""
@@ -132,22 +123,10 @@ class ModelConfig:
             # embedding/head cannot stay tied through export.
             raise ConfigError("model.tie_embeddings=true is incompatible with model.emb_proj=true")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
-        """Build from a mapping; unknown keys are an error that lists the known ones."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown model key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**dict(values))
-
 
 def config_defaults() -> dict[str, Any]:
-    """The `model` config node of every default (vocab_size aside: the data's tokenizer sets it). osp.conf
-    registers it as the Hydra option `model/base`, which the model presets extend."""
+    """Every setting at its default (vocab_size aside: the data's tokenizer sets it), as the run record
+    compares them."""
     return {f.name: f.default for f in fields(ModelConfig) if f.name != "vocab_size"}
 
 

@@ -1,21 +1,21 @@
 """OptimConfig: the `optim` config node as one frozen dataclass that validates itself and builds the
 optimizer (`build`) and its LR schedule (`build_scheduler`).
 
-Every error names the key and the allowed values (`optim.lr=-1.0 must be a number in [0.0, inf]`).
-The defaults are those of `configs/optim/adamw.yaml`; a config file only needs the keys it changes.
+Every error names the key and the allowed values (`optim.lr=-1.0 must be a number in [0.0, inf]`). The
+dataclass defaults are AdamW's; configs/optim/<name>.yaml extends them (`optim/base`) with what it changes.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from osp.config_base import ConfigBase
 from osp.errors import ConfigError
 from osp.optim.groups import DECAYED_ROLES, ROLES, params_by_role
 from osp.optim.muon import UPDATE_SCALES, Muon
@@ -32,9 +32,12 @@ NS_DTYPES = (AUTO, *DTYPES)
 
 
 @dataclass(frozen=True)
-class OptimConfig:
+class OptimConfig(ConfigBase):
     """Validated optimizer settings. After construction `adamw_*` are filled from their fallbacks and
-    `routing` maps every role to an algorithm (matrices, EmbProj included, to `name`; the rest to AdamW)."""
+    `routing` maps every role to an algorithm (matrices, EmbProj included, to `name`; the rest to AdamW).
+    The fields are the `optim` node's schema (osp.config_base); configs/optim/*.yaml set what differs."""
+
+    SECTION: ClassVar[str] = "optim"
 
     name: str = "adamw"
     lr: float = 1e-3
@@ -58,7 +61,7 @@ class OptimConfig:
     adamw_lr: float | None = None
     adamw_betas: tuple[float, float] | None = None
     adamw_weight_decay: float | None = None
-    routing: Mapping[str, str] | None = None
+    routing: dict[str, str] | None = None
     decayed_roles: tuple[str, ...] = DECAYED_ROLES
 
     def __post_init__(self) -> None:
@@ -87,26 +90,6 @@ class OptimConfig:
 
     def _set(self, key: str, value: Any) -> None:
         object.__setattr__(self, key, value)  # normalising a frozen dataclass while it is being built
-
-    @classmethod
-    def from_dict(cls, cfg: Any) -> OptimConfig:
-        """From the `optim` node (dict, DictConfig, None for all defaults, or an OptimConfig)."""
-        if isinstance(cfg, OptimConfig):
-            return cfg
-        given = _plain(cfg)
-        allowed = [f.name for f in fields(cls)]
-        unknown = sorted(set(given) - set(allowed))
-        if unknown:
-            raise ConfigError(f"unknown optim key(s) {unknown}; allowed: {', '.join(allowed)}")
-        return cls(**given)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain YAML/JSON values (tuples as lists): what checkpoints record as the run's optimizer."""
-        out = dataclasses.asdict(self)
-        for key in ("betas", "adamw_betas", "decayed_roles"):
-            out[key] = list(out[key])
-        out["routing"] = dict(self.routing)
-        return out
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """One param group per non-empty role, with the algorithm and hyperparameters routing gives it."""
@@ -161,18 +144,6 @@ class OptimConfig:
         return LambdaLR(optimizer, lr_multiplier(
             schedule=self.schedule, total_steps=int(total_steps), warmup_steps=self.warmup_steps,
             min_lr_ratio=self.min_lr_ratio, decay_fraction=self.decay_fraction, decay_shape=self.decay_shape))
-
-
-def _plain(cfg: Any) -> dict[str, Any]:
-    if cfg is None:
-        return {}
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    if isinstance(cfg, Mapping):
-        return dict(cfg)
-    raise TypeError(f"optim config must be a mapping (dict or DictConfig), got {type(cfg).__name__}")
 
 
 def _number(key: str, v: Any, low: float, high: float, integer: bool = False) -> float:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-from osp.errors import QuantConfigError
+from osp.config_base import ConfigBase
+from osp.errors import ConfigError, QuantConfigError
 
 OFF = 16  # a bit width of 16 means "leave this tensor in full precision"
 DEFAULT_ALPHA = 0.5  # the +smooth migration strength (osp.quant.smooth)
@@ -35,13 +36,16 @@ PRESETS: dict[str, str] = {
 
 
 @dataclass(frozen=True)
-class QuantConfig:
+class QuantConfig(ConfigBase):
     """Fake-quantization settings of the W4A4 view. A bit width of 16 turns that quantizer off.
 
     Defaults follow the OSP/SpinQuant evaluation (W4A4KV4, RTN): weights 4-bit symmetric
     per output channel with a per-row MSE clip sweep; every linear input inside the blocks 4-bit asymmetric
     per token (o_proj input in groups of head_dim); K after RoPE and a Hadamard over head_dim, V per head.
     """
+
+    SECTION: ClassVar[str] = "quant"
+    ERROR: ClassVar[type[ConfigError]] = QuantConfigError
 
     w_bits: int = 4
     a_bits: int = 4
@@ -151,15 +155,6 @@ class QuantConfig:
         return cls.from_dict(fields_)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> QuantConfig:
-        """Build from a mapping; unknown keys are an error that lists the known ones."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise QuantConfigError(f"unknown quant key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**dict(values))
-
-    @classmethod
     def resolve(cls, cfg: QuantConfig | str | dict[str, Any]) -> QuantConfig:
         """Accept a QuantConfig, a preset string or a dict of fields (optionally with a 'preset' key)."""
         if isinstance(cfg, QuantConfig):
@@ -169,6 +164,3 @@ class QuantConfig:
         values = {k: v for k, v in dict(cfg).items() if k != "_target_"}
         preset = values.pop("preset", None)
         return cls.from_preset(preset, **values) if preset is not None else cls.from_dict(values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)

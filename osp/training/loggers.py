@@ -19,6 +19,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
 from osp.atomic import atomic_path
+from osp.training.logger_config import LoggerConfig
 
 
 class ContinuedExperimentWriter(ExperimentWriter):
@@ -109,23 +110,24 @@ def wandb_run_id(run_name: str) -> str:
 
 def build_loggers(cfg: DictConfig, run_dir: Path, resume: dict[str, Any] | None = None) -> list[Any]:
     """The loggers `cfg.logger` asks for; `resume`: metadata of the checkpoint resumed from (or None)."""
+    settings = LoggerConfig.from_dict(cfg.get("logger"))
     loggers: list[Any] = []
-    if cfg.logger.csv:
+    if settings.csv:
         step = None if resume is None else int(resume["global_step"])
         rows = None if resume is None else (resume.get("osp") or {}).get("csv_rows")
         loggers.append(ResumableCSVLogger(save_dir=str(run_dir), name="", version="csv", resume_step=step,
                                           resume_rows=rows))
-    if cfg.logger.wandb.enabled:
-        mode = wandb_mode(cfg.logger.wandb.mode)
+    if settings.wandb.enabled:
+        mode = wandb_mode(settings.wandb.mode)
         if mode != "disabled":
             from lightning.pytorch.loggers import WandbLogger
 
             # The same id on every start of the run: a resumed or requeued run continues its wandb run.
-            loggers.append(WandbLogger(project=cfg.logger.wandb.project, entity=cfg.logger.wandb.entity,
+            loggers.append(WandbLogger(project=settings.wandb.project, entity=settings.wandb.entity,
                                        name=str(cfg.run_name), id=wandb_run_id(str(cfg.run_name)),
                                        resume="allow", save_dir=str(run_dir), mode=mode,
                                        config=OmegaConf.to_container(cfg, resolve=True)))
-    if cfg.logger.tensorboard:
+    if settings.tensorboard:
         from lightning.pytorch.loggers import TensorBoardLogger
 
         loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard"))

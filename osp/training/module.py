@@ -41,7 +41,7 @@ class LanguageModelModule(L.LightningModule):
         self.run_record = run_record  # the run's config and data fingerprints (osp.training.run_record)
         model_cfg = model if isinstance(model, ModelConfig) else ModelConfig.from_dict(dict(model))
         optim_cfg = OptimConfig.from_dict(optim)
-        loss_cfg = loss if isinstance(loss, TailLossConfig) else TailLossConfig(**dict(loss or {}))
+        loss_cfg = TailLossConfig.from_dict(loss)
         self.save_hyperparameters({"model": model_cfg.to_dict(), "optim": optim_cfg.to_dict(), "compile": compile,
                                    "activation_checkpointing": activation_checkpointing,
                                    "loss": loss_cfg.to_dict()})

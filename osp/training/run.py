@@ -78,10 +78,7 @@ def preflight(cfg: DictConfig) -> None:
                           "osp does not support; use trainer=fsdp (FSDP2)")
     build_model_config(cfg, vocab_size=1)
     DataConfig.from_dict(cfg.data)
-    try:
-        TailLossConfig(**OmegaConf.to_container(cfg.get("loss") or {}, resolve=True))
-    except (TypeError, ValueError) as err:
-        raise ConfigError(str(err)) from None
+    TailLossConfig.from_dict(cfg.get("loss"))
     seq_len, max_seq_len = cfg.data.get("seq_len"), cfg.model.get("max_seq_len")
     if isinstance(seq_len, int) and isinstance(max_seq_len, int) and seq_len > max_seq_len:
         raise ConfigError(f"data.seq_len={seq_len} exceeds model.max_seq_len={max_seq_len}; lower "
@@ -103,7 +100,7 @@ def build_module(cfg: DictConfig, vocab_size: int, record: dict[str, Any] | None
     osp.training.run_record) travels in its checkpoints."""
     return LanguageModelModule(build_model_config(cfg, vocab_size), cfg.optim, compile=bool(cfg.compile),
                                activation_checkpointing=bool(cfg.get("activation_checkpointing", False)),
-                               run_record=record, loss=OmegaConf.to_container(cfg.get("loss") or {}, resolve=True))
+                               run_record=record, loss=cfg.get("loss"))
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback],
@@ -143,7 +140,7 @@ def resolve_for_machine(cfg: DictConfig) -> None:
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
     with open_dict(cfg):
         cfg.trainer.precision = resolve_precision(cfg.trainer.get("precision", AUTO), accelerator)
-        if cfg.optim.get("ns_dtype") == AUTO:
+        if cfg.optim.get("ns_dtype") == AUTO and cfg.optim.get("name") in ("muon", "root"):
             cfg.optim.ns_dtype = auto_dtype_name(accelerator_device_type(accelerator))
 
 

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from osp.config_base import ConfigBase
 from osp.errors import ConfigError
 
 SCALES = ("token", "tensor")
@@ -45,13 +46,16 @@ def tail_penalty(h: torch.Tensor, threshold: float, scale: str = "token", eps: f
 
 
 @dataclass(frozen=True)
-class TailLossConfig:
-    """The `loss` config node: weight 0 (the default) adds nothing and registers no hook."""
+class TailLossConfig(ConfigBase):
+    """The `loss` config node (training-only loss terms): weight 0, the default, adds nothing and registers no
+    hook. `osp train loss.ffn_tail_weight=1` turns the FFN tail loss on."""
 
-    ffn_tail_weight: float = 0.0
-    ffn_tail_threshold: float = 4.0
-    ffn_tail_scale: str = "token"
-    ffn_tail_token_stride: int = 16
+    SECTION: ClassVar[str] = "loss"
+
+    ffn_tail_weight: float = 0.0  # > 0: the tail loss's weight beside cross-entropy
+    ffn_tail_threshold: float = 4.0  # entries cost nothing up to this many times their RMS
+    ffn_tail_scale: str = "token"  # token | tensor: the RMS an entry is measured against
+    ffn_tail_token_stride: int = 16  # estimated on every 16th token (a new offset at each step)
 
     def __post_init__(self) -> None:
         for key in ("ffn_tail_weight", "ffn_tail_threshold"):
@@ -63,10 +67,7 @@ class TailLossConfig:
             raise ConfigError(f"loss.ffn_tail_token_stride={stride!r} must be a positive integer")
         if self.ffn_tail_scale not in SCALES:
             raise ConfigError(f"loss.ffn_tail_scale={self.ffn_tail_scale!r} is not allowed; choose one of "
-                             f"{list(SCALES)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+                              f"{list(SCALES)}")
 
 
 class TailLoss:

@@ -114,7 +114,7 @@ def test_truncated_checkpoint_file(tmp_path):
      r"no 'model\.' keys \(found encoder\.weight\)"),
     ({"state_dict": {"model.x": torch.zeros(2)}}, "no model config"),
     ({"state_dict": {"model.x": torch.zeros(2)}, "hyper_parameters": {"model": {"d_modle": 64}}},
-     "bad model config.*unknown model key"),
+     "bad model config.*model.d_modle is not a model setting"),
 ])
 def test_foreign_checkpoints(payload, message, tmp_path):
     path = tmp_path / "foreign.ckpt"

@@ -82,8 +82,9 @@ def test_routing_override_and_tied_embeddings():
         ({"name": "muon", "update_scale": "spectral"}, r"optim.update_scale.*moonlight, keller"),
         ({"lr": -1.0}, r"optim.lr"),
         ({"betas": [0.9]}, r"optim.betas"),
-        ({"learning_rate": 1e-3}, r"unknown optim key.*learning_rate"),
-        ({"decayed_roles": "gain"}, r"optim.decayed_roles='gain'.*embedding, head, matrix, gain, bias"),
+        ({"learning_rate": 1e-3}, r"optim.learning_rate is not a optim setting"),
+        ({"decayed_roles": "gain"}, r"optim.decayed_roles must be a list, got 'gain'"),
+        ({"decayed_roles": ["gain", "x"]}, r"optim.decayed_roles=\['gain', 'x'\].*embedding, head, matrix, gain, bias"),
         ({"decayed_roles": ["norm"]}, r"optim.decayed_roles"),
     ],
 )

@@ -201,7 +201,7 @@ def test_config_presets_and_errors():
         QuantConfig.from_preset("int4")
     with pytest.raises(ValueError, match="w_bits"):
         QuantConfig(w_bits=1)
-    with pytest.raises(ValueError, match="unknown quant key"):
+    with pytest.raises(ValueError, match="quant.wbits is not a quant setting"):
         QuantConfig.from_dict({"wbits": 4})
 
 

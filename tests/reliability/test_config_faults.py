@@ -16,7 +16,7 @@ from tests.support.cli import error_line, osp, train_args
     ("trainer.precision=17-foo", ["trainer.precision='17-foo' is not a precision", "32-true", "bf16-mixed"]),
     ("trainer=gpu", ["trainer.accelerator=gpu", "no usable CUDA GPU", "trainer=cpu"]),
     ("model.max_seq_len=32", ["data.seq_len=64 exceeds model.max_seq_len=32", "lower data.seq_len"]),
-    ("model.d_modle=64", ["Could not override 'model.d_modle'", "+model.d_modle=64"]),
+    ("model.d_modle=64", ["model.d_modle is not a setting (did you mean model.d_model?"]),
     ("trainer.accumulate_grad_batches=0", ["trainer.accumulate_grad_batches must be a positive number"]),
     ("trainer.val_check_interval=0", ["trainer.val_check_interval must be a positive number"]),
 ])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from osp.training.run_record import differences
 
 
@@ -23,21 +25,30 @@ def test_a_setting_added_later_at_its_default_is_no_difference():
     assert differences({**stored, "model.ffn_multiple_of": 64}, stored) == [("model.ffn_multiple_of", 64, "(absent)")]
 
 
-def test_the_model_presets_extend_the_dataclass_defaults():
-    """model/base is ModelConfig's defaults; the presets state only what differs (no restated defaults)."""
+@pytest.mark.parametrize(("group", "config"), [("model", "ModelConfig"), ("optim", "OptimConfig"),
+                                               ("logger", "LoggerConfig")])
+def test_the_presets_extend_the_dataclass_and_state_only_what_differs(group, config):
+    """<group>/base is the dataclass itself; its presets state only what differs from the code defaults."""
+    import dataclasses
+
     from omegaconf import OmegaConf
 
-    from osp.conf import CONFIG_DIR, compose
-    from osp.model.config import ModelConfig, config_defaults
+    from osp.conf import CONFIG_DIR, compose, presets
+    from osp.model import ModelConfig
+    from osp.optim import OptimConfig
+    from osp.training.logger_config import LoggerConfig
 
-    assert ModelConfig(**config_defaults()) == ModelConfig() and "vocab_size" not in config_defaults()
-    for preset in ("tiny", "llama_1p4b"):
-        own = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "model" / f"{preset}.yaml"), resolve=False)
+    cls = {"ModelConfig": ModelConfig, "OptimConfig": OptimConfig, "LoggerConfig": LoggerConfig}[config]
+    defaults = cls().to_dict()
+    for preset in presets(group):
+        own = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / group / f"{preset}.yaml"), resolve=False)
+        if own.get("defaults", [None])[0] != "base":
+            continue  # extends another preset (optim/muon extends adamw)
         for key, value in own.items():
-            if key != "defaults":
-                assert config_defaults()[key] != value, f"model/{preset}.yaml restates the default {key}"
-        composed = compose([f"model={preset}"]).model
-        assert set(composed) == set(config_defaults())  # every setting can be overridden without +
+            if key != "defaults" and not isinstance(value, dict):
+                assert defaults[key] != value, f"{group}/{preset}.yaml restates the default {key}"
+        composed = compose([f"{group}={preset}"])[group]
+        assert set(composed) == {f.name for f in dataclasses.fields(cls)}  # every setting overrides without +
 
 
 def test_ns_dtype_auto_is_recorded_as_the_machine_runs_it(monkeypatch):
@@ -54,6 +65,6 @@ def test_ns_dtype_auto_is_recorded_as_the_machine_runs_it(monkeypatch):
         assert cfg.optim.ns_dtype == "auto"
         run.resolve_for_machine(cfg)
         assert differences(old, flatten({"optim": {"name": "muon", "ns_dtype": cfg.optim.ns_dtype}})) == expected_rows
-    adamw = compose([])  # AdamW runs have no Newton-Schulz setting to resolve
+    adamw = compose([])  # AdamW runs have no Newton-Schulz to resolve: the setting stays at its default
     run.resolve_for_machine(adamw)
-    assert "ns_dtype" not in adamw.optim
+    assert adamw.optim.ns_dtype == "auto"
