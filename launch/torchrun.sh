@@ -33,11 +33,25 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NGPU > 0 ? $(nproc) / N
 echo "osp launch: ${NGPU} workers, recipe=${RECIPE} trainer=${TRAINER} run_name=${RUN_NAME}"
 
 # torchrun's agent answers a signal it forwarded with a Python traceback (SignalException) once the
-# workers have stopped cleanly: that one traceback is dropped from stderr, every other line is kept.
+# workers have stopped cleanly: that traceback is dropped from stderr. When a worker dies (killed, out of
+# memory), the agent's traceback and failure table (ChildFailedError) become one line naming the rank, how it
+# ended and how to continue. Every other line is kept.
 quiet_signal_traceback() {
-    awk '/^Traceback \(most recent call last\):/ { held = $0; holding = 1; next }
+    awk -v run="${RUN_NAME}" -v recipe="${RECIPE}" '
+         /^Traceback \(most recent call last\):/ { held = $0; holding = 1; next }
          holding && /^[ \t]/ { held = held "\n" $0; next }
-         holding { holding = 0; if ($0 ~ /SignalException/) next; print held; fflush() }
+         holding { holding = 0
+                   if ($0 ~ /SignalException/) next
+                   if ($0 ~ /ChildFailedError/) { table = 1; rank = "?"; how = "?"; next }
+                   print held; fflush() }
+         table && /^[ \t]*rank[ \t]*:/ { sub(/^[ \t]*rank[ \t]*:[ \t]*/, ""); rank = $1; next }
+         table && /exitcode[ \t]*:/ { sub(/.*exitcode[ \t]*:[ \t]*/, ""); how = "exit code " $1; next }
+         table && /traceback[ \t]*:[ \t]*Signal/ { sub(/.*traceback[ \t]*:[ \t]*/, ""); how = $0; next }
+         table && /^=+$/ { if (++rules == 2) { table = 0; rules = 0
+                   print "osp launch: rank " rank " died (" how "); the run keeps its checkpoints: continue " \
+                         "with RECIPE=" recipe " RUN_NAME=" run " launch/torchrun.sh (it resumes with resume=auto)"
+                   fflush() } next }
+         table { next }
          { print; fflush() }'
 }
 exec 3> >(trap '' TERM INT HUP QUIT USR1; quiet_signal_traceback >&2)  # outlives a signal to the group

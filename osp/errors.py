@@ -44,6 +44,11 @@ class PathNotFoundError(OspError, FileNotFoundError):
     """A file or folder the user named (a checkpoint, a tokenizer, a run) does not exist."""
 
 
+class OutputExistsError(OspError, FileExistsError):
+    """An output would replace something that is not an earlier output of the same kind (a run's files, a
+    folder, another file)."""
+
+
 class TrainingError(OspError, RuntimeError):
     """Training cannot go on (a non-finite loss, too many skipped steps)."""
 

@@ -224,10 +224,17 @@ def make_plan(cfg: DictConfig, gpu: str = "h100", gpus_per_node: int = 8, mfu: f
     if precision not in PRECISIONS:
         raise ConfigError(f"trainer.precision={precision!r} is not one of {', '.join(PRECISIONS)}")
     stored_bytes, compute_dtype = PRECISIONS[precision]
-    devices = _int_or(cfg.trainer.get("devices"), gpus_per_node)
-    world = _int_or(cfg.trainer.get("num_nodes"), 1) * devices
+    if gpus_per_node < 1:
+        raise ConfigError(f"--gpus-per-node must be a positive integer, got {gpus_per_node}")
+    devices, nodes = _int_or(cfg.trainer.get("devices"), gpus_per_node), _int_or(cfg.trainer.get("num_nodes"), 1)
+    world = nodes * devices
     batch, seq_len = int(cfg.data.batch_size), int(cfg.data.seq_len)
     accumulate = _int_or(cfg.trainer.get("accumulate_grad_batches"), 1)
+    for key, value in (("trainer.devices", devices), ("trainer.num_nodes", nodes),
+                       ("data.batch_size", batch), ("data.seq_len", seq_len),
+                       ("trainer.accumulate_grad_batches", accumulate)):
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be a positive integer")
     model_cfg: ModelConfig = build_model_config(cfg, vocab_size or vocab_size_of(cfg, notes))
     with torch.device("meta"):
         model = Transformer(model_cfg)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from osp.errors import DataError
+from osp.errors import DataError, OutputExistsError
 from osp.precision import resolve_precision
 
 DEMO_DATA = {"source": {"kind": "demo"}, "seq_len": 256}
@@ -45,9 +45,11 @@ def run_precision(model_path: Path, data_config: str | None, device: str) -> str
     return resolve_precision(precision, "gpu" if torch.device(device).type == "cuda" else "cpu")
 
 
-def build_pipeline(model_path: Path, data_config: str | None, tokenizer_dir: Path | None, seq_len: int | None):
+def build_pipeline(model_path: Path, data_config: str | None, tokenizer_dir: Path | None, seq_len: int | None,
+                   tokenizer: str | None = None):
     """The data pipeline (no Lightning) of the run's own data config when it can be found (same held-out blocks
-    as in training), else of the demo corpus tokenized with the model's tokenizer."""
+    as in training), else of the demo corpus tokenized with the model's tokenizer; `tokenizer` (a folder or
+    name the user gave) replaces whichever tokenizer that config names."""
     from osp.data import DataConfig, TokenPipeline
 
     config_file = Path(data_config) if data_config else find_run_config(model_path)
@@ -60,6 +62,8 @@ def build_pipeline(model_path: Path, data_config: str | None, tokenizer_dir: Pat
             raise DataError(f"{model_path} has no tokenizer and no run config; pass --tokenizer "
                             "or --data-config RUN_DIR/.hydra/config.yaml")
         data = dict(DEMO_DATA, tokenizer=str(tokenizer_dir))
+    if tokenizer is not None:
+        data["tokenizer"] = str(tokenizer)
     if seq_len is not None:
         data["seq_len"] = seq_len
     return TokenPipeline(DataConfig.from_dict(data))
@@ -72,3 +76,41 @@ def find_tokenizer_dir(model_path: Path) -> Path | None:
         if (candidate / "tokenizer.json").is_file() or (candidate / "tokenizer_config.json").is_file():
             return candidate
     return None
+
+
+# What marks a folder as a run's (osp.training.rundir keeps the full list of what a run writes).
+RUN_MARKERS = (".hydra", "checkpoints", "summary.json", "csv", ".lock")
+
+
+def run_of(path: Path) -> Path | None:
+    """The run dir that `path` lies in (or is), else None."""
+    for folder in (path, *path.parents):
+        if folder.is_dir() and any((folder / marker).exists() for marker in RUN_MARKERS):
+            return folder
+    return None
+
+
+def check_output_file(path: str | Path, option: str) -> Path:
+    """Where a command may write a file it was asked for (`osp eval --json`, a bench's --json): not a folder,
+    and never into a run dir, whose files belong to its run. Returns the path."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputExistsError(f"{option} {path} is a folder; give a file name")
+    run = run_of(path.resolve().parent)
+    if run is not None:
+        raise OutputExistsError(f"{option} {path} is inside the run dir {run}, whose files belong to its run; "
+                                "write it elsewhere")
+    return path
+
+
+def check_output_dir(path: str | Path, option: str) -> Path:
+    """Where a command may write a folder of results (`osp report --out`): not a file, not a run dir nor inside
+    one. Returns the path."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"{option} {path} is a file; give a folder (it is created if needed)")
+    run = run_of(path.resolve())
+    if run is not None:
+        raise OutputExistsError(f"{option} {path} is (inside) the run dir {run}, whose files belong to its run; "
+                                "write the report elsewhere")
+    return path

@@ -395,6 +395,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """`osp bench sweep`: `run`, then a non-zero exit when a point asked for failed (the table is written all
+    the same, with the failure in its reading)."""
+    payload = run(argv)
+    asked = payload.get("asked", [])
+    failed = [name for name in asked if "failed" in payload["points"][name]["summary"]]
+    if failed:
+        raise SystemExit(f"osp bench sweep: {len(failed)} of {len(asked)} points failed ({', '.join(failed)}); "
+                         "see the reading in sweep.md")
+    return payload
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Train (or reuse) the asked points, evaluate every trained point of the folder, write the table; returns
+    what sweep.json holds (and "asked": the points of this invocation)."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     from osp.errors import OspError, QuantConfigError
     from osp.quant.evaluation import eval_config
@@ -453,4 +467,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           for p in points}}
     write_json(out / "sweep.json", payload)
     print(f"written: {out / 'sweep.md'}, {out / 'sweep.json'}")
-    return payload
+    return {**payload, "asked": [p.name for p in points if p.name in args.points]}

@@ -19,7 +19,7 @@ from typing import Any
 
 from osp.conf import data_config
 from osp.data.cache import cache_root, human_bytes
-from osp.errors import OspError, one_line
+from osp.errors import DataError, OspError, one_line
 from osp.tables import format_rows
 
 
@@ -61,6 +61,8 @@ def prepare(values: dict[str, Any]) -> dict[str, Any]:
 def info(cache_dir: str | None = None) -> None:
     """List the cached corpora, tokenizers and token shards (builds nothing)."""
     root = cache_root(cache_dir)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"the cache {root} is a file; set OSP_CACHE_DIR (or --cache-dir) to a folder")
     print(f"cache: {root}" + ("" if root.exists() else " (empty)"))
     corpora = sorted((root / "corpus").glob("*/manifest.json"))
     if corpora:
@@ -114,7 +116,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     if args.command == "info":
-        info(args.cache_dir)
+        try:
+            info(args.cache_dir)
+        except OspError as err:
+            raise SystemExit(f"osp data: error: {one_line(str(err))}") from None
         return
     try:
         summary = prepare(data_config(args.source, args.config, args.overrides))

@@ -17,8 +17,11 @@ import torch
 
 from osp.arguments import positive_int
 from osp.atomic import write_text
+from osp.errors import ConfigError, DataError, OspError, one_line
 from osp.precision import autocast_for
-from osp.runs import build_pipeline, find_tokenizer_dir, run_precision
+from osp.runs import build_pipeline, check_output_file, find_tokenizer_dir, run_precision
+
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -42,50 +45,68 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--data-config", help="a YAML with a `data` node (default: the run's .hydra/config.yaml)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: the model's own)")
     p.add_argument("--seq-len", type=positive_int, help="override the evaluation sequence length")
-    p.add_argument("--precision", help="autocast as in training: 32-true | bf16-mixed | 16-mixed "
-                   "(default: the run's trainer.precision)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="autocast as in training (default: the run's trainer.precision)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     return p.parse_args(argv)
 
 
 def main(argv: list[str]) -> None:
-    from osp.errors import CheckpointError, QuantConfigError
-    from osp.export import load_model
+    args = parse_args(argv)
+    from osp.errors import QuantConfigError
     from osp.quant.evaluation import eval_config
 
-    args = parse_args(argv)
     if args.quant:  # a typo fails in a second, before the model and the data are loaded
         try:
             eval_config(args.quant, args.hadamard, args.gptq)
         except QuantConfigError as err:
             print(f"osp eval: error: --quant {args.quant}: {err}", file=sys.stderr)
             raise SystemExit(2) from None
-    model_path = Path(args.model)
     try:
-        model, tokenizer = load_model(model_path, device=args.device, tokenizer=args.tokenizer)
-    except (CheckpointError, FileNotFoundError) as err:
-        print(f"osp eval: error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
-    tokenizer_dir = Path(args.tokenizer) if args.tokenizer else find_tokenizer_dir(model_path)
-    from osp.errors import ConfigError, DataError
-
-    try:
-        data = build_pipeline(model_path, args.data_config, tokenizer_dir, args.seq_len)
-        if data.vocab_size > model.cfg.vocab_size:
-            raise SystemExit(f"osp eval: the data's tokenizer has {data.vocab_size} ids but the model only "
-                             f"{model.cfg.vocab_size}; pass the model's --tokenizer")
-        do_quant = not args.kurtosis or bool(args.quant) or args.attribute
-        do_kurtosis = not args.quant or args.kurtosis
-        precision = args.precision or run_precision(model_path, args.data_config, args.device)
-        results: dict[str, Any] = {"model": str(model_path), "precision": precision}
-        with autocast_for(precision, args.device):
-            _evaluate(args, model, data, do_quant, do_kurtosis, results)
-    except (DataError, ConfigError) as err:
-        print(f"osp eval: error: {err}", file=sys.stderr)
+        results = evaluate(args)
+    except OspError as err:
+        print(f"osp eval: error: {one_line(str(err))}", file=sys.stderr)
         raise SystemExit(1) from None
     if args.json:
         write_text(args.json, json.dumps(results, indent=2, default=str) + "\n")
+
+
+def check_device(device: str) -> None:
+    """--device names a device torch knows and this machine has."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as err:
+        raise ConfigError(f"--device {device}: {str(err).splitlines()[0]}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: this machine has no usable CUDA GPU; use --device cpu")
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """What `osp eval` prints (and writes with --json), after every setting was checked."""
+    from osp.export import load_model
+
+    check_device(args.device)
+    if args.json:
+        check_output_file(args.json, "--json")
+    model_path = Path(args.model)
+    model, _ = load_model(model_path, device=args.device, tokenizer=args.tokenizer)
+    if args.seq_len is not None and args.seq_len > model.cfg.max_seq_len:
+        raise ConfigError(f"--seq-len {args.seq_len} exceeds the model's context (max_seq_len "
+                          f"{model.cfg.max_seq_len}); use at most that")
+    tokenizer_dir = Path(args.tokenizer) if args.tokenizer else find_tokenizer_dir(model_path)
+    data = build_pipeline(model_path, args.data_config, tokenizer_dir, args.seq_len,
+                          tokenizer=args.tokenizer)
+    if data.vocab_size > model.cfg.vocab_size:
+        raise DataError(f"the data's tokenizer has {data.vocab_size} ids but the model only "
+                        f"{model.cfg.vocab_size}; pass the model's --tokenizer")
+    do_quant = not args.kurtosis or bool(args.quant) or args.attribute
+    do_kurtosis = not args.quant or args.kurtosis
+    precision = args.precision or run_precision(model_path, args.data_config, args.device)
+    results: dict[str, Any] = {"model": str(model_path), "precision": precision}
+    with autocast_for(precision, args.device):
+        _evaluate(args, model, data, do_quant, do_kurtosis, results)
+    return results
 
 
 def _evaluate(args: argparse.Namespace, model: torch.nn.Module, data: Any, do_quant: bool, do_kurtosis: bool,

@@ -7,6 +7,7 @@ import json
 import sys
 from dataclasses import asdict
 
+from osp.arguments import positive_int
 from osp.errors import ConfigError
 from osp.hardware import GPUS
 from osp.plan import format_plan, make_plan
@@ -20,9 +21,10 @@ def main(argv: list[str] | None = None) -> None:
         "(model built on the meta device; nothing is allocated).")
     parser.add_argument("overrides", nargs="*", help="train config overrides, as for osp train")
     parser.add_argument("--gpu", default="h100", choices=sorted(GPUS))
-    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--gpus-per-node", type=positive_int, default=8)
     parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization assumed (default 0.4)")
-    parser.add_argument("--vocab-size", type=int, help="the model's vocabulary, if the tokenizer is not at hand")
+    parser.add_argument("--vocab-size", type=positive_int,
+                        help="the model's vocabulary, if the tokenizer is not at hand")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_intermixed_args(argv)
     try:

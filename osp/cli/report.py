@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from osp.metrics.report import RunDirError, check_unique_names, format_table, load_run, write_report
+from osp.errors import OspError
+from osp.metrics.report import check_unique_names, format_table, load_run, write_report
+from osp.runs import check_output_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         runs = [load_run(path) for path in args.runs]
-    except RunDirError as error:
+        check_output_dir(args.out, "--out")
+    except OspError as error:
         parser.error(str(error))
     check_unique_names(runs)
     print(format_table(runs))

@@ -16,11 +16,9 @@ from omegaconf import DictConfig
 
 from osp.conf import CONFIG_DIR, TRAIN_CONFIG, compose, composition_error
 from osp.conf.resolvers import launch_rank, register_resolvers, run_id
-from osp.errors import TRAIN_FAULT_HINTS, OspError, environment_fault, error_line, one_line
-from osp.training import rundir
-from osp.training.checkpoints import resolve_resume
+from osp.errors import TRAIN_FAULT_HINTS, OspError, environment_fault, error_line, one_line, root_cause
 from osp.training.preemption import Preempted
-from osp.training.run import check_resume_config, preflight, train
+from osp.training.run import RunFinished, check_resume_config, preflight, starting_point, train
 from osp.training.rundir import RunLock
 
 
@@ -47,10 +45,18 @@ _LAUNCH_ARGV: list[str] = []  # the command line as started (`osp train ...`), s
 def _hydra_main(cfg: DictConfig) -> None:
     if _LAUNCH_ARGV:
         sys.argv = list(_LAUNCH_ARGV)  # what Lightning re-runs for the other devices' processes
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+    lock = None
     try:
+        if HydraConfig.get().mode == RunMode.MULTIRUN and launch_rank() == 0:
+            lock = checked_and_locked(cfg)  # a sweep's job: the checks start_checks makes for a single run
         train(cfg)
+    except RunFinished as done:
+        if launch_rank() == 0:
+            print(f"osp train: {done}", file=sys.stderr)
     except Preempted as stop:
         # Neither success (a scheduler must not mark the job done) nor a crash: one line, no traceback.
         if launch_rank() == 0:
@@ -61,11 +67,70 @@ def _hydra_main(cfg: DictConfig) -> None:
         raise SystemExit(1) from None
     except Exception as err:
         # Problems with the user's input or the machine get one clear line, not a traceback.
-        message = error_line(err, **TRAIN_FAULT_HINTS)
+        message = error_line(err, **TRAIN_FAULT_HINTS) or peer_lost(err, str(cfg.run_name))
         if message is None:
             raise
         print(f"osp train: error: {message}", file=sys.stderr)
         raise SystemExit(1) from None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+# What gloo and NCCL say when the process at the other end of a collective is gone.
+LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket Timeout",
+             "NCCL communicator was aborted", "failed to recv", "Connection refused")
+
+
+def peer_lost(err: BaseException, run_name: str) -> str | None:
+    """One line for this rank when another rank of a distributed run died (killed, out of memory): which rank
+    this is and how the run continues; None for any other error."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    text = f"{err} {root_cause(err)}"
+    if not any(marker in text for marker in LOST_PEER):
+        return None
+    return (f"rank {dist.get_rank()} of {dist.get_world_size()} lost contact with another rank, which died "
+            f"(killed, out of memory?); the run keeps its checkpoints: relaunch it with run_name={run_name} "
+            "resume=auto")
+
+
+def checked_and_locked(cfg: DictConfig) -> RunLock:
+    """The run's settings and run dir checked (`preflight`, `starting_point`, the resume record), and its lock
+    taken: what no process may skip before it writes into a run dir."""
+    preflight(cfg)
+    ckpt_path = starting_point(cfg)
+    if ckpt_path is not None:
+        check_resume_config(cfg, ckpt_path)
+    lock = RunLock(Path(cfg.run_dir))
+    lock.acquire()
+    return lock
+
+
+# Hydra's flags that only print (the config, help, info) and write nothing; the multirun flag; flags whose
+# value follows them. Every other flag is refused by check_hydra_flags.
+READ_ONLY_FLAGS = ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--resolve", "--package", "-p",
+                   "--shell-completion", "-sc")
+MULTIRUN_FLAGS = ("--multirun", "-m")
+# Overrides of Hydra's own output placement, which osp ties to the run dir (its record beside its checkpoints).
+HYDRA_PLACEMENT = ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir", "hydra.output_subdir",
+                   "hydra.job.chdir")
+
+
+def check_hydra_flags(args: list[str]) -> None:
+    """Refuse the Hydra flags and overrides that would bypass the run-dir checks and lock or put the run's
+    record elsewhere than its checkpoints: another primary config (-cn/-cp/-cd), another output dir."""
+    for arg in args:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if arg.startswith("-") and arg.split("=", 1)[0] not in READ_ONLY_FLAGS + MULTIRUN_FLAGS:
+            raise SystemExit(f"osp train: error: {arg.split('=', 1)[0]} is not an option of osp train: its config "
+                             "is configs/train.yaml, changed by recipe=NAME and key=value overrides "
+                             "(--cfg job prints it, -m sweeps)")
+        if key in HYDRA_PLACEMENT:
+            raise SystemExit(f"osp train: error: {key} is where osp keeps the run's record beside its "
+                             "checkpoints; set run_name=, runs_root= or run_dir= instead")
 
 
 def start_checks(args: list[str]) -> RunLock | None:
@@ -73,24 +138,21 @@ def start_checks(args: list[str]) -> RunLock | None:
 
     A config that fails here leaves no run folder behind, and a second run with the name of a live one
     stops before it writes a byte there (Hydra would overwrite the first run's .hydra/ at start).
-    Multirun sweeps (-m) compose per job, so they are checked inside each job instead.
+    Hydra's read-only flags (--cfg, --help, --info, ...) write nothing and skip the checks; a multirun sweep
+    (-m) composes per job, so each job is checked and locked inside it (`_hydra_main`); flags that would
+    replace osp's config or move the run's record away from it are refused.
     """
-    if launch_rank() > 0 or any(a in ("-m", "--multirun") or a.startswith("-") for a in args):
+    check_hydra_flags(args)
+    if launch_rank() > 0 or any(a in READ_ONLY_FLAGS or a in MULTIRUN_FLAGS for a in args):
         return None
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        cfg = compose(args)
-        preflight(cfg)
-        run_dir = Path(cfg.run_dir)
-        ckpt_path = resolve_resume(cfg.resume, run_dir)
-        if ckpt_path is None:
-            rundir.check_fresh(run_dir, str(cfg.run_name), cfg.resume)
-        else:
-            check_resume_config(cfg, ckpt_path)
-        lock = RunLock(run_dir)
-        lock.acquire()
+        lock = checked_and_locked(compose(args))
+    except RunFinished as done:  # a relaunch of a finished run: say so, change nothing, succeed
+        print(f"osp train: {done}", file=sys.stderr)
+        raise SystemExit(0) from None
     except (HydraException, OmegaConfBaseException) as err:
         raise SystemExit(f"osp train: error: {composition_error(err)}{moved_key_hint(str(err))}") from None
     except (OspError, FileNotFoundError) as err:

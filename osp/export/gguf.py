@@ -31,7 +31,7 @@ from osp.quant.smooth import Smoothing
 
 from .hf import CUSTOM_BLOCK_KEYS, hf_state_dict
 from .targets import atomic_file, check_file_target
-from .tokenizer import as_tokenizer
+from .tokenizer import as_tokenizer, check_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ def export_gguf(
         raise GGUFExportError("GGUF needs the tokenizer (llama.cpp reads the vocabulary from the file); "
                               "pass one (osp export --tokenizer PATH)")
     cfg = model.cfg
+    check_vocabulary(tok, cfg.vocab_size)
     file_type, _ = OUTTYPES[outtype]
     tensors = list(gguf_tensors(model, outtype, smoothing))  # before the file exists: a failure leaves nothing
     with atomic_file(path, force) as tmp:

@@ -31,7 +31,7 @@ from osp.quant.smooth import Smoothing, fold_into_state, trained_smoothing
 
 from .layout import warn_layout
 from .targets import atomic_directory, check_target
-from .tokenizer import as_tokenizer
+from .tokenizer import as_tokenizer, check_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,7 @@ def export_hf(
     check_target(out_dir, force)  # fail before any work
     cfg = model.cfg
     tok = as_tokenizer(tokenizer)
-    if tok is not None and len(tok) > cfg.vocab_size:
-        raise ExportError(f"the tokenizer has {len(tok)} tokens but the model's vocab_size is {cfg.vocab_size}")
+    check_vocabulary(tok, cfg.vocab_size)
     plain, reasons = model.llama_compatible()
     # The custom code always has its own head: simpler code, same function, one vocab x d copy more.
     tied = plain and cfg.tie_embeddings

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from osp.atomic import atomic_path
+from osp.errors import OutputExistsError
 
 # What osp export writes into a folder (hf.py, the tokenizer, the custom-code files, Python's bytecode cache).
 EXPORT_FILES = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
@@ -33,30 +34,33 @@ def not_export_entries(folder: Path) -> list[str]:
 def check_target(target: Path, force: bool) -> None:
     """Refuse a target folder that is not empty (unless `force`, and then only an earlier export), or a file."""
     if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a directory")
+        raise OutputExistsError(f"{target} exists and is not a directory")
     if not (target.is_dir() and any(target.iterdir())):
         return
     if not force:
-        raise FileExistsError(f"{target} is not empty; pass force=True (osp export --force) to replace an "
+        raise OutputExistsError(f"{target} is not empty; pass force=True (osp export --force) to replace an "
                               "earlier export there")
     others = not_export_entries(target)
     if others:
         shown = ", ".join(others[:4]) + (" ..." if len(others) > 4 else "")
-        raise FileExistsError(f"{target} holds files that are not an export ({shown}); osp export replaces "
+        raise OutputExistsError(f"{target} holds files that are not an export ({shown}); osp export replaces "
                               "only an earlier export, even with --force: choose another target")
+    if not (target / "config.json").is_file():  # e.g. a run's tokenizer/ folder: export-named files only
+        raise OutputExistsError(f"{target} is not an earlier export (no config.json); osp export replaces only an "
+                              "earlier export, even with --force: choose another target")
 
 
 def check_file_target(target: Path, force: bool) -> None:
     """Refuse a folder, or an existing file (unless `force`, and then only a GGUF file)."""
     if target.is_dir():
-        raise FileExistsError(f"{target} is a directory")
+        raise OutputExistsError(f"{target} is a directory")
     if not target.exists():
         return
     if not force:
-        raise FileExistsError(f"{target} exists; pass force=True (osp export --force) to replace it")
+        raise OutputExistsError(f"{target} exists; pass force=True (osp export --force) to replace it")
     with open(target, "rb") as handle:
         if handle.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
-            raise FileExistsError(f"{target} is not a GGUF file; osp export replaces only an earlier export, "
+            raise OutputExistsError(f"{target} is not a GGUF file; osp export replaces only an earlier export, "
                                   "even with --force: choose another target")
 
 

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from osp.errors import PathNotFoundError
+from osp.errors import ExportError, PathNotFoundError
 
 log = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -32,6 +32,14 @@ def load_tokenizer(folder: str | Path, required: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+
+
+def check_vocabulary(tokenizer: Any, vocab_size: int) -> None:
+    """Refuse a tokenizer whose vocabulary is not the model's, in either direction: ids the model cannot embed,
+    or rows of the model no token reaches (another run's tokenizer, most likely)."""
+    if tokenizer is not None and len(tokenizer) != vocab_size:
+        raise ExportError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}; "
+                          "export with the tokenizer the model was trained with (--tokenizer PATH)")
 
 
 def as_tokenizer(tokenizer: Any) -> Any:

@@ -12,13 +12,15 @@ import random
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from osp.atomic import replace_path
-from osp.checkpoint_files import latest_checkpoint, resolve_checkpoint
+from osp.checkpoint_files import LAST, latest_checkpoint, resolve_checkpoint
 from osp.errors import CheckpointError, PathNotFoundError
 
 
@@ -50,6 +52,33 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 raise OSError(fault.errno, os.strerror(fault.errno), str(final)) from None
             raise
         replace_path(staging, final)
+
+
+def save_last(trainer: L.Trainer) -> Path:
+    """Write the current state to last.ckpt where ModelCheckpoint keeps it (collective: every rank calls it),
+    as ModelCheckpoint's own last checkpoint: a resumed run keeps writing this file (no `last-v1.ckpt`)."""
+    keeper = next((cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)), None)
+    if keeper is not None and keeper.dirpath:
+        path = Path(keeper.dirpath) / (keeper.CHECKPOINT_NAME_LAST + keeper.FILE_EXTENSION)
+        keeper.last_model_path = str(path)
+        keeper._last_global_step_saved = trainer.global_step  # noqa: SLF001 - what ModelCheckpoint checks
+    else:
+        path = Path(trainer.default_root_dir) / "checkpoints" / LAST
+    trainer.save_checkpoint(path, weights_only=False)
+    return path
+
+
+class FinalCheckpoint(L.Callback):
+    """last.ckpt is the end of the run: when training ends at a step that ModelCheckpoint's interval did not
+    save (max_steps not a multiple of every_n_train_steps), the final state is written to last.ckpt, so
+    `osp export RUN_DIR`, `osp eval RUN_DIR` and a resume all start from the end. Runs that keep no
+    checkpoints (callbacks.checkpoint=null) stay without one. Added by osp train to every run."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        keeper = next((cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)), None)
+        if keeper is None or not keeper.save_last or keeper._last_global_step_saved == trainer.global_step:  # noqa: SLF001
+            return
+        save_last(trainer)
 
 
 def resolve_resume(resume: str | None, run_dir: Path) -> str | None:

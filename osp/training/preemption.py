@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from osp.errors import ConfigError
+from osp.training.checkpoints import save_last
 
 SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 
@@ -92,8 +92,12 @@ class Preemption(L.Callback):
             self._previous[signum] = signal.signal(signum, self._handle)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Training ended right after the saved step (max_steps): the run simply finishes.
+        # Training ended right after the saved step (max_steps). The handlers stay until teardown: a signal
+        # during the end-of-training work of any callback (final evaluations, the export) stays in
+        # `received`, and osp.training.run stops the run after fit (late_signal).
         self.pending = None
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore_handlers()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
@@ -127,15 +131,7 @@ class Preemption(L.Callback):
 
     def save(self, trainer: L.Trainer) -> Path:
         """Write last.ckpt where ModelCheckpoint keeps it (collective: every rank calls it)."""
-        keeper = next((cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)), None)
-        if keeper is not None and keeper.dirpath:
-            path = Path(keeper.dirpath) / (keeper.CHECKPOINT_NAME_LAST + keeper.FILE_EXTENSION)
-            # Saved as ModelCheckpoint's own last checkpoint, so a resumed run keeps writing this file
-            # instead of starting a `last-v1.ckpt` next to it.
-            keeper.last_model_path = str(path)
-        else:
-            path = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
-        trainer.save_checkpoint(path, weights_only=False)
+        path = save_last(trainer)
         rank_zero_info(f"Preemption: step {trainer.global_step} saved to {path}")
         return path
 

@@ -8,6 +8,7 @@ the job log, metrics, plots, the tokenizer, the export and `summary.json`.
 from __future__ import annotations
 
 import copy
+import json
 import time
 import warnings
 from pathlib import Path
@@ -19,20 +20,20 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from osp.atomic import write_json
-from osp.checkpoint_files import checkpoint_metadata
+from osp.checkpoint_files import LAST, checkpoint_metadata, checkpoint_step, latest_checkpoint, run_dir_of
 from osp.conf.resolvers import launch_rank
 from osp.data.config import DataConfig
 from osp.data.datamodule import PretrainDataModule
 from osp.data.pipeline import TokenPipeline
 from osp.data.tokenizer import save_tokenizer
-from osp.errors import ConfigError
+from osp.errors import ConfigError, RunDirError
 from osp.model import ModelConfig
 from osp.precision import AUTO, accelerator_device_type, auto_dtype_name, resolve_precision
 from osp.training import rundir
-from osp.training.checkpoints import AtomicCheckpointIO, resolve_resume
+from osp.training.checkpoints import AtomicCheckpointIO, FinalCheckpoint, resolve_resume
 from osp.training.loggers import build_loggers
 from osp.training.module import LanguageModelModule
-from osp.training.preemption import Preempted, requeue_slurm_job
+from osp.training.preemption import Preempted, Preemption, requeue_slurm_job
 from osp.training.run_record import check_resume, run_record
 from osp.training.rundir import recover_checkpoints
 from osp.training.summary import collect_summary, format_summary
@@ -116,7 +117,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback],
         strategy=strategy,
         plugins=[AtomicCheckpointIO()],
         default_root_dir=str(run_dir),
-        callbacks=callbacks,
+        callbacks=[*callbacks, FinalCheckpoint()],
         logger=loggers,
         gradient_clip_val=cfg.optim.get("grad_clip"),
         enable_model_summary=False,
@@ -145,9 +146,15 @@ def resolve_for_machine(cfg: DictConfig) -> None:
 
 
 def check_resume_config(cfg: DictConfig, ckpt_path: str) -> None:
-    """The config half of `check_resume`, before Hydra starts: a refused resume must not replace the run's
-    .hydra/ record with the refused settings. The data fingerprints are compared in `train`."""
-    stored = read_resume_checkpoint(ckpt_path).get("osp", {}).get("run")
+    """The config half of `check_resume`, and whether the checkpoint's weights fit the model, before Hydra
+    starts: a refused resume must not replace the run's .hydra/ record with the refused settings. The data
+    fingerprints are compared in `train`."""
+    resumed = read_resume_checkpoint(ckpt_path)
+    vocab_size = (resumed.get("osp", {}).get("model_config") or {}).get("vocab_size")
+    if isinstance(vocab_size, int):  # the vocabulary is the data's; the checkpoint's run knew it
+        with torch.device("meta"):
+            check_shapes(build_module(cfg, vocab_size), resumed, ckpt_path)
+    stored = resumed.get("osp", {}).get("run")
     if not stored:
         return
     cfg = copy.deepcopy(cfg)
@@ -165,6 +172,9 @@ def check_shapes(module: LanguageModelModule, resumed: dict[str, Any], ckpt_path
     mismatched = [f"size mismatch for {key}: {tuple(value.shape)} in the checkpoint, {tuple(own[key].shape)} "
                   "in this model" for key, value in stored.items()
                   if key in own and torch.is_tensor(value) and value.shape != own[key].shape]
+    if stored:  # another depth or block choice: weights the model lacks, or lacks in the checkpoint
+        mismatched += [f"{key} is in the checkpoint, not in this model" for key in sorted(set(stored) - set(own))]
+        mismatched += [f"{key} is in this model, not in the checkpoint" for key in sorted(set(own) - set(stored))]
     if mismatched:
         more = f" and {len(mismatched) - 1} more" if len(mismatched) > 1 else ""
         raise ConfigError(f"resume from {ckpt_path}: the checkpoint does not fit this model "
@@ -172,19 +182,91 @@ def check_shapes(module: LanguageModelModule, resumed: dict[str, Any], ckpt_path
                           "start a new run")
 
 
+class RunFinished(Exception):
+    """The run asked to start has already reached its max_steps and written its summary: nothing to do."""
+
+    def __init__(self, run_dir: Path, step: int, summary: dict[str, Any]) -> None:
+        self.run_dir, self.step, self.summary = run_dir, step, summary
+        super().__init__(f"run {run_dir} finished at step {step} (its summary: {run_dir / 'summary.json'}); "
+                         "nothing changed. To train it further, raise trainer.max_steps and add "
+                         "resume_allow=[trainer.max_steps]")
+
+
+def starting_point(cfg: DictConfig) -> str | None:
+    """The checkpoint this start of the run resumes from (None: a new run at step 0), after the checks that
+    keep a run dir intact: a run name that stays under runs_root and outside other runs, no new run over an
+    old one, no resume from an older checkpoint of this run over its newer ones (branch into a new run
+    instead), and `RunFinished` for a finished run started again (a requeued job, a relaunch)."""
+    run_dir = Path(cfg.run_dir)
+    rundir.check_placement(str(cfg.run_name), Path(cfg.runs_root), run_dir)
+    ckpt_path = resolve_resume(cfg.resume, run_dir)
+    if ckpt_path is None:
+        if launch_rank() == 0:  # the others start while rank 0 already writes into the new run dir
+            rundir.check_fresh(run_dir, str(cfg.run_name), cfg.resume)
+        return None
+    checkpoint = Path(ckpt_path)
+    step = checkpoint_step_or_fail(checkpoint)
+    if run_dir_of(checkpoint).resolve() == run_dir.resolve():
+        newest = latest_checkpoint(run_dir / "checkpoints")
+        newest_step = checkpoint_step(newest) if newest is not None else step
+        if newest_step > step:
+            raise RunDirError(f"resume={ckpt_path} is step {step} of this run, which has checkpoints up to step "
+                              f"{newest_step}: continuing from it would write over them and over the run's "
+                              f"metrics and summary. Continue from the newest with resume=auto, or branch into "
+                              f"a new run: run_name=<new name> resume={ckpt_path}")
+    summary = read_summary(run_dir)
+    if step >= int(cfg.trainer.max_steps) and summary.get("status") == "finished":
+        raise RunFinished(run_dir, step, summary)
+    return ckpt_path
+
+
+def checkpoint_step_or_fail(path: Path) -> int:
+    """The checkpoint's global step, or one line saying why it cannot be used."""
+    try:
+        return checkpoint_step(path)
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a damaged file
+        raise ConfigError(f"resume={path}: the checkpoint cannot be read ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else 'truncated or not a checkpoint'}); "
+                          "resume from another checkpoint of the run (resume=PATH) or start a new run") from None
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """The run's summary.json ({} when there is none or it cannot be read)."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
+def late_signal(trainer: L.Trainer) -> Preempted | None:
+    """The stop a preemption signal asks for when it arrived after the last step, while the callbacks did the
+    end-of-training work (final evaluations, export); last.ckpt already holds the final step (FinalCheckpoint),
+    so the run resumes into that work alone."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, Preemption) and callback.received is not None:
+            last = Path(checkpoint_dir(trainer)) / LAST
+            return Preempted(callback.received, trainer.global_step, last)
+    return None
+
+
+def checkpoint_dir(trainer: L.Trainer) -> str:
+    keeper = next((cb for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)), None)
+    return str(keeper.dirpath) if keeper is not None else str(Path(trainer.default_root_dir) / "checkpoints")
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job described by a composed config; returns the end-of-run summary.
 
-    Raises `Preempted` when a signal stopped the run (after its checkpoint and a summary were saved).
+    Raises `Preempted` when a signal stopped the run (after its checkpoint and a summary were saved), and
+    `RunFinished` (before anything is written) when the run had already finished.
     """
     run_dir = Path(cfg.run_dir)
     preflight(cfg)
     resolve_for_machine(cfg)
     for line in recover_checkpoints(run_dir / "checkpoints") if launch_rank() == 0 else []:
         print(f"osp: {line}")
-    ckpt_path = resolve_resume(cfg.resume, run_dir)
-    if ckpt_path is None and launch_rank() == 0:
-        rundir.check_fresh(run_dir, str(cfg.run_name), cfg.resume)
+    ckpt_path = starting_point(cfg)
     resumed = read_resume_checkpoint(ckpt_path) if ckpt_path else None
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = PretrainDataModule(TokenPipeline(DataConfig.from_dict(cfg.data)))
@@ -217,6 +299,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             if ckpt_path:  # the run's own checkpoints are expected there
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        late = late_signal(trainer)
+        if late is not None:  # during the end-of-training work (final evaluations, export): a stop all the same
+            raise late
     except Preempted as stop:
         if trainer.is_global_zero:
             summary = collect_summary(cfg, trainer, module, time.perf_counter() - started, status="stopped")

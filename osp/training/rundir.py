@@ -17,7 +17,7 @@ from pathlib import Path
 
 from osp.atomic import remove_path
 from osp.data.cache import human_bytes
-from osp.errors import ConfigError
+from osp.errors import RunDirError
 
 try:
     import fcntl
@@ -39,6 +39,27 @@ def artefacts(run_dir: Path) -> list[str]:
     return found
 
 
+def is_run_dir(path: Path) -> bool:
+    """A folder that holds (or held) a run: its artefacts, its Hydra record or its lock."""
+    return path.is_dir() and (bool(artefacts(path)) or (path / ".hydra").is_dir() or (path / LOCK).is_file())
+
+
+def check_placement(run_name: str, runs_root: Path, run_dir: Path) -> None:
+    """Refuse a run_name that is no name (empty, absolute, `.`/`..` parts: it would escape runs_root) and a
+    run dir that lies inside another run (`other/checkpoints`): either would write into someone else's files."""
+    parts = Path(run_name).parts
+    if not run_name.strip() or Path(run_name).is_absolute() or any(p in (".", "..") for p in parts):
+        raise RunDirError(f"run_name={run_name!r} is not a name for a folder under runs_root (no empty name, "
+                          "absolute path, '.' or '..'); choose a plain name like run_name=my-run")
+    root = Path(os.path.abspath(runs_root))
+    for parent in Path(os.path.abspath(run_dir)).parents:
+        if parent == root or root not in parent.parents:  # only the folders between runs_root and the run
+            break
+        if is_run_dir(parent):
+            raise RunDirError(f"run dir {run_dir} lies inside the run {parent}; choose a run_name (or run_dir) "
+                              "outside every other run")
+
+
 def check_fresh(run_dir: Path, run_name: str, resume: str | None) -> None:
     """Refuse to start at step 0 in a folder that already holds a run.
 
@@ -49,10 +70,10 @@ def check_fresh(run_dir: Path, run_name: str, resume: str | None) -> None:
     if resume == "auto" and "summary.json" not in found:
         return
     if resume == "auto":
-        raise ConfigError(f"run dir {run_dir} holds a run with a summary but no checkpoint to continue from; "
+        raise RunDirError(f"run dir {run_dir} holds a run with a summary but no checkpoint to continue from; "
                           "start a new run under another run_name (or delete the folder yourself)")
     if found:
-        raise ConfigError(f"run dir {run_dir} already holds a run ({', '.join(found)}); continue it with "
+        raise RunDirError(f"run dir {run_dir} already holds a run ({', '.join(found)}); continue it with "
                           f"`osp train run_name={run_name} resume=auto`, or start a new one under another "
                           "run_name")
 
@@ -77,7 +98,7 @@ class RunLock:
                 handle.seek(0)
                 holder = handle.read().strip() or "another process"
                 handle.close()
-                raise ConfigError(f"run dir {self.path.parent} is in use by {holder}; wait for it to finish, "
+                raise RunDirError(f"run dir {self.path.parent} is in use by {holder}; wait for it to finish, "
                                   "or start this run under another run_name") from None
         handle.seek(0)
         handle.truncate()

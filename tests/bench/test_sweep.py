@@ -103,7 +103,7 @@ def test_jobs_train_points_at_the_same_time_with_their_share_of_the_cores(tmp_pa
 
     monkeypatch.setattr(sweep, "evaluate_point", evaluate)
     argv = ["--points", "adam-base", "osp-base", "--jobs", "2", "--out", str(tmp_path)]
-    payload = sweep.main([*argv, "--presets", "W4A4KV4", "w4a4kv4"])
+    payload = sweep.run([*argv, "--presets", "W4A4KV4", "w4a4kv4"])
     assert [env["OMP_NUM_THREADS"] for env in calls] == ["3", "3"]
     assert payload["settings"]["presets"] == ["w4a4kv4"]  # as the protocols name it, once
     assert payload["points"]["adam-base"]["summary"]["status"] == "finished"
@@ -114,11 +114,11 @@ def test_jobs_train_points_at_the_same_time_with_their_share_of_the_cores(tmp_pa
     monkeypatch.setattr(sweep, "_run_child", train)  # one point at a time from here on
 
     # Run again with other settings: the finished runs are not passed off as trained with them.
-    payload = sweep.main([*argv, "--presets", "w4a4kv4", "--set", "optim.lr=1e-3"])
+    payload = sweep.run([*argv, "--presets", "w4a4kv4", "--set", "optim.lr=1e-3"])
     failed = payload["points"]["adam-base"]["summary"]["failed"]
     assert "was trained with other settings (now: optim.lr=1e-3)" in failed and len(calls) == 2
     # The table keeps every point trained in the folder, also when only some are asked for.
-    assert set(sweep.main(["--points", "adam-lr3e-3", "--out", str(tmp_path), "--presets", "w4a4kv4"])[
+    assert set(sweep.run(["--points", "adam-lr3e-3", "--out", str(tmp_path), "--presets", "w4a4kv4"])[
         "points"]) == {"adam-base", "osp-base", "adam-lr3e-3"}
 
 
@@ -194,7 +194,7 @@ def test_a_minuscule_sweep_trains_resumes_and_reads_the_goal(corpus, tmp_path, m
              "callbacks.outliers.n_blocks=2", "callbacks.outliers.plots=false"]
     argv = ["--out", str(tmp_path), "--presets", "w4a4kv4", "w4a4kv4+static", "--blocks", "2",
             "--calib-blocks", "2", "--batch-size", "2", *(a for e in extra for a in ("--set", e))]
-    payload = sweep.main([*argv, "--jobs", "2"])
+    payload = sweep.run([*argv, "--jobs", "2"])
 
     result = payload["points"]
     assert result["adam-broken"]["protocols"] is None and "optim.eps" in result["adam-broken"]["summary"]["failed"]
@@ -227,7 +227,9 @@ def test_a_minuscule_sweep_trains_resumes_and_reads_the_goal(corpus, tmp_path, m
 
     # Run again: nothing is retrained (the summaries are reused, the evaluations read from their cache).
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*.json")}
-    assert sweep.main(argv)["reading"] == payload["reading"]
+    with pytest.raises(SystemExit, match=r"osp bench sweep: 1 of 3 points failed \(adam-broken\)"):
+        sweep.main(argv)  # the command fails when a point failed (after writing the table)
+    assert json.loads((tmp_path / "sweep.json").read_text())["reading"] == payload["reading"]
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from osp.checkpoint_files import checkpoint_step
 from tests.support.cli import RUN, osp, strict_json, train_args
 
 
@@ -24,8 +25,9 @@ def trained(corpus, tmp_path_factory) -> Path:  # noqa: F811
     run_dir = root / RUN
     names = {p.name for p in (run_dir / "checkpoints").iterdir()}
     assert {"last.ckpt", "step0000002.ckpt", "step0000004.ckpt"} <= names
+    assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == 5  # the end, not the last interval step
     summary = strict_json(run_dir / "summary.json")
-    assert summary["status"] == "finished" and summary["steps"] == 4 and math.isfinite(summary["val_loss"])
+    assert summary["status"] == "finished" and summary["steps"] == 5 and math.isfinite(summary["val_loss"])
     return run_dir
 
 

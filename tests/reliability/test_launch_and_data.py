@@ -12,8 +12,8 @@ def test_lightning_launches_two_cpu_devices_from_osp_train(corpus, tmp_path):
                            "summary=true"), timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     summary = strict_json(tmp_path / "base" / "summary.json")
-    assert summary["world_size"] == 2 and summary["status"] == "finished" and summary["steps"] == 4
-    assert summary["tokens_seen"] == 4 * 8 * 64 * 2  # steps x batch x seq_len x ranks
+    assert summary["world_size"] == 2 and summary["status"] == "finished" and summary["steps"] == 5
+    assert summary["tokens_seen"] == 5 * 8 * 64 * 2  # steps x batch x seq_len x ranks
     assert summary["train_loss"] is not None
 
 

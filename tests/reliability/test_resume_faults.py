@@ -90,7 +90,7 @@ def test_kill_9_during_a_checkpoint_write_resumes_from_the_last_good_one(corpus,
     proc = osp(*train_args(corpus, run_copy.parent, *more))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "osp: removed step0000006.ckpt.tmp" in proc.stdout and "interrupted" in proc.stdout
-    assert "(step 4)" in proc.stdout  # resumed from the last complete checkpoint
+    assert "(step 5)" in proc.stdout  # resumed from the last complete checkpoint (the end of the first run)
     assert not list(checkpoints.glob("*.tmp"))
     assert checkpoint_step(checkpoints / "last.ckpt") == 8
     assert {name: snapshot(checkpoints)[name] for name in good} == good

@@ -19,7 +19,7 @@ from tests.support.training import subprocess_env, tiny_overrides
 
 def test_summary_of_a_finished_run_is_strict_json_with_its_status(trained):
     summary = strict_json(trained / "summary.json")
-    assert summary["status"] == "finished" and summary["steps"] == summary["max_steps"] == 4
+    assert summary["status"] == "finished" and summary["steps"] == summary["max_steps"] == 5
     assert summary["checkpoint"] == str((trained / "checkpoints" / "last.ckpt").resolve())
 
 
@@ -72,3 +72,22 @@ def test_torchrun_sh_passes_the_signal_on_and_exits_128_plus_it(corpus, tmp_path
     assert "Traceback" not in out + err, err[-5000:]
     assert f"osp train: stopped by {signame} after step" in err
     assert checkpoint_step(tmp_path / "launched" / "checkpoints" / "last.ckpt") >= 2
+
+
+@pytest.mark.skipif(not _torchrun_available(), reason="needs bash and launch/torchrun.sh")
+def test_a_killed_ddp_rank_is_one_line_per_process_naming_the_rank_and_the_resume(corpus, tmp_path):
+    """kill -9 of rank 1 after step 2: the surviving rank and the launcher each say it in one line (no gloo
+    error, no ChildFailedError traceback), and the run resumes from its checkpoint."""
+    args = tiny_overrides(corpus, tmp_path, "trainer.max_steps=6", "trainer.val_check_interval=6",
+                          "callbacks.checkpoint.every_n_train_steps=2", "~callbacks.export",
+                          "+callbacks.kill._target_=tests.support.callbacks.SignalAt", "+callbacks.kill.step=3",
+                          "+callbacks.kill.rank=1", "+callbacks.kill.signal_name=SIGKILL")
+    env = subprocess_env(NGPU="2", TRAINER="ddp", RUN_NAME="killed",
+                         TORCHRUN=f"{sys.executable} -m torch.distributed.run")
+    proc = subprocess.run(["bash", str(REPO / "launch" / "torchrun.sh"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-5000:]
+    assert "osp launch: rank 1 died (Signal 9 (SIGKILL)" in proc.stderr and "RUN_NAME=killed" in proc.stderr
+    assert "rank 0 of 2 lost contact with another rank" in proc.stderr and "resume=auto" in proc.stderr
+    assert checkpoint_step(tmp_path / "killed" / "checkpoints" / "step0000002.ckpt") == 2

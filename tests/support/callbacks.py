@@ -57,6 +57,14 @@ class SignalAt(L.Callback):
             os.kill(os.getppid() if self.target == "parent" else os.getpid(), self.signum)
 
 
+class SignalAtTrainEnd(L.Callback):
+    """SIGTERM to this process at the end of training: a preemption that lands during the final evaluations
+    and the export."""
+
+    def on_train_end(self, trainer: L.Trainer, *args: Any) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 class _FailWhenPickled:
     """Put into a checkpoint, it fails the checkpoint write from inside torch.save (the staging file is
     open by then)."""

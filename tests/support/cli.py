@@ -12,8 +12,9 @@ from tests.support.training import subprocess_env, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 RUN = "base"
-# The shared run: 4 steps, checkpoints at steps 2 and 4 (plus last.ckpt), metrics, summary, export.
-BASE = ["trainer.max_steps=4", "trainer.val_check_interval=2", "callbacks.checkpoint.every_n_train_steps=2"]
+# The shared run: 5 steps, checkpoints at steps 2 and 4 and last.ckpt at the end (step 5: an interval that does
+# not divide the run), metrics, summary, export.
+BASE = ["trainer.max_steps=5", "trainer.val_check_interval=2", "callbacks.checkpoint.every_n_train_steps=2"]
 
 
 def osp(*args: str, timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
