@@ -78,8 +78,8 @@ def find_tokenizer_dir(model_path: Path) -> Path | None:
     return None
 
 
-# What marks a folder as a run's (osp.training.rundir keeps the full list of what a run writes).
-RUN_MARKERS = (".hydra", "checkpoints", "summary.json", "csv", ".lock")
+# What marks a folder as a run's: files osp train writes there (osp.training.rundir keeps the full list).
+RUN_MARKERS = (".hydra/config.yaml", "summary.json", "csv/metrics.csv", "checkpoints/last.ckpt")
 
 
 def run_of(path: Path) -> Path | None:

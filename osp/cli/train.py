@@ -142,8 +142,10 @@ def start_checks(args: list[str]) -> RunLock | None:
     (-m) composes per job, so each job is checked and locked inside it (`_hydra_main`); flags that would
     replace osp's config or move the run's record away from it are refused.
     """
+    if launch_rank() > 0:  # a worker started by a launcher (Lightning adds its own hydra.run.dir for them)
+        return None
     check_hydra_flags(args)
-    if launch_rank() > 0 or any(a in READ_ONLY_FLAGS or a in MULTIRUN_FLAGS for a in args):
+    if any(a in READ_ONLY_FLAGS or a in MULTIRUN_FLAGS for a in args):
         return None
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException

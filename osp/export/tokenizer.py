@@ -36,10 +36,15 @@ def load_tokenizer(folder: str | Path, required: bool = False) -> Any:
 
 def check_vocabulary(tokenizer: Any, vocab_size: int) -> None:
     """Refuse a tokenizer whose vocabulary is not the model's, in either direction: ids the model cannot embed,
-    or rows of the model no token reaches (another run's tokenizer, most likely)."""
-    if tokenizer is not None and len(tokenizer) != vocab_size:
-        raise ExportError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}; "
-                          "export with the tokenizer the model was trained with (--tokenizer PATH)")
+    or rows of the model that no token reaches (another run's tokenizer, most likely). The one difference
+    allowed is a model vocabulary padded to the next multiple of 64 or 128, as converters and trainers pad."""
+    if tokenizer is None:
+        return
+    ids = max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
+    padded = {ids, -(-ids // 64) * 64, -(-ids // 128) * 128}
+    if vocab_size not in padded:
+        raise ExportError(f"the tokenizer has {ids} tokens but the model's vocab_size is {vocab_size}; export "
+                          "with the tokenizer the model was trained with (--tokenizer PATH)")
 
 
 def as_tokenizer(tokenizer: Any) -> Any:

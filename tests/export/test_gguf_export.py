@@ -12,6 +12,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from osp.cli.export import main as export_main
 from osp.data.tokenizer import train_bpe
+from osp.errors import ExportError
 from osp.export import export_hf
 from osp.export.gguf import GGUFExportError, export_gguf, permute_qk
 from tests.support.export import make_tokenizer, tiny_config, trained_like
@@ -192,12 +193,12 @@ def test_models_that_do_not_fold_are_refused(tmp_path, bpe, overrides, choice):
 def test_tokenizers_llama_cpp_would_not_reproduce_are_refused(tmp_path, bpe):
     model = trained_like(tiny_config(vocab_size=VOCAB))
     with pytest.raises(GGUFExportError, match="model 'WordLevel'"):
-        export_gguf(model, tmp_path / "m.gguf", make_tokenizer())
+        export_gguf(trained_like(tiny_config()), tmp_path / "m.gguf", make_tokenizer())
     backend = Tokenizer.from_str(bpe.backend_tokenizer.to_str())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     with pytest.raises(GGUFExportError, match="pre-tokenizer .*need ByteLevel with the GPT-2 regex"):
         export_gguf(model, tmp_path / "m.gguf", PreTrainedTokenizerFast(tokenizer_object=backend))
-    with pytest.raises(GGUFExportError, match="vocab_size is 97"):
+    with pytest.raises(ExportError, match="the tokenizer has 302 tokens but the model's vocab_size is 97"):
         export_gguf(trained_like(tiny_config()), tmp_path / "m.gguf", bpe)
     with pytest.raises(GGUFExportError, match="needs the tokenizer"):
         export_gguf(model, tmp_path / "m.gguf", None)

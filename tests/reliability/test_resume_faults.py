@@ -17,7 +17,8 @@ from tests.support.training import tiny_overrides
 
 def test_changed_config_lists_every_difference_and_names_resume_allow(corpus, run_copy):
     before = snapshot(run_copy)
-    proc = osp(*train_args(corpus, run_copy.parent, "resume=auto", "optim=muon", "model.rope_theta=500.0"))
+    proc = osp(*train_args(corpus, run_copy.parent, "resume=auto", "trainer.max_steps=7", "optim=muon",
+                           "model.rope_theta=500.0"))
     line = error_line(proc)
     assert "this run differs from the checkpoint's" in line
     assert "model.rope_theta: 10000.0 -> 500.0" in line and "optim.name: 'adamw' -> 'muon'" in line
@@ -26,11 +27,11 @@ def test_changed_config_lists_every_difference_and_names_resume_allow(corpus, ru
 
 
 def test_resume_allow_accepts_the_named_change(corpus, run_copy):
-    proc = osp(*train_args(corpus, run_copy.parent, "resume=auto", "optim.lr=1e-3",
-                           "resume_allow=[optim.lr]"))
+    proc = osp(*train_args(corpus, run_copy.parent, "resume=auto", "optim.lr=1e-3", "trainer.max_steps=7",
+                           "resume_allow=[optim.lr,trainer.max_steps]"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resume accepts optim.lr: 0.003 -> 0.001 (resume_allow)" in proc.stdout
-    assert f"resuming from {run_copy / 'checkpoints' / 'last.ckpt'} (step 4)" in proc.stdout
+    assert f"resuming from {run_copy / 'checkpoints' / 'last.ckpt'} (step 5)" in proc.stdout
     assert strict_json(run_copy / "summary.json")["status"] == "finished"
 
 
@@ -48,15 +49,15 @@ def test_an_accepted_optimizer_change_takes_effect(corpus, run_copy):
 
 
 def test_changed_shape_is_one_line_not_a_size_mismatch_traceback(corpus, run_copy):
-    """Accepted by resume_allow, the new shape fails when the weights load: .hydra/ then holds the new
-    settings (as for any resume that got that far), the run's artefacts stay as they were."""
-    before = snapshot(run_copy, ARTEFACTS)
-    proc = osp(*train_args(corpus, run_copy.parent, "resume=auto", "model.d_model=32",
-                           "resume_allow=[model]"))
+    """Accepted by resume_allow, the new shape is refused before anything is written (the weights are
+    checked against the model built on the meta device): every file of the run stays as it was."""
+    before = snapshot(run_copy)
+    proc = osp(*train_args(corpus, run_copy.parent, "resume=auto", "model.d_model=32", "trainer.max_steps=7",
+                           "resume_allow=[model,trainer.max_steps]"))
     line = error_line(proc)
     assert "the checkpoint does not fit this model" in line and "size mismatch" in line
     assert "model settings it was trained with" in line
-    assert snapshot(run_copy, ARTEFACTS) == before
+    assert snapshot(run_copy) == before
 
 
 def test_appended_training_text_refuses_resume_and_keeps_the_run_tokenizer(corpus, tmp_path):
@@ -71,7 +72,7 @@ def test_appended_training_text_refuses_resume_and_keeps_the_run_tokenizer(corpu
     tokenizer, before = snapshot(run_dir / "tokenizer"), snapshot(run_dir, ARTEFACTS)
     with open(folder / "doc000.txt", "a") as handle:
         handle.write("\nthe cat sat on the mat. " * 20)
-    line = error_line(osp(*args, "resume=auto"))
+    line = error_line(osp(*args, "resume=auto", "trainer.max_steps=6", "resume_allow=[trainer.max_steps]"))
     assert "data: 'the data the run started with' -> 'changed files or dataset'" in line
     assert "resume_allow=[data]" in line and f"data.tokenizer={run_dir / 'tokenizer'}" in line
     assert snapshot(run_dir / "tokenizer") == tokenizer and snapshot(run_dir, ARTEFACTS) == before

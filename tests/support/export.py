@@ -30,8 +30,9 @@ def trained_like(cfg: ModelConfig) -> Transformer:
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer of VOCAB - 10 entries (fewer than the model's vocab, as after padding)."""
-    vocab = {"<eos>": 0, "<unk>": 1, **{f"w{i}": i + 2 for i in range(VOCAB - 12)}}
+    """A word-level tokenizer of VOCAB entries, the model's vocabulary (an export refuses any other size but
+    the model's padded to a multiple of 64 or 128)."""
+    vocab = {"<eos>": 0, "<unk>": 1, **{f"w{i}": i + 2 for i in range(VOCAB - 2)}}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>",
