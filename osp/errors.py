@@ -71,6 +71,8 @@ def environment_fault(err: BaseException, again: str = "run the command again: w
         return f"cannot write {where} ({os.strerror(err.errno)}); choose a writable {place}"
     if err.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
         return f"{where}: {os.strerror(err.errno).lower()}; give a folder where a folder is expected"
+    if err.errno in (errno.ENAMETOOLONG, errno.ELOOP, errno.ENOENT):
+        return f"{where}: {os.strerror(err.errno).lower()}; check the path"
     return None
 
 

@@ -9,9 +9,11 @@ import json
 from pathlib import Path
 
 import torch
+import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from osp.errors import DataError, OutputExistsError
+from osp.errors import ConfigError, DataError, OutputExistsError, PathNotFoundError, one_line
 from osp.precision import resolve_precision
 
 DEMO_DATA = {"source": {"kind": "demo"}, "seq_len": 256}
@@ -25,6 +27,20 @@ def find_run_config(model_path: Path) -> Path | None:
         if config.is_file():
             return config
     return None
+
+
+def read_config(path: Path) -> dict:
+    """A YAML config file (a run's .hydra/config.yaml, or --data-config) as a plain mapping, unresolved."""
+    if not path.is_file():
+        raise PathNotFoundError(f"{path}: no such config file (give a YAML with a `data` node, e.g. "
+                                "RUN_DIR/.hydra/config.yaml)")
+    try:
+        values = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except (OmegaConfBaseException, yaml.YAMLError, UnicodeDecodeError, OSError) as err:
+        raise ConfigError(f"{path}: not a readable YAML config ({one_line(str(err))})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a config file holds a mapping of settings, not {type(values).__name__}")
+    return values
 
 
 def run_precision(model_path: Path, data_config: str | None, device: str) -> str:
@@ -41,7 +57,8 @@ def run_precision(model_path: Path, data_config: str | None, device: str) -> str
         recorded = json.loads(summary.read_text()).get("precision")
         if recorded:
             return str(recorded)
-    precision = OmegaConf.load(config_file).get("trainer", {}).get("precision", "32-true")
+    trainer = read_config(config_file).get("trainer") or {}
+    precision = trainer.get("precision", "32-true") if isinstance(trainer, dict) else "32-true"
     return resolve_precision(precision, "gpu" if torch.device(device).type == "cuda" else "cpu")
 
 
@@ -54,8 +71,10 @@ def build_pipeline(model_path: Path, data_config: str | None, tokenizer_dir: Pat
 
     config_file = Path(data_config) if data_config else find_run_config(model_path)
     if config_file is not None:
-        data = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
+        data = read_config(config_file)
         data = data.get("data", data)
+        if not isinstance(data, dict):
+            raise ConfigError(f"{config_file}: its `data` node is not a mapping of settings")
         data = {k: v for k, v in data.items() if not (isinstance(v, str) and "${" in v)}
     else:
         if tokenizer_dir is None:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from osp.arguments import positive_int
 from osp.model import ModelConfig, Transformer
+from osp.runs import check_output_file
 from osp.tables import format_rows
 
 RECIPES = ("tiny", "ssnorm", "embproj", "clipped_softmax", "gated_attention_head_slice",
@@ -125,6 +126,8 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
     parser.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = parser.parse_args(argv)
+    if args.json:
+        check_output_file(args.json, "--json")
     if args.steps < 2:
         raise SystemExit("osp bench compile: --steps must be at least 2 (the first one compiles)")
     if args.threads:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from osp.atomic import write_text
+from osp.runs import check_output_file
 from osp.tables import format_rows
 
 LAYOUTS = {  # name -> (trainer config, ranks, threads per rank)
@@ -189,6 +190,8 @@ def _format(results: list[dict[str, Any]], args: argparse.Namespace, load: tuple
 def main(argv: list[str]) -> None:
     """Run the chosen layouts one after another and print the table (rank 0 of each run reports)."""
     args = _parser().parse_args(argv)
+    if args.json:
+        check_output_file(args.json, "--json")
     if args.worker:
         _worker(args)
         return

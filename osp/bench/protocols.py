@@ -32,6 +32,7 @@ import torch
 
 from osp.arguments import positive_int
 from osp.atomic import write_json
+from osp.runs import check_output_file
 from osp.tables import format_rows
 
 DEFAULT_PRESETS = ("w4a4kv4", "w4a4kv4+had", "w4a4kv4+smooth", "w8a8", "w8a8+static", "w4a8+static",
@@ -125,6 +126,8 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
         raise SystemExit(f"osp bench protocols: --presets: {err}") from None
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.json:
+        check_output_file(args.json, "--json")
     results = []
     for run in args.runs:
         run_dir = Path(run)

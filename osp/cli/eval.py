@@ -24,7 +24,7 @@ from osp.runs import build_pipeline, check_output_file, find_tokenizer_dir, run_
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="osp eval", description=__doc__.splitlines()[0])
     p.add_argument("model", help="a .ckpt file, a run dir, or an exported Hugging Face folder")
     p.add_argument("--kurtosis", action="store_true", help="only the outlier statistics")
@@ -49,7 +49,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="autocast as in training (default: the run's trainer.precision)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str]) -> None:

@@ -12,12 +12,13 @@ from typing import Any
 
 from osp.arguments import positive_int
 from osp.checkpoint_files import resolve_checkpoint, run_dir_of
-from osp.errors import CheckpointError
+from osp.errors import CheckpointError, OutputExistsError
 from osp.export.gguf import OUTTYPES, export_gguf
 from osp.export.hf import export_hf
 from osp.export.layout import LayoutWarning
 from osp.export.load import load_model
 from osp.quant.config import DEFAULT_ALPHA
+from osp.runs import run_of
 
 DESCRIPTION = """Write a Hugging Face folder (config.json, generation_config.json, safetensors, tokenizer)
 from an osp checkpoint. Models whose blocks all fold (RMSNorm/SSNorm, EmbProj) become a plain
@@ -77,6 +78,16 @@ def calibrated_smoothing(args: argparse.Namespace, model: Any) -> list | None:
     return smoothing_of(model, cfg, data.train_blocks(args.calib_blocks), batch_size=8)
 
 
+def check_outside_runs(out: Path) -> None:
+    """`osp export` never writes into a run dir (its export/ belongs to the run's training, its tokenizer/
+    and checkpoints to the run): refuse a target that is one or lies in one."""
+    target = out.resolve()
+    run = run_of(target if target.is_dir() else target.parent)
+    if run is not None:
+        raise OutputExistsError(f"{out} is in the run dir {run}, whose files belong to its run; export beside the "
+                                "run (osp export RUN_DIR ../my-export)")
+
+
 def _check_flags(args: argparse.Namespace) -> None:
     if args.smooth is not None and not 0.0 <= args.smooth <= 1.0:
         raise ValueError(f"--smooth {args.smooth}: the migration strength lies in [0, 1]")
@@ -90,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         _check_flags(args)
+        check_outside_runs(Path(args.out_dir))
         model, tokenizer = load_model(args.checkpoint, tokenizer=args.tokenizer)
         smoothing = calibrated_smoothing(args, model)
         if tokenizer is None and args.format == "hf":

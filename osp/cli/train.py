@@ -155,12 +155,14 @@ def start_checks(args: list[str]) -> RunLock | None:
     except RunFinished as done:  # a relaunch of a finished run: say so, change nothing, succeed
         print(f"osp train: {done}", file=sys.stderr)
         raise SystemExit(0) from None
-    except (HydraException, OmegaConfBaseException) as err:
-        raise SystemExit(f"osp train: error: {composition_error(err)}{moved_key_hint(str(err))}") from None
     except (OspError, FileNotFoundError) as err:
         raise SystemExit(f"osp train: error: {one_line(str(err))}") from None
+    except (HydraException, OmegaConfBaseException, ValueError, TypeError, KeyError) as err:
+        # Hydra's override grammar and defaults list raise plain ValueErrors too (`recipe=-1`).
+        raise SystemExit(f"osp train: error: {composition_error(err)}{moved_key_hint(str(err))}") from None
     except OSError as err:
-        raise SystemExit(f"osp train: error: {environment_fault(err, **TRAIN_FAULT_HINTS) or err}") from None
+        raise SystemExit(f"osp train: error: {environment_fault(err, **TRAIN_FAULT_HINTS) or one_line(str(err))}"
+                         ) from None
     return lock
 
 

@@ -4,6 +4,8 @@ remaining one-line faults: each leaves every file of the run as it was."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from osp.checkpoint_files import checkpoint_step
@@ -66,9 +68,26 @@ def test_outputs_aimed_into_a_run_are_refused(trained, tmp_path):
     (tmp_path / "a-file").write_text("mine")
     proc = osp("report", str(trained), "--out", str(tmp_path / "a-file"))
     assert proc.returncode == 2 and "is a file" in proc.stderr and (tmp_path / "a-file").read_text() == "mine"
-    proc = osp("export", str(trained), str(trained / "tokenizer"), "--force")
-    assert "is not an earlier export (no config.json)" in error_line(proc, "osp export: error: ")
+    for target in (trained / "tokenizer", trained / "export", trained):
+        proc = osp("export", str(trained), str(target), "--force")
+        assert f"is in the run dir {trained}" in error_line(proc, "osp export: error: ")
+    proc = osp("export", str(trained), str(trained / "export"), "--format", "gguf", "--force")
+    assert f"is in the run dir {trained}" in error_line(proc, "osp export: error: ")
     assert snapshot(trained) == before
+
+
+def test_force_replaces_only_an_earlier_export_not_a_folder_of_export_named_files(trained, tmp_path):
+    """A tokenizer folder copied elsewhere holds only export-named files: still not an export to replace."""
+    from osp.errors import OutputExistsError
+    from osp.export import export_hf, load_model
+
+    folder = tmp_path / "tokenizer-copy"
+    shutil.copytree(trained / "tokenizer", folder)
+    before = snapshot(folder)
+    model, _ = load_model(trained)
+    with pytest.raises(OutputExistsError, match="is not an earlier export \\(no config.json\\)"):
+        export_hf(model, folder, force=True)
+    assert snapshot(folder) == before
 
 
 def test_an_export_refuses_a_tokenizer_of_another_size(trained, tmp_path):
