@@ -32,6 +32,7 @@ def atomic_path(target: str | os.PathLike[str], replace_folder: bool = False) ->
     inner = tmp / target.name
     try:
         yield inner
+        usual_modes(inner)
         if inner.is_dir() and target.exists():
             if replace_folder:
                 replace_path(inner, target)
@@ -39,6 +40,18 @@ def atomic_path(target: str | os.PathLike[str], replace_folder: bool = False) ->
         os.replace(inner, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def usual_modes(path: Path) -> None:
+    """Give `path` (and everything under it) the modes a plain `open`/`mkdir` would, under this process's
+    umask: some writers create their files 0600 (safetensors), which a server running as another user
+    could not read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if item.is_symlink() or not item.exists():
+            continue
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
 
 
 def write_text(target: str | os.PathLike[str], text: str) -> None:

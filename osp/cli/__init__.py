@@ -11,7 +11,7 @@ USAGE = """usage: osp <command> [args]
 
 commands:
   train   [hydra overrides]        train a model (default: the tiny recipe on the demo corpus, CPU)
-  export  CHECKPOINT OUT_DIR       write a Hugging Face folder for quantization/serving tools
+  export  CHECKPOINT OUT           write a Hugging Face folder (or --format gguf: a llama.cpp file)
   eval    MODEL [--quant ...]      perplexity, W4A4 perplexity and kurtosis of a checkpoint or HF folder
   report  RUN_DIR [RUN_DIR ...]    compare runs: table + plots
   data    prepare|info             build or inspect the corpus, tokenizer and token shards

@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     if args.format == "gguf":
-        print(f"osp export: wrote {Path(out).resolve()}  (llama.cpp: llama-cli -m {out})")
+        print(f"osp export: wrote {Path(out).resolve()}  (llama.cpp: llama-completion -m {out} -p 'Once upon a "
+              "time' -n 64)")
         return
     plain, _ = model.llama_compatible()
     how = ("LlamaForCausalLM: AutoModelForCausalLM.from_pretrained(path)" if plain else

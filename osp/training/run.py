@@ -7,10 +7,15 @@ the job log, metrics, plots, the tokenizer, the export and `summary.json`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
+import os
+import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -255,6 +260,67 @@ def checkpoint_dir(trainer: L.Trainer) -> str:
     return str(keeper.dirpath) if keeper is not None else str(Path(trainer.default_root_dir) / "checkpoints")
 
 
+class _ConsoleCopy(io.TextIOBase):
+    """stdout, with every complete line also appended to a log file (progress-bar redraws, which start with a
+    carriage return, stay on the terminal only)."""
+
+    def __init__(self, stream: Any, log: Any) -> None:
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        if "\r" not in text:
+            self.log.write(text)
+            self.log.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self.stream, "encoding", "utf-8")
+
+
+@contextlib.contextmanager
+def console_copy(path: Path) -> Iterator[None]:
+    """While training runs, what it prints (the optimizer table, notices, the summary) also goes to the run's
+    train.log, beside the log records Hydra writes there."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as log:
+        previous = sys.stdout
+        sys.stdout = _ConsoleCopy(previous, log)
+        try:
+            yield
+        finally:
+            sys.stdout = previous
+
+
+def busy_cores_notice(world_size: int = 1, load: float | None = None, cores: int | None = None,
+                      threads: int | None = None) -> str | None:
+    """One line when other processes hold this machine's cores: a CPU run whose threads share cores with other
+    work runs several times slower than its usual speed (OpenMP threads wait for each other), e.g. an hour
+    instead of minutes. None when the cores are free enough (or the run is on a GPU)."""
+    if torch.cuda.is_available():
+        return None
+    cores = cores or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    threads = (threads or torch.get_num_threads()) * world_size
+    load = os.getloadavg()[0] if load is None and hasattr(os, "getloadavg") else (load or 0.0)
+    free = cores - load
+    if load < 1.0 or threads <= free + 0.5:
+        return None
+    suggestion = max(1, int(free)) if free >= 1 else 1
+    return (f"osp: other processes keep this machine busy (load {load:.1f} on {cores} cores) and this run wants "
+            f"{threads} threads: expect steps several times slower than on free cores. Stop the other jobs, or "
+            f"run with OMP_NUM_THREADS={suggestion}")
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job described by a composed config; returns the end-of-run summary.
 
@@ -267,6 +333,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for line in recover_checkpoints(run_dir / "checkpoints") if launch_rank() == 0 else []:
         print(f"osp: {line}")
     ckpt_path = starting_point(cfg)
+    with console_copy(run_dir / "train.log") if launch_rank() == 0 else contextlib.nullcontext():
+        return fit(cfg, run_dir, ckpt_path)
+
+
+def fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> dict[str, Any]:
+    """The run itself, from data, model and trainer to the summary (`train` after its checks)."""
     resumed = read_resume_checkpoint(ckpt_path) if ckpt_path else None
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = PretrainDataModule(TokenPipeline(DataConfig.from_dict(cfg.data)))
@@ -293,6 +365,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             print(f"osp: resume accepts {line}")
         if cfg.resume == "auto" and ckpt_path is None:
             print(f"osp: resume=auto: no checkpoint in {run_dir / 'checkpoints'} yet; starting at step 0")
+        notice = busy_cores_notice(trainer.world_size)
+        if notice:
+            print(notice)
     started = time.perf_counter()
     try:
         with warnings.catch_warnings():

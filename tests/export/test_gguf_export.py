@@ -265,7 +265,7 @@ def hf_source(tmp_path, bpe):
 def test_cli_writes_gguf_and_refuses_to_overwrite(tmp_path, hf_source, capsys):
     out = tmp_path / "model.gguf"
     export_main([str(hf_source), str(out), "--format", "gguf", "--outtype", "q8_0"])
-    assert "llama-cli -m" in capsys.readouterr().out
+    assert "llama-completion -m" in capsys.readouterr().out
     assert read_gguf(out)[0]["general.file_type"] == 7
     before = out.read_bytes()
     with pytest.raises(SystemExit) as info:

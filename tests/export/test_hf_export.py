@@ -176,3 +176,17 @@ def test_weights_unknown_to_the_target_class_are_refused(overrides, tmp_path):
     with pytest.raises(RuntimeError, match=r"unknown to it \['model.layers.0.mlp.new_scale'\]"):
         export_hf(model, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_exported_files_get_the_usual_modes_under_the_umask(tmp_path, tokenizer):
+    """safetensors writes its file 0600: a server running as another user could not read the export."""
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        out = export_hf(trained_like(tiny_config()), tmp_path / "export", tokenizer=tokenizer)
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [out, *out.iterdir()]}
+    assert modes["model.safetensors"] == 0o644 and modes["config.json"] == 0o644 and modes["export"] == 0o755

@@ -52,6 +52,9 @@ def test_osp_train_end_to_end(trained):
     assert "train/loss" in (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
     assert (run_dir / "export" / "config.json").exists() and summary["export_dir"]
     assert summary["kurtosis"] >= 0 and summary["ppl_w4a4"] >= summary["ppl_fp"] * 0.9
+    # train.log holds what the run printed (the start line and the summary), not only Hydra's log records.
+    log = (run_dir / "train.log").read_text()
+    assert "osp: run e2e" in log and "osp summary" in log and "W4A4 ppl" in log and "\r" not in log
 
 
 def test_eval_of_the_export_equals_the_last_in_training_values(trained):
@@ -90,3 +93,13 @@ def test_missing_data_is_a_clear_error(tmp_path):
                    tmp_path, check=False)
     assert proc.returncode == 1
     assert "osp train: error:" in proc.stderr and "nothing" in proc.stderr
+
+
+def test_busy_cores_are_noticed_once_with_what_to_do():
+    from osp.training.run import busy_cores_notice
+
+    line = busy_cores_notice(load=3.0, cores=2, threads=2)
+    assert "load 3.0 on 2 cores" in line and "2 threads" in line and "OMP_NUM_THREADS=1" in line
+    assert busy_cores_notice(load=0.3, cores=2, threads=2) is None  # an idle machine
+    assert busy_cores_notice(load=4.0, cores=16, threads=8) is None  # enough free cores
+    assert "OMP_NUM_THREADS=2" in busy_cores_notice(load=2.0, cores=4, threads=4)
