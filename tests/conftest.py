@@ -22,10 +22,13 @@ from tests.support.synthetic_text import write_corpus  # noqa: E402
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # `pytest -m auto_precision` selects the tests whose numbers depend on what `auto` resolves to.
     for item in items:
+        # `pytest -m auto_precision` selects the tests whose numbers depend on what `auto` resolves to.
         if "auto_precision" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.auto_precision)
+        # Tiers: multi-process tests belong to the integration tier (`pytest -m "not slow"` is the unit tier).
+        if item.get_closest_marker("distributed") is not None:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(params=["fp32", "bf16"])

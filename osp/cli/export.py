@@ -28,7 +28,7 @@ write one llama.cpp GGUF file instead (foldable models only)."""
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="osp export", description=DESCRIPTION)
-    parser.add_argument("checkpoint", help="a Lightning .ckpt, a run dir (uses checkpoints/last.ckpt), "
+    parser.add_argument("checkpoint", help="a Lightning .ckpt, a run dir (its newest readable checkpoint), "
                                            "or an exported folder")
     parser.add_argument("out_dir", metavar="out",
                         help="hf: folder to write (must be empty or absent unless --force); gguf: the .gguf "

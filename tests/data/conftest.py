@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from data_builders import (
+from tests.data.data_builders import (
     BIBLE_NT,
     BIBLE_OT,
     generated_documents,

@@ -9,7 +9,7 @@ import warnings
 
 import numpy as np
 import pytest
-from data_builders import generated_documents
+from tests.data.data_builders import generated_documents
 
 from osp.data import DemoCorpus, LocalFiles
 from osp.data import files as files_source

@@ -8,7 +8,7 @@ import json
 import shutil
 
 import pytest
-from data_builders import generated_documents
+from tests.data.data_builders import generated_documents
 
 from osp.data import DemoCorpus, HubDataset, LocalFiles
 from osp.data.demo import corpus as demo_corpus

@@ -6,7 +6,7 @@ import struct
 import zlib
 
 import pytest
-from data_builders import (
+from tests.data.data_builders import (
     BIBLE_NT,
     BIBLE_OT,
     make_deb,

@@ -2,8 +2,8 @@
 
 The checks of the shipped files (task YAMLs and their data, the script's --help and its missing-package
 error) always run. The lm-eval and llmcompressor runs are skipped where those packages are absent (they are
-not osp dependencies: install them in their own environment, see README 'Quantize, evaluate and serve the
-export'); they take seconds on a tiny export and need no network.
+not osp dependencies: install them in their own environment, see docs/export.md); they take seconds on a
+tiny export and need no network.
 """
 
 import importlib.util

@@ -23,6 +23,8 @@ from osp.training.callbacks.export import Export
 from osp.training.module import LanguageModelModule
 from tests.support.export import VOCAB, assert_same_function, make_tokenizer, tiny_config, trained_like
 
+pytestmark = pytest.mark.slow
+
 SEQ = 16
 OPTIM = {"name": "adamw", "lr": 1e-2, "weight_decay": 0.0, "betas": [0.9, 0.95], "eps": 1e-8,
          "grad_clip": None, "schedule": "constant", "warmup_steps": 0, "min_lr_ratio": 1.0}

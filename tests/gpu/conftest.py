@@ -1,6 +1,6 @@
 """GPU test suite: real Triton kernels and real training on one CUDA device.
 
-Run on a CUDA machine with the documented command (README, "GPU test suite"):
+Run on a CUDA machine with the documented command (docs/gpu.md):
 
     TRITON_INTERPRET=0 .venv/bin/python -m pytest -q -m gpu tests/gpu
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
 WORKER = Path(__file__).with_name("dist_worker.py")
 
 

@@ -9,6 +9,8 @@ import torch
 from osp.cli.train import main
 from tests.support.cli import error_line, osp, train_args
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize("override, words", [
     ("model.d_model=abc", ["model.d_model must be an integer", "'abc'"]),

@@ -13,6 +13,8 @@ import pytest
 from osp.checkpoint_files import checkpoint_step
 from tests.support.cli import error_line, osp, snapshot, train_args
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def read_only_dir(tmp_path) -> Path:

@@ -17,6 +17,7 @@ import io
 import os
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -77,15 +78,20 @@ override = st.one_of(
 )
 
 
-def outcome(run) -> None:  # noqa: ANN001 - a callable that runs one command
-    """Run one command in-process; fail on anything but exit 0 or a one-line error."""
+def outcome(run, cwd: Path) -> None:  # noqa: ANN001 - a callable that runs one command
+    """Run one command in-process from `cwd` (relative paths it writes land there); fail on anything but exit
+    0 or a one-line error."""
     err = io.StringIO()
+    here = os.getcwd()
+    os.chdir(cwd)
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         try:
             run()
             code: object = 0
         except SystemExit as stop:
             code = stop.code
+        finally:
+            os.chdir(here)
     text = err.getvalue()
     assert "Traceback" not in text, text[-3000:]
     if code in (0, None):
@@ -109,7 +115,7 @@ def reference(trained, tmp_path_factory):
 
 @SETTINGS
 @given(extra=st.lists(override, min_size=1, max_size=3))
-def test_train_overrides(corpus, reference, extra):
+def test_train_overrides(corpus, reference, tmp_path_factory, extra):
     from osp.cli.train import start_checks
 
     before = snapshot(reference)
@@ -120,7 +126,7 @@ def test_train_overrides(corpus, reference, extra):
         if lock is not None:
             lock.release()
 
-    outcome(run)
+    outcome(run, tmp_path_factory.mktemp("cwd"))
     assert snapshot(reference) == before
 
 
@@ -185,5 +191,5 @@ def test_eval_export_report_plan_flags(reference, tmp_path_factory, data):
     else:  # the sweep's flags, without training anything
         argv = ["--dry-run", "--out", str(out), *data.draw(drawn_flags(sweep._parser()))]
         run = lambda: osp_main(["bench", "sweep", *argv])  # noqa: E731
-    outcome(run)
+    outcome(run, out)
     assert snapshot(reference) == before

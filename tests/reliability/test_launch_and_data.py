@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.support.cli import error_line, osp, strict_json, train_args
+
+pytestmark = pytest.mark.slow
 
 
 def test_lightning_launches_two_cpu_devices_from_osp_train(corpus, tmp_path):

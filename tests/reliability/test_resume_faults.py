@@ -14,6 +14,8 @@ from osp.training.rundir import ARTEFACTS
 from tests.support.cli import RUN, error_line, osp, snapshot, strict_json, train_args
 from tests.support.training import tiny_overrides
 
+pytestmark = pytest.mark.slow
+
 
 def test_changed_config_lists_every_difference_and_names_resume_allow(corpus, run_copy):
     before = snapshot(run_copy)

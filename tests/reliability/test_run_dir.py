@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from osp.training.rundir import RunLock
 from tests.support.cli import RUN, error_line, osp, snapshot, train_args
+
+pytestmark = pytest.mark.slow
 
 
 def test_same_run_name_without_resume_is_refused_and_the_first_run_is_untouched(corpus, run_copy):

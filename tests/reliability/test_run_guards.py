@@ -11,6 +11,8 @@ import pytest
 from osp.checkpoint_files import checkpoint_step
 from tests.support.cli import RUN, error_line, osp, snapshot, strict_json, train_args
 
+pytestmark = pytest.mark.slow
+
 
 def test_a_finished_run_started_again_says_so_and_changes_nothing(corpus, run_copy):
     before = snapshot(run_copy)
@@ -91,19 +93,27 @@ def test_force_replaces_only_an_earlier_export_not_a_folder_of_export_named_file
 
 
 def test_an_export_refuses_a_tokenizer_of_another_size(trained, tmp_path):
-    """Another run's tokenizer, smaller or larger than the model's vocabulary: refused in both directions."""
+    """Another tokenizer, smaller or larger than the model's 384 ids: refused in both directions (the model's
+    vocabulary may only be the tokenizer's padded to a multiple of 64 or 128)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
     from osp.data.tokenizer import save_tokenizer, train_bpe
     from tests.support.synthetic_text import synthetic_documents
 
     before = snapshot(trained)
-    for vocab in (300, 512):
-        other = tmp_path / f"vocab{vocab}"
-        save_tokenizer(train_bpe(synthetic_documents(200, seed=1), vocab_size=vocab), other, model_max_length=64)
+    words = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(100)}, unk_token="w0"))
+    tokenizers = {"100": PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w0"),
+                  "512": train_bpe(synthetic_documents(400, seed=1), vocab_size=512)}
+    for name, tokenizer in tokenizers.items():
+        other = tmp_path / f"vocab{name}"
+        save_tokenizer(tokenizer, other, model_max_length=64)
+        vocab = len(tokenizer)  # a BPE may learn fewer merges than asked
         for fmt in ("hf", "gguf"):
-            out = tmp_path / f"export-{vocab}-{fmt}"
+            out = tmp_path / f"export-{name}-{fmt}"
             proc = osp("export", str(trained), str(out), "--format", fmt, "--tokenizer", str(other))
             line = error_line(proc, "osp export: error: ")
-            assert "tokens but the model's vocab_size is 384" in line
+            assert f"the tokenizer has {vocab} tokens but the model's vocab_size is 384" in line
             assert not out.exists()
     assert snapshot(trained) == before
 

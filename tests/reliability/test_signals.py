@@ -16,6 +16,8 @@ from osp.checkpoint_files import checkpoint_step
 from tests.support.cli import REPO, osp, strict_json
 from tests.support.training import subprocess_env, tiny_overrides
 
+pytestmark = pytest.mark.slow
+
 
 def test_summary_of_a_finished_run_is_strict_json_with_its_status(trained):
     summary = strict_json(trained / "summary.json")
