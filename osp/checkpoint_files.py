@@ -92,7 +92,8 @@ def latest_checkpoint(folder: Path) -> Path | None:
         except Exception as err:  # noqa: BLE001 - any unreadable file is skipped, never fatal
             warnings.warn(f"skipping {path}: cannot be read ({err})", stacklevel=2)
             continue
-        key = (step, path.name == LAST, path.name)  # the name breaks remaining ties the same way on every rank
+        # the name breaks remaining ties the same way on every rank
+        key = (step, path.name == LAST, path.name)
         if best is None or key > best:
             best = key
     return None if best is None else folder / best[2]
@@ -113,8 +114,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if path.is_file() or is_distributed_checkpoint(path):
         return path
     if path.is_dir() and (path / ".metadata").is_file():
-        raise CheckpointError(f"{path}: distributed checkpoint without {DISTRIBUTED_META} (an incomplete write); "
-                              "use another checkpoint of the run")
+        raise CheckpointError(f"{path}: distributed checkpoint without {DISTRIBUTED_META} "
+                              "(an incomplete write); use another checkpoint of the run")
     for folder in (path / "checkpoints", path):
         latest = latest_checkpoint(folder)
         if latest is not None:

@@ -28,7 +28,8 @@ C = TypeVar("C", bound="ConfigBase")
 
 
 class ConfigBase:
-    """Mixin of the config dataclasses: `from_dict` (checked against the fields) and `to_dict` (plain values)."""
+    """Mixin of the config dataclasses: `from_dict` (checked against the fields) and `to_dict` (plain
+    values)."""
 
     SECTION: ClassVar[str] = ""  # the config node's name in error messages: "model", "optim", ...
     ERROR: ClassVar[type[ConfigError]] = ConfigError

@@ -2,8 +2,8 @@
 subclass of `OspError` whose message says what is wrong and what to do; each command catches `OspError` and
 prints that message on one line (`osp <command>: error: ...`), never a traceback.
 
-The subclasses also derive from the built-in error they refine (ValueError, RuntimeError), so code that catches
-those keeps working.
+The subclasses also derive from the built-in error they refine (ValueError, RuntimeError), so code that
+catches those keeps working.
 """
 
 from __future__ import annotations
@@ -58,15 +58,18 @@ TRAIN_FAULT_HINTS = {"again": "continue with resume=auto: earlier checkpoints ar
                      "place": "runs_root=PATH (or OSP_CACHE_DIR for the data cache)"}
 
 
-def environment_fault(err: BaseException, again: str = "run the command again: what was written before is intact",
+def environment_fault(err: BaseException,
+                      again: str = "run the command again: what was written before is intact",
                       place: str = "place") -> str | None:
     """One line for a fault of the machine rather than of osp (disk full, read-only or forbidden place), else
-    None; `again` says how to go on after freeing space, `place` what to choose instead of an unwritable one."""
+    None; `again` says how to go on after freeing space, `place` what to choose instead of an unwritable
+    one."""
     if not isinstance(err, OSError):
         return None
     where = err.filename or "a file"
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"no space left on the device writing {where}; free space (or move runs_root / OSP_CACHE_DIR) and {again}"
+        return (f"no space left on the device writing {where}; "
+                f"free space (or move runs_root / OSP_CACHE_DIR) and {again}")
     if err.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
         return f"cannot write {where} ({os.strerror(err.errno)}); choose a writable {place}"
     if err.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
@@ -77,7 +80,8 @@ def environment_fault(err: BaseException, again: str = "run the command again: w
 
 
 def root_cause(err: BaseException) -> BaseException:
-    """The innermost exception of a chain (Lightning, Hydra and instantiate wrap the one that names the fault)."""
+    """The innermost exception of a chain (Lightning, Hydra and instantiate wrap the one that names the
+    fault)."""
     while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
         err = err.__cause__ or err.__context__  # type: ignore[assignment]
     return err
@@ -90,7 +94,8 @@ def one_line(text: str) -> str:
 
 def error_line(err: BaseException, **hints: str) -> str | None:
     """What a command prints for `err` (an osp error, or an environment fault, also when wrapped by Hydra or
-    Lightning; `hints` as `environment_fault` takes them), or None when it is a bug that deserves its traceback."""
+    Lightning; `hints` as `environment_fault` takes them), or None when it is a bug that deserves its
+    traceback."""
     for candidate in (err, root_cause(err)):
         if isinstance(candidate, OspError):
             return one_line(str(candidate))

@@ -189,7 +189,8 @@ def _strategy(cfg: DictConfig) -> str:
 
 
 def vocab_size_of(cfg: DictConfig, notes: list[str]) -> int:
-    """The model's vocabulary: the BPE size, or the pretrained tokenizer's (local cache, else data.vocab_size)."""
+    """The model's vocabulary: the BPE size, or the pretrained tokenizer's (local cache, else
+    data.vocab_size)."""
     spec = cfg.data.get("tokenizer", "bpe")
     if spec == "bpe":
         return int(cfg.data.vocab_size)
@@ -198,7 +199,8 @@ def vocab_size_of(cfg: DictConfig, notes: list[str]) -> int:
 
         return len(AutoTokenizer.from_pretrained(spec, local_files_only=True))
     except Exception:  # noqa: BLE001 - not in the local cache (or not loadable offline): fall back
-        notes.append(f"tokenizer {spec} is not in the local cache: using data.vocab_size={cfg.data.vocab_size}")
+        notes.append(f"tokenizer {spec} is not in the local cache: "
+                     f"using data.vocab_size={cfg.data.vocab_size}")
         return int(cfg.data.vocab_size)
 
 
@@ -226,7 +228,8 @@ def make_plan(cfg: DictConfig, gpu: str = "h100", gpus_per_node: int = 8, mfu: f
     stored_bytes, compute_dtype = PRECISIONS[precision]
     if gpus_per_node < 1:
         raise ConfigError(f"--gpus-per-node must be a positive integer, got {gpus_per_node}")
-    devices, nodes = _int_or(cfg.trainer.get("devices"), gpus_per_node), _int_or(cfg.trainer.get("num_nodes"), 1)
+    devices, nodes = (_int_or(cfg.trainer.get("devices"), gpus_per_node),
+                      _int_or(cfg.trainer.get("num_nodes"), 1))
     world = nodes * devices
     batch, seq_len = int(cfg.data.batch_size), int(cfg.data.seq_len)
     accumulate = _int_or(cfg.trainer.get("accumulate_grad_batches"), 1)
@@ -268,7 +271,8 @@ def make_plan(cfg: DictConfig, gpu: str = "h100", gpus_per_node: int = 8, mfu: f
         # two gathered blocks in the compute dtype (current + prefetched), one unsharded block gradient
         shard_b = (2 * max(block_sizes) + rest) * compute_dtype.itemsize + max(block_sizes) * 4
     # Adam's step temporaries: a whole group's worth where it runs foreach (osp's Adam inside Muon/ROOT
-    # always; torch.optim.AdamW on CUDA), else one tensor's. Newton-Schulz: a few copies of the largest matrix.
+    # always; torch.optim.AdamW on CUDA), else one tensor's. Newton-Schulz: a few copies of the largest
+    # matrix.
     foreach = device_type == "cuda" or cfg.optim.get("name") != "adamw"
     adam_scratch = sum(adam_numels) if foreach else max(adam_numels, default=0)
     scratch_b = math.ceil(adam_scratch * stored_bytes / shards) + 4 * matrix_numel * 4
@@ -337,8 +341,8 @@ def format_plan(p: Plan, cfg: DictConfig) -> str:
         f" (activation_checkpointing={str(p.activation_checkpointing).lower()}; "
         f"{other} it: {_gib(p.peak_bytes_other_checkpointing)})",
         f"  compute             {p.flops_per_token / 1e9:,.2f} GFLOP per token (6N + 12 L T d)",
-        f"  at {p.mfu:.0%} MFU of {gpu.peak_bf16_flops / 1e12:,.0f} TFLOP/s: {p.step_seconds:,.2f} s per step, "
-        f"{p.tokens_per_second:,.0f} tokens/s",
+        f"  at {p.mfu:.0%} MFU of {gpu.peak_bf16_flops / 1e12:,.0f} TFLOP/s: "
+        f"{p.step_seconds:,.2f} s per step, {p.tokens_per_second:,.0f} tokens/s",
     ]
     if p.token_budget:
         lines.append(f"  budget              {p.token_budget / 1e9:,.1f}B tokens "
@@ -347,7 +351,7 @@ def format_plan(p: Plan, cfg: DictConfig) -> str:
     if not p.fits:
         hint = ("activation_checkpointing=true, " if not p.activation_checkpointing
                 and p.peak_bytes_other_checkpointing <= 0.9 * p.device_memory_bytes else "")
-        lines.append(f"  WARNING: does not fit: peak {_gib(p.peak_bytes)} > 90% of {_gib(p.device_memory_bytes)}; "
-                     f"try {hint}a smaller data.batch_size (with more trainer.accumulate_grad_batches), "
-                     "or trainer=fsdp on more GPUs")
+        lines.append(f"  WARNING: does not fit: peak {_gib(p.peak_bytes)} > 90% of "
+                     f"{_gib(p.device_memory_bytes)}; try {hint}a smaller data.batch_size "
+                     "(with more trainer.accumulate_grad_batches), or trainer=fsdp on more GPUs")
     return "\n".join(lines)

@@ -1,6 +1,7 @@
-"""What a run records about itself, found from any of its artifacts (the run dir, a checkpoint in it, its export):
-its config, the precision it trained at, its tokenizer and its data pipeline. `osp eval`, `osp export --smooth` and
-the benches evaluate a model on exactly the held-out blocks its run trained against through here.
+"""What a run records about itself, found from any of its artifacts (the run dir, a checkpoint in it, its
+export): its config, the precision it trained at, its tokenizer and its data pipeline. `osp eval`,
+`osp export --smooth` and the benches evaluate a model on exactly the held-out blocks its run trained
+against through here.
 """
 
 from __future__ import annotations
@@ -64,9 +65,9 @@ def run_precision(model_path: Path, data_config: str | None, device: str) -> str
 
 def build_pipeline(model_path: Path, data_config: str | None, tokenizer_dir: Path | None, seq_len: int | None,
                    tokenizer: str | None = None):
-    """The data pipeline (no Lightning) of the run's own data config when it can be found (same held-out blocks
-    as in training), else of the demo corpus tokenized with the model's tokenizer; `tokenizer` (a folder or
-    name the user gave) replaces whichever tokenizer that config names."""
+    """The data pipeline (no Lightning) of the run's own data config when it can be found (same held-out
+    blocks as in training), else of the demo corpus tokenized with the model's tokenizer; `tokenizer` (a
+    folder or name the user gave) replaces whichever tokenizer that config names."""
     from osp.data import DataConfig, TokenPipeline
 
     config_file = Path(data_config) if data_config else find_run_config(model_path)
@@ -89,8 +90,8 @@ def build_pipeline(model_path: Path, data_config: str | None, tokenizer_dir: Pat
 
 
 def find_tokenizer_dir(model_path: Path) -> Path | None:
-    """The tokenizer folder of MODEL: an export's own, a run dir's tokenizer/, or the one beside a checkpoint's
-    checkpoints/ folder; None when there is none."""
+    """The tokenizer folder of MODEL: an export's own, a run dir's tokenizer/, or the one beside a
+    checkpoint's checkpoints/ folder; None when there is none."""
     for candidate in (model_path, model_path / "tokenizer", model_path.parent.parent / "tokenizer"):
         if (candidate / "tokenizer.json").is_file() or (candidate / "tokenizer_config.json").is_file():
             return candidate
@@ -117,19 +118,19 @@ def check_output_file(path: str | Path, option: str) -> Path:
         raise OutputExistsError(f"{option} {path} is a folder; give a file name")
     run = run_of(path.resolve().parent)
     if run is not None:
-        raise OutputExistsError(f"{option} {path} is inside the run dir {run}, whose files belong to its run; "
-                                "write it elsewhere")
+        raise OutputExistsError(f"{option} {path} is inside the run dir {run}, whose files belong to its "
+                                "run; write it elsewhere")
     return path
 
 
 def check_output_dir(path: str | Path, option: str) -> Path:
-    """Where a command may write a folder of results (`osp report --out`): not a file, not a run dir nor inside
-    one. Returns the path."""
+    """Where a command may write a folder of results (`osp report --out`): not a file, not a run dir nor
+    inside one. Returns the path."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputExistsError(f"{option} {path} is a file; give a folder (it is created if needed)")
     run = run_of(path.resolve())
     if run is not None:
-        raise OutputExistsError(f"{option} {path} is (inside) the run dir {run}, whose files belong to its run; "
-                                "write the report elsewhere")
+        raise OutputExistsError(f"{option} {path} is (inside) the run dir {run}, whose files belong to "
+                                "its run; write the report elsewhere")
     return path

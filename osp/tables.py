@@ -1,4 +1,5 @@
-"""Aligned text and Markdown tables: the one formatter behind `osp report`, the benches and the paper table."""
+"""Aligned text and Markdown tables: the one formatter behind `osp report`, the benches and the paper
+table."""
 
 from __future__ import annotations
 

@@ -35,9 +35,10 @@ def test_every_config_file_is_package_data():
 
 def _train(python: str, corpus: dict[str, str], root: Path, name: str, cwd: Path) -> dict:
     args = tiny_overrides(corpus, root, "recipe=osp", "trainer.max_steps=4", "trainer.val_check_interval=4",
-                          "callbacks.checkpoint.every_n_train_steps=4", "~callbacks.export", f"run_name={name}")
-    proc = subprocess.run([python, "-m", "osp", "train", *args], cwd=cwd, env=subprocess_env(), capture_output=True,
-                          text=True, timeout=600)
+                          "callbacks.checkpoint.every_n_train_steps=4", "~callbacks.export",
+                          f"run_name={name}")
+    proc = subprocess.run([python, "-m", "osp", "train", *args], cwd=cwd, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((root / name / "summary.json").read_text())
 
@@ -45,15 +46,16 @@ def _train(python: str, corpus: dict[str, str], root: Path, name: str, cwd: Path
 @pytest.mark.slow
 def test_a_wheel_installed_in_a_fresh_venv_trains_as_the_checkout(corpus, tmp_path):
     dist = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(dist)], check=True, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(dist)], check=True, capture_output=True, timeout=300)
     (wheel,) = dist.glob("osp-*.whl")
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     python = str(env_dir / "bin" / "python")
     subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True,
                    capture_output=True, timeout=300)
-    # The dependencies (torch, lightning, ...) come from this interpreter's site-packages, after the venv's own.
+    # The dependencies (torch, lightning, ...) come from this interpreter's site-packages, after the venv's
+    # own.
     fresh_site = subprocess.run([python, "-c", "import site; print(site.getsitepackages()[0])"], check=True,
                                 capture_output=True, text=True).stdout.strip()
     Path(fresh_site, "osp_test_deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")

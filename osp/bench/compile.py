@@ -6,9 +6,9 @@ variant: compile time, step time, graphs, and recompiles after the first trainin
 
 A variant is a recipe's model (recipes/<name>.yaml: tiny is the baseline; ssnorm, embproj,
 clipped_softmax, the gated attentions, gated_norm, pre_affine, osp_gated add one mitigation each) with the
-sizes of `--set`. Each runs `--steps` training steps (forward, cross-entropy, backward, AdamW step) eager, then
-compiled, on the same batches. After the first compiled step Dynamo is told to fail on any recompile, so a
-variant whose graph is not stable shows up as an error in its row. Step times are medians of the steps after
+sizes of `--set`. Each runs `--steps` training steps (forward, cross-entropy, backward, AdamW step) eager,
+then compiled, on the same batches. After the first compiled step Dynamo is told to fail on any recompile, so
+a variant whose graph is not stable shows up as an error in its row. Step times are medians of the steps after
 the first; "compile s" is the first compiled step minus the eager median. On a shared machine the times move;
 the graph counts do not.
 """
@@ -45,7 +45,8 @@ def variant_config(recipe: str, overrides: list[str], vocab_size: int, seq_len: 
     return ModelConfig.from_dict({**values, "vocab_size": vocab_size})
 
 
-def train_steps(cfg: ModelConfig, batches: list[torch.Tensor], compiled: bool, seed: int = 0) -> dict[str, Any]:
+def train_steps(cfg: ModelConfig, batches: list[torch.Tensor], compiled: bool,
+                seed: int = 0) -> dict[str, Any]:
     """Train a fresh model (seeded) on `batches`; per-step seconds and losses, and Dynamo's graph counts."""
     import torch._dynamo
     from torch._dynamo.utils import counters
@@ -72,14 +73,16 @@ def train_steps(cfg: ModelConfig, batches: list[torch.Tensor], compiled: bool, s
                 torch._dynamo.config.error_on_recompile = True
     finally:
         torch._dynamo.config.error_on_recompile = False
-    return {"seconds": seconds, "losses": losses, "graphs": counters["stats"]["unique_graphs"] if compiled else 0,
+    return {"seconds": seconds, "losses": losses,
+            "graphs": counters["stats"]["unique_graphs"] if compiled else 0,
             "graphs_after_first_step": graphs_after_first}
 
 
 def run(recipes: list[str], overrides: list[str], steps: int, batch_size: int, seq_len: int,
         vocab_size: int = 4096) -> list[dict[str, Any]]:
     generator = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=generator) for _ in range(steps)]
+    batches = [torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=generator)
+               for _ in range(steps)]
     rows = []
     for recipe in recipes:
         cfg = variant_config(recipe, overrides, vocab_size, seq_len)
@@ -95,7 +98,8 @@ def run(recipes: list[str], overrides: list[str], steps: int, batch_size: int, s
         row.update(compiled_ms=1e3 * statistics.median(compiled["seconds"][1:]),
                    compile_s=compiled["seconds"][0] - row["eager_ms"] / 1e3, graphs=compiled["graphs"],
                    recompiles=compiled["graphs"] - compiled["graphs_after_first_step"],
-                   max_loss_diff=max(abs(a - b) for a, b in zip(eager["losses"], compiled["losses"], strict=True)))
+                   max_loss_diff=max(abs(a - b)
+                                     for a, b in zip(eager["losses"], compiled["losses"], strict=True)))
         row["speedup"] = row["eager_ms"] / row["compiled_ms"]
         rows.append(row)
         print(f"  {recipe}: compile {row['compile_s']:.1f} s, eager {row['eager_ms']:.1f} ms, compiled "
@@ -119,7 +123,8 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(prog="osp bench compile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), help="block recipes (recipes/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="model override for every variant (repeatable; default sizes: " + " ".join(SIZES) + ")")
+                        help="model override for every variant (repeatable; default sizes: "
+                             + " ".join(SIZES) + ")")
     parser.add_argument("--steps", type=positive_int, default=6)
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--seq-len", type=positive_int, default=128)
@@ -140,8 +145,8 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
         rows = run(args.recipes, [*SIZES, *args.set], args.steps, args.batch_size, args.seq_len)
     except (HydraException, ConfigError) as err:
         raise SystemExit(f"osp bench compile: {str(err).splitlines()[0]}") from None
-    print(f"osp bench compile: {args.steps} training steps of {args.batch_size} x {args.seq_len} tokens, torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"osp bench compile: {args.steps} training steps of {args.batch_size} x {args.seq_len} tokens, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(format_table(rows))
     if args.json:
         from osp.atomic import write_json

@@ -9,7 +9,8 @@ so that reading files is not timed) with the same tokenizer:
 - raw: `tokenizers.Tokenizer.encode_batch` on the documents as they are (the Rust library's own speed, on
   every core it is allowed);
 - osp: what `osp data prepare` runs, `DocumentEncoder.encode` (long documents cut at id-neutral points,
-  batches of ~4M characters) feeding `write_shard` (uint16/uint32 ids, pieces + an index) in a temporary folder.
+  batches of ~4M characters) feeding `write_shard` (uint16/uint32 ids, pieces + an index) in a temporary
+  folder.
 
 Arms alternate (raw, osp, raw, osp, ...) and each reports its median over `--repeats`, so drifting load on a
 shared machine hits both alike. The ids of both arms are compared once: the shard must hold exactly the raw
@@ -64,7 +65,8 @@ def run(values: dict[str, Any], chars: int, repeats: int) -> dict[str, Any]:
             return shard.num_tokens - shard.meta["num_documents"]  # without the EOS separators
 
         # Same ids: the shard is the raw ids with one EOS after each document.
-        expected = [np.asarray(e.ids, dtype=dtype) for e in backend.encode_batch(docs, add_special_tokens=False)]
+        expected = [np.asarray(e.ids, dtype=dtype)
+                    for e in backend.encode_batch(docs, add_special_tokens=False)]
         shard = write_shard(shard_path, encoder.encode(docs), dtype=dtype, eos_id=eos)
         stored = shard.read(0, shard.num_tokens)
         joined = np.concatenate([np.append(ids, np.array([eos], dtype=dtype)) for ids in expected])
@@ -89,7 +91,8 @@ def run(values: dict[str, Any], chars: int, repeats: int) -> dict[str, Any]:
 
 def format_result(r: dict[str, Any]) -> str:
     lines = [f"tokenization: {r['source']}, tokenizer {r['tokenizer']}; {r['documents']:,} documents, "
-             f"{r['chars'] / 1e6:,.1f}M characters -> {r['tokens'] / 1e6:,.2f}M tokens; median of {r['repeats']}",
+             f"{r['chars'] / 1e6:,.1f}M characters -> {r['tokens'] / 1e6:,.2f}M tokens; "
+             f"median of {r['repeats']}",
              f"{'arm':<44}{'seconds':>9}{'M chars/s':>11}{'M tokens/s':>12}"]
     names = {"raw": "raw tokenizers encode_batch", "osp": "osp DocumentEncoder + write_shard"}
     for key, label in names.items():
@@ -106,7 +109,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--source", default="demo", help="data preset (configs/data): demo | files | ...")
     parser.add_argument("--chars", type=int, default=20_000_000, help="characters of training text to encode")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("overrides", nargs="*", help="data config overrides key=value (as for osp data prepare)")
+    parser.add_argument("overrides", nargs="*",
+                        help="data config overrides key=value (as for osp data prepare)")
     args = parser.parse_intermixed_args(argv)
     result = run(data_config(args.source, None, args.overrides), args.chars, args.repeats)
     print(format_result(result))

@@ -161,8 +161,8 @@ def _format(results: list[dict[str, Any]], args: argparse.Namespace, load: tuple
         f"torch {torch.__version__}, gloo",
         "",
     ]
-    table = [["layout", "ranks x threads", "precision", "tokens/s", "step ms", "params MB/rank", "optim MB/rank",
-              "peak RSS MB/rank"]]
+    table = [["layout", "ranks x threads", "precision", "tokens/s", "step ms", "params MB/rank",
+              "optim MB/rank", "peak RSS MB/rank"]]
     rows: dict[str, dict[str, float]] = {}
     for result in results:
         name, ranks = result["layout"], result["ranks"]
@@ -173,8 +173,9 @@ def _format(results: list[dict[str, Any]], args: argparse.Namespace, load: tuple
                "rss_mb": max(r["peak_rss_bytes"] for r in ranks) / mb}
         rows[name] = row
         shape = f"{len(ranks)} x {LAYOUTS[name][2]}"
-        table.append([name, shape, ranks[0]["precision"], f"{row['tokens_per_s']:,.0f}", f"{row['step_ms']:.1f}",
-                      f"{row['param_mb']:.2f}", f"{row['optim_mb']:.2f}", f"{row['rss_mb']:.0f}"])
+        table.append([name, shape, ranks[0]["precision"], f"{row['tokens_per_s']:,.0f}",
+                      f"{row['step_ms']:.1f}", f"{row['param_mb']:.2f}", f"{row['optim_mb']:.2f}",
+                      f"{row['rss_mb']:.0f}"])
     lines += [format_rows(table), ""]
     for base in ("single", "single-1t"):
         if base in rows and "ddp" in rows:

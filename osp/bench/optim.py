@@ -116,10 +116,12 @@ def main(argv: list[str]) -> None:
     order_rng = random.Random(args.seed)
     n_params = sum(p.numel() for p in base.parameters())
     print(f"machine: {machine(device)}")
-    ns_dtype = str(resolve_dtype(args.ns_dtype, device.type)).removeprefix("torch.")  # auto as this device runs it
+    # auto as this device runs it
+    ns_dtype = str(resolve_dtype(args.ns_dtype, device.type)).removeprefix("torch.")
     print(
-        f"model: d {cfg.d_model}, {cfg.n_layers} layers, vocab {cfg.vocab_size}, {n_params / 1e6:.2f}M params; "
-        f"seq {args.seq_len}, micro-batch {args.batch_size}, precision {args.precision}, NS {ns_dtype}; "
+        f"model: d {cfg.d_model}, {cfg.n_layers} layers, vocab {cfg.vocab_size}, "
+        f"{n_params / 1e6:.2f}M params; seq {args.seq_len}, micro-batch {args.batch_size}, "
+        f"precision {args.precision}, NS {ns_dtype}; "
         f"median of {args.reps}, interleaved"
     )
     header = (
@@ -134,7 +136,8 @@ def main(argv: list[str]) -> None:
         for accumulation in args.accumulation:
             gen = torch.Generator().manual_seed(args.seed)
             batches = [
-                torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1), generator=gen).to(device)
+                torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1),
+                              generator=gen).to(device)
                 for _ in range(accumulation)
             ]
             fwd_bwd: list[float] = []

@@ -1,8 +1,8 @@
 """`osp bench paper-table`: the OSP paper's ablation table (arXiv 2506.19697), re-run at small scale.
 
 Every arm is one of the paper recipes (recipes/adam_1p4b.yaml, muon_only, muon, muon_ssnorm,
-muon_embproj, osp_1p4b) with the model shrunk and the data, token budget and learning rate of the chosen `--scale`
-(configs/scale/<name>.yaml, so `osp train recipe=muon scale=cpu-small` re-runs one arm); the
+muon_embproj, osp_1p4b) with the model shrunk and the data, token budget and learning rate of the chosen
+`--scale` (configs/scale/<name>.yaml, so `osp train recipe=muon scale=cpu-small` re-runs one arm); the
 arms differ only in what the recipe ablates. Each arm is a real `osp train` run (same config composition,
 same callbacks: OutlierMonitor during training, QuantEval at the end), so its run directory works with
 `osp report` and `osp eval`. The table puts our kurtosis (both modes, with the Gaussian floor), max|h|,
@@ -84,8 +84,9 @@ PAPER_D_MODEL = 2048  # the paper's width: its kurtosis floor is gaussian_floor(
 def scale_facts(cfg: Any) -> dict[str, Any]:
     """Model size, token budget and optimizer settings that a scale (configs/scale/) gives every arm."""
     facts = {"d_model": cfg.model.d_model, "n_layers": cfg.model.n_layers, "n_heads": cfg.model.n_heads,
-             "ffn_hidden": cfg.model.ffn_hidden, "seq_len": cfg.data.seq_len, "batch_size": cfg.data.batch_size,
-             "steps": cfg.trainer.max_steps, "lr": cfg.optim.lr, "warmup_steps": cfg.optim.warmup_steps}
+             "ffn_hidden": cfg.model.ffn_hidden, "seq_len": cfg.data.seq_len,
+             "batch_size": cfg.data.batch_size, "steps": cfg.trainer.max_steps, "lr": cfg.optim.lr,
+             "warmup_steps": cfg.optim.warmup_steps}
     return {**facts, "tokens": facts["steps"] * facts["batch_size"] * facts["seq_len"]}
 
 
@@ -100,7 +101,8 @@ def scale_description(scale: str) -> str:
 
 
 def arm_overrides(arm: str, scale: str, runs_root: Path, seed: int, export: bool) -> list[str]:
-    """The `osp train` command line of one arm: its paper recipe at this scale (configs/scale/<scale>.yaml)."""
+    """The `osp train` command line of one arm: its paper recipe at this scale
+    (configs/scale/<scale>.yaml)."""
     overrides = [f"recipe={ARMS[arm].recipe}", f"scale={scale}", f"name={arm}", f"run_name={arm}",
                  f"runs_root={runs_root}", f"seed={seed}"]
     if not export:
@@ -266,9 +268,9 @@ def scales_help() -> str:
     lines = ["scales (configs/scale/; one arm: osp train recipe=muon scale=NAME):"]
     for name in presets("scale"):
         f = scale_facts(compose(["recipe=osp_1p4b", f"scale={name}"]))
-        lines.append(f"  {name:10s} d {f['d_model']}, {f['n_layers']} layers, {f['steps']} steps x {f['batch_size']} "
-                     f"x {f['seq_len']} = {f['tokens'] / 1e6:.2f}M tokens, lr {f['lr']:g}:\n  {'':10s} "
-                     f"{scale_description(name)}")
+        lines.append(f"  {name:10s} d {f['d_model']}, {f['n_layers']} layers, {f['steps']} steps x "
+                     f"{f['batch_size']} x {f['seq_len']} = {f['tokens'] / 1e6:.2f}M tokens, "
+                     f"lr {f['lr']:g}:\n  {'':10s} {scale_description(name)}")
     return "\n".join(lines)
 
 
@@ -288,7 +290,8 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"arms to train, in table order (default: all of {', '.join(ARMS)})")
     p.add_argument("--out", type=Path, default=Path("paper_table"),
                    help="output folder: runs/<arm>/, paper_table.md, paper_table.json, plots/")
-    p.add_argument("--steps", type=int, default=None, help="override the scale's step count (trainer.max_steps)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="override the scale's step count (trainer.max_steps)")
     p.add_argument("--lr", type=float, default=None, help="override the scale's learning rate (optim.lr)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",

@@ -77,8 +77,8 @@ def bench_eval(args: argparse.Namespace, device: torch.device) -> str:
             ]
         )
     title = (
-        f"W4A4 eval cost on {device.type} ({torch.get_num_threads()} thread(s)): random-init model d={cfg.d_model} "
-        f"L={cfg.n_layers} heads={cfg.n_heads} ffn={cfg.ffn_hidden} vocab={cfg.vocab_size}, "
+        f"W4A4 eval cost on {device.type} ({torch.get_num_threads()} thread(s)): random-init model "
+        f"d={cfg.d_model} L={cfg.n_layers} heads={cfg.n_heads} ffn={cfg.ffn_hidden} vocab={cfg.vocab_size}, "
         f"{args.blocks} blocks x {args.seq_len} tokens, batch {args.batch_size}, median of {args.repeats}"
     )
     header = ["view", "enter s", "eval s", "tokens/s", "x fp", "ppl"]

@@ -7,18 +7,22 @@
 A point is one arm of the default A/B (adam = AdamW, `recipe=tiny`; osp = `recipe=osp`) with training settings
 changed: learning rate, Adam beta2 and epsilon, weight decay (and on norm gains), warmup, width, depth, token
 budget. Each point is a plain `osp train` run in a subprocess (`<out>/runs/<point>`, log in `<out>/logs/`), so
-`osp report`, `osp eval --attribute` and `osp bench protocols` read it like any run. A point whose run finished
-with the same command is not trained again, and an interrupted one continues from its last checkpoint, so a
-stopped sweep goes on where it stopped; a run trained with other settings is never passed off as the point's.
+`osp report`, `osp eval --attribute` and `osp bench protocols` read it like any run. A point whose run
+finished with the same command is not trained again, and an interrupted one continues from its last
+checkpoint, so a stopped sweep goes on where it stopped; a run trained with other settings is never passed off
+as the point's.
 
-Every trained point of the folder (the asked ones and any trained before) is then evaluated on its own held-out
-blocks (cached in its run dir), and the table goes to `<out>/sweep.md` and `<out>/sweep.json`. Its columns, per
-point: wall minutes of the run's last `osp train` (cores shared under --jobs), what shapes the 4-bit grid
-(per-token max/median of the norm-fed and down_proj inputs), how much the model depends on small activation
-errors at all (`noise`: perplexity ratio under Gaussian noise of 0.1 x each row's RMS on every linear input,
-the size of 4-bit rounding error without outliers), and quantized / full-precision perplexity under each
-deployment protocol of `osp bench protocols`. The goal the table is read against: AdamW's ratio >= 1.5 while
-OSP's stays <= 1.1.
+Every trained point of the folder (the asked ones and any trained before) is then evaluated on its own
+held-out blocks (cached in its run dir), and the table goes to `<out>/sweep.md` and `<out>/sweep.json`. Its
+columns, per point: wall minutes of the run's last `osp train` (cores shared under --jobs), what shapes the
+4-bit grid (per-token max/median of the norm-fed and down_proj inputs), how much the model depends on small
+activation errors at all (`noise`: perplexity ratio under Gaussian noise of 0.1 x each row's RMS on every
+linear input, the size of 4-bit rounding error without outliers), and quantized / full-precision perplexity
+under each deployment protocol of `osp bench protocols`. The goal the table is read against: AdamW's ratio >=
+1.5 while OSP's stays <= 1.1.
+
+The outlier-safe FFN points (`osp-long-*`) are OSP at the longest budget with a remedy for the SwiGLU output's
+tail; the reading compares each with osp-long against GOAL_FFN (docs/outlier_safe_ffn.md).
 """
 
 from __future__ import annotations
@@ -66,7 +70,8 @@ def _pair(name: str, axis: str, *changes: str) -> list[Point]:
     return [Point(f"{arm}-{name}", arm, axis, changes) for arm in ARMS]
 
 
-LONG = ("trainer.max_steps=2000", "trainer.val_check_interval=500", "callbacks.checkpoint.every_n_train_steps=500")
+LONG = ("trainer.max_steps=2000", "trainer.val_check_interval=500",
+        "callbacks.checkpoint.every_n_train_steps=500")
 FFN_AXIS = "outlier-safe FFN"
 # An outlier-safe FFN variant meets the goal when, against osp-long: per-token W4A4 without an online rotation
 # <= 1.05, static W4A4 <= 1.5, fp perplexity within 2%, kurtosis still <= 1.5 x the Gaussian floor (and
@@ -80,11 +85,14 @@ POINTS: list[Point] = [
     Point("adam-beta2-0.999", "adam", "Adam beta2", ("optim.betas=[0.9,0.999]",)),
     Point("adam-eps1e-12", "adam", "Adam epsilon", ("optim.eps=1e-12",)),
     Point("adam-wd0", "adam", "weight decay", ("optim.weight_decay=0",)),
-    Point("adam-decay-gains", "adam", "decay on gains", ("optim.decayed_roles=[embedding,head,matrix,gain]",)),
+    Point("adam-decay-gains", "adam", "decay on gains",
+          ("optim.decayed_roles=[embedding,head,matrix,gain]",)),
     Point("adam-warmup0", "adam", "warmup", ("optim.warmup_steps=0",)),
     Point("adam-depth8", "adam", "depth", ("model.n_layers=8",)),
-    Point("adam-width512", "adam", "width", ("model.d_model=512", "model.n_heads=8", "model.ffn_hidden=1536")),
-    # The longest budget, in both arms: 2000 steps x 4096 tokens = 8.2M tokens (6.7x the A/B), under 60 minutes
+    Point("adam-width512", "adam", "width",
+          ("model.d_model=512", "model.n_heads=8", "model.ffn_hidden=1536")),
+    # The longest budget, in both arms: 2000 steps x 4096 tokens = 8.2M tokens (6.7x the A/B), under 60
+    # minutes
     # per arm on 2 cores; a checkpoint every 500 steps keeps the token-budget curve (`osp bench protocols` on
     # each checkpoint).
     *_pair("long", "token budget", *LONG),
@@ -98,6 +106,8 @@ POINTS: list[Point] = [
     Point("osp-long-smooth-swiglu", "osp", FFN_AXIS, (*LONG, "model.smooth_swiglu=true")),
     Point("osp-long-tail", "osp", FFN_AXIS, (*LONG, "loss.ffn_tail_weight=1", "loss.ffn_tail_scale=tensor")),
     Point("osp-long-tail-token", "osp", FFN_AXIS, (*LONG, "loss.ffn_tail_weight=1")),
+    Point("osp-long-tail-w10", "osp", FFN_AXIS,
+          (*LONG, "loss.ffn_tail_weight=10", "loss.ffn_tail_scale=tensor")),
 ]
 POINT_NAMES = [p.name for p in POINTS]
 
@@ -108,7 +118,8 @@ RESERVED = ("run_name", "runs_root", "run_dir", "resume", "recipe")
 
 def point_overrides(point: Point, runs_root: Path, extra: list[str]) -> list[str]:
     """The `osp train` command line of a point: its arm's recipe, its changes, then --set (which win).
-    resume=auto: a point that was interrupted continues from its last checkpoint when the sweep is run again."""
+    resume=auto: a point that was interrupted continues from its last checkpoint when the sweep is run
+    again."""
     base = [ARMS[point.arm], f"run_name={point.name}", f"runs_root={runs_root}", "logger=none", "resume=auto",
             *point.changes]
     return merge_overrides(base, extra)
@@ -126,8 +137,8 @@ def train_point(point: Point, overrides: list[str], runs_root: Path, logs: Path,
     if done is not None:
         other = _other_settings(runs_root / point.name, overrides)
         if other:
-            reason = (f"{runs_root / point.name} was trained with other settings ({other}); remove it, or sweep "
-                      "into another --out")
+            reason = (f"{runs_root / point.name} was trained with other settings ({other}); remove it, or "
+                      "sweep into another --out")
             print(f"[sweep] {point.name}: {reason}", flush=True)
             return {"failed": reason}
         print(f"[sweep] {point.name}: finished before, reusing {summary_file}", flush=True)
@@ -157,9 +168,9 @@ def train_point(point: Point, overrides: list[str], runs_root: Path, logs: Path,
     return {"failed": reason}
 
 
-# A SIGTERM to the sweep (`kill`, a batch system's time limit) reaches the `osp train` children too: they save a
-# checkpoint and stop (osp's preemption handling), no further point starts, and running the same command again
-# continues. (Ctrl-C reaches them already: a terminal signals the whole process group.)
+# A SIGTERM to the sweep (`kill`, a batch system's time limit) reaches the `osp train` children too: they
+# save a checkpoint and stop (osp's preemption handling), no further point starts, and running the same
+# command again continues. (Ctrl-C reaches them already: a terminal signals the whole process group.)
 _STOP = threading.Event()
 _CHILDREN: set[subprocess.Popen] = set()
 
@@ -225,9 +236,9 @@ def input_shape(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, Any]:
             "gate_up_alignment": sum(alignment) / len(alignment) if alignment else None}
 
 
-# Per-token asymmetric INT4 of Gaussian rows leaves an error of 0.109 (width 256) to 0.12 (width 768) x the row's
-# RMS (measured), so noise of 0.1 x RMS is 4-bit-sized activation error as it would be without outliers
-# widening the grid.
+# Per-token asymmetric INT4 of Gaussian rows leaves an error of 0.109 (width 256) to 0.12 (width 768) x the
+# row's RMS (measured), so noise of 0.1 x RMS is 4-bit-sized activation error as it would be without
+# outliers widening the grid.
 NOISE_SIGMA = 0.1
 # What evaluate_point computes; a cached evaluation of another version is computed again.
 EVALUATION_VERSION = 4
@@ -241,8 +252,10 @@ def with_relative_noise(x: torch.Tensor, sigma: float, generator: torch.Generato
     return (xf + sigma * rms * noise).to(x.dtype)
 
 
-def noise_ratio(model: torch.nn.Module, held: torch.Tensor, batch_size: int, sigma: float = NOISE_SIGMA) -> float:
-    """Perplexity on held-out blocks (N, T+1) with `with_relative_noise` on every linear input inside the blocks
+def noise_ratio(model: torch.nn.Module, held: torch.Tensor, batch_size: int,
+                sigma: float = NOISE_SIGMA) -> float:
+    """Perplexity on held-out blocks (N, T+1) with `with_relative_noise` on every linear input inside the
+    blocks
     / without (seeded; q/k/v and gate/up, which read one tensor, get the same noisy copy as they would get the
     same quantized one): how much the model depends on small activation errors, whatever its outliers. A model
     that loses little here loses little to 4-bit activations unless outliers widen the grid."""
@@ -286,7 +299,8 @@ def evaluate_point(run_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
     result = protocol_ratios(run, settings["presets"], settings["batch_size"])
     with autocast_for(run.precision, "cpu"):  # the numerics the run trained with, as the protocols use
         result.update(input_shape(run.model, run.held[:, :-1]))
-        result["noise_ratio"] = noise_ratio(run.model, run.held, settings["batch_size"], settings["noise_sigma"])
+        result["noise_ratio"] = noise_ratio(run.model, run.held, settings["batch_size"],
+                                            settings["noise_sigma"])
     write_json(cache, {"settings": key, "result": result})
     return result
 
@@ -298,8 +312,8 @@ def _cell(value: float | None, fmt: str) -> str:
 def table(points: list[Point], summaries: dict[str, dict[str, Any]], evaluations: dict[str, dict[str, Any]],
           presets: list[str], markdown: bool = False) -> str:
     rows: list[list[object]] = [["point", "axis", "changes", "M tokens", "min", "ppl fp", "kurt ×floor",
-                                 "max|h|", "max/med norm-fed", "max/med down", "top-8 down", "gate/up", "noise",
-                                 *presets]]
+                                 "max|h|", "max/med norm-fed", "max/med down", "top-8 down", "gate/up",
+                                 "noise", *presets]]
     for p in points:
         s, e = summaries[p.name], evaluations.get(p.name)
         floor, exact = s.get("kurtosis_floor"), s.get("kurtosis_exact")
@@ -353,12 +367,13 @@ def ffn_reading(done: list[Point], summaries: dict[str, dict[str, Any]],
     if not variants or base is None:
         return []
     base_ppl = evaluations["osp-long"]["ppl_fp"]
-    lines = ["- outlier-safe FFN against osp-long (goal: w4a4kv4 <= 1.05, w4a4kv4+static <= 1.5, fp perplexity "
-             "within 2%, kurtosis <= 1.5x the floor; step time: osp bench train --variant):"]
+    lines = ["- outlier-safe FFN against osp-long (goal: w4a4kv4 <= 1.05, w4a4kv4+static <= 1.5, fp "
+             "perplexity within 2%, kurtosis <= 1.5x the floor; step time: osp bench train --variant):"]
     for p in [base, *variants]:
         e, s = evaluations[p.name], summaries[p.name]
         floor, exact = s.get("kurtosis_floor"), s.get("kurtosis_exact")
-        measured = {"w4a4kv4": e["ratios"].get("w4a4kv4"), "w4a4kv4+static": e["ratios"].get("w4a4kv4+static"),
+        measured = {"w4a4kv4": e["ratios"].get("w4a4kv4"),
+                    "w4a4kv4+static": e["ratios"].get("w4a4kv4+static"),
                     "ppl_fp": e["ppl_fp"] / base_ppl,
                     "kurtosis_floor_ratio": exact / floor if exact is not None and floor else None}
         parts, met = [], True
@@ -367,7 +382,8 @@ def ffn_reading(done: list[Point], summaries: dict[str, dict[str, Any]],
             met &= ok
             label = {"ppl_fp": "ppl / osp-long's", "kurtosis_floor_ratio": "kurtosis x floor"}.get(key, key)
             parts.append(f"{label} {_cell(value, '.3f')}{'' if ok else ' (misses)'}")
-        verdict = "baseline" if p.name == "osp-long" else ("meets the goal" if met else "does not meet the goal")
+        verdict = ("baseline" if p.name == "osp-long" else
+                   "meets the goal" if met else "does not meet the goal")
         lines.append(f"  - {p.name}: {', '.join(parts)}: {verdict}")
     return lines
 
@@ -375,11 +391,13 @@ def ffn_reading(done: list[Point], summaries: dict[str, dict[str, Any]],
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="osp bench sweep", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="points:\n" + "\n".join(f"  {pt.name:20s} {pt.axis}: {' '.join(pt.changes) or '-'}"
-                                                               for pt in POINTS))
+                                epilog="points:\n" + "\n".join(
+                                    f"  {pt.name:20s} {pt.axis}: {' '.join(pt.changes) or '-'}"
+                                    for pt in POINTS))
     p.add_argument("--points", nargs="+", choices=POINT_NAMES, default=POINT_NAMES, metavar="POINT",
                    help="points to train and evaluate, in the sweep's order (default: all)")
-    p.add_argument("--out", type=Path, default=Path("sweep"), help="output folder (runs/, logs/, sweep.md, sweep.json)")
+    p.add_argument("--out", type=Path, default=Path("sweep"),
+                   help="output folder (runs/, logs/, sweep.md, sweep.json)")
     p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                    help="extra `osp train` override for every point (repeatable), e.g. --set data=files "
                         "--set data.source.paths='corpus/*.txt'")
@@ -401,8 +419,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     asked = payload.get("asked", [])
     failed = [name for name in asked if "failed" in payload["points"][name]["summary"]]
     if failed:
-        raise SystemExit(f"osp bench sweep: {len(failed)} of {len(asked)} points failed ({', '.join(failed)}); "
-                         "see the reading in sweep.md")
+        raise SystemExit(f"osp bench sweep: {len(failed)} of {len(asked)} points failed "
+                         f"({', '.join(failed)}); see the reading in sweep.md")
     return payload
 
 
@@ -437,14 +455,15 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     previous = signal.signal(signal.SIGTERM, _forward_stop)
     try:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            trained = pool.map(lambda p: train_point(p, commands[p.name], runs_root, out / "logs", threads), points)
+            trained = pool.map(lambda p: train_point(p, commands[p.name], runs_root, out / "logs", threads),
+                               points)
             summaries = dict(zip([p.name for p in points], trained))
     finally:
         signal.signal(signal.SIGTERM, previous)
     if _STOP.is_set():
         _STOP.clear()
-        raise SystemExit("osp bench sweep: stopped by SIGTERM; the interrupted points saved a checkpoint: run the "
-                         "same command again to continue")
+        raise SystemExit("osp bench sweep: stopped by SIGTERM; the interrupted points saved a checkpoint: "
+                         "run the same command again to continue")
     settings = {"presets": args.presets, "blocks": args.blocks, "calib_blocks": args.calib_blocks,
                 "batch_size": args.batch_size, "noise_sigma": NOISE_SIGMA}
     evaluations = {}
@@ -462,7 +481,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     write_text(out / "sweep.md", markdown + "\n")
     payload = {"settings": settings, "goal": GOAL, "reading": notes,
                "points": {p.name: {"arm": p.arm, "axis": p.axis, "changes": list(p.changes),
-                                   "command": "osp train " + " ".join(shlex.quote(o) for o in commands[p.name]),
+                                   "command": "osp train " + " ".join(
+                                       shlex.quote(o) for o in commands[p.name]),
                                    "summary": summaries[p.name], "protocols": evaluations.get(p.name)}
                           for p in points}}
     write_json(out / "sweep.json", payload)

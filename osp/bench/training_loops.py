@@ -131,8 +131,11 @@ class Setup:
             torch.cuda.synchronize(self.device)
 
 
-def cross_entropy_of(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The objective of a plain loop: fp32 next-token cross-entropy of `forward`'s logits on a batch (B, T+1)."""
+def cross_entropy_of(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The objective of a plain loop: fp32 next-token cross-entropy of `forward`'s logits on
+    a batch (B, T+1)."""
     return lambda batch: next_token_loss(forward(batch[:, :-1]), batch[:, 1:])
 
 
@@ -314,11 +317,13 @@ def osp_step(setup: Setup, model_cfg: ModelConfig, optim_cfg: OptimConfig, loss:
     module = LanguageModelModule(model_cfg, optim_cfg, loss=loss).to(setup.device)
     optimizer = optim_cfg.build(module.model)
     scheduler = optim_cfg.build_scheduler(optimizer, total_steps=10**6)
-    return BareLoop(setup, module.model, optimizer, lambda batch: module.objective(batch)[1], scheduler), module.model
+    return (BareLoop(setup, module.model, optimizer, lambda batch: module.objective(batch)[1], scheduler),
+            module.model)
 
 
 def variant_configs(setup: Setup, settings: list[str]) -> tuple[ModelConfig, OptimConfig, dict[str, Any]]:
-    """The bench's model and optimizer with `model.KEY=VALUE`, `optim.KEY=VALUE` and `loss.KEY=VALUE` applied."""
+    """The bench's model and optimizer with `model.KEY=VALUE`, `optim.KEY=VALUE` and `loss.KEY=VALUE`
+    applied."""
     from osp.errors import ConfigError
 
     changes: dict[str, dict[str, Any]] = {"model": {}, "optim": {}, "loss": {}}
@@ -326,7 +331,8 @@ def variant_configs(setup: Setup, settings: list[str]) -> tuple[ModelConfig, Opt
         key, sep, text = item.partition("=")
         group, _, name = key.partition(".")
         if not sep or group not in changes or not name:
-            raise ConfigError(f"--variant setting {item!r}: use model.KEY=VALUE, optim.KEY=VALUE or loss.KEY=VALUE")
+            raise ConfigError(f"--variant setting {item!r}: use model.KEY=VALUE, optim.KEY=VALUE "
+                              "or loss.KEY=VALUE")
         changes[group][name] = yaml_value(text)
     model_cfg = ModelConfig.from_dict({**setup.model_cfg.to_dict(), **changes["model"]})
     optim_cfg = OptimConfig.from_dict({**setup.optim_cfg.to_dict(), **changes["optim"]})
@@ -437,8 +443,9 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"loops to time (default: all of {', '.join(repr(n) for n in LOOPS)})")
     p.add_argument("--no-callbacks", action="store_true", help="skip the callback-cost table")
     p.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
-                   help="one more `osp step` loop with model.*, optim.* or loss.* settings changed, timed side by "
-                        "side with `osp step` (repeatable), e.g. --variant tail loss.ffn_tail_weight=1")
+                   help="one more `osp step` loop with model.*, optim.* or loss.* settings changed, timed "
+                        "side by side with `osp step` (repeatable), "
+                        "e.g. --variant tail loss.ffn_tail_weight=1")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
@@ -466,8 +473,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     times = time_loops(loops, args.steps, args.reps, args.warmup, args.seed)
     print(f"osp bench train: d {args.d_model}, {args.n_layers} layers, {args.n_heads} heads, "
           f"FFN {args.ffn_hidden}, vocab {args.vocab_size}, batch {args.batch_size} x {args.seq_len} = "
-          f"{tokens:,} tokens, {args.precision}, osp optim={args.optim}, grad clip {setup.optim_cfg.grad_clip}; "
-          f"median of {args.reps} x {args.steps} interleaved steps\n{machine(device)}\n")
+          f"{tokens:,} tokens, {args.precision}, osp optim={args.optim}, "
+          f"grad clip {setup.optim_cfg.grad_clip}; median of {args.reps} x {args.steps} interleaved steps\n"
+          f"{machine(device)}\n")
     print(format_rows([["loop", "params", "step ms", "spread", "tokens/s", "vs plain"],
                        *loop_rows(times, params, tokens)]))
     result: dict[str, Any] = {"tokens_per_step": tokens,

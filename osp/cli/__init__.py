@@ -1,4 +1,5 @@
-"""`osp` command line: train | export | eval | report | data | bench | plan, one module per subcommand here."""
+"""`osp` command line: train | export | eval | report | data | bench | plan, one module per subcommand
+here."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@
 
 Settings come from the preset `configs/data/<source>.yaml` (or --config), then `key=value` overrides, exactly as
 `osp train data=<source> data.key=value` would compose them, so a prepared cache is the one training finds.
-"""
+"""  # noqa: E501 - printed as is by `osp data --help` (RawDescriptionHelpFormatter)
 
 from __future__ import annotations
 

@@ -30,10 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kurtosis", action="store_true", help="only the outlier statistics")
     p.add_argument("--quant", metavar="PRESET", help="only perplexity: fp and PRESET (e.g. w4a4kv4, w4a16)")
     p.add_argument("--hadamard", action="store_true", help="online Hadamard on the down-projection input")
-    p.add_argument("--gptq", action="store_true", help="GPTQ weights (calibrated on training text) instead of RTN")
-    p.add_argument("--quant-blocks", type=positive_int, default=16, help="held-out blocks for perplexity (QuantEval default)")
-    p.add_argument("--kurtosis-blocks", type=positive_int, default=8, help="held-out blocks for kurtosis (OutlierMonitor default)")
-    p.add_argument("--batch-size", type=positive_int, default=4, help="blocks per forward pass (QuantEval default)")
+    p.add_argument("--gptq", action="store_true",
+                   help="GPTQ weights (calibrated on training text) instead of RTN")
+    p.add_argument("--quant-blocks", type=positive_int, default=16,
+                   help="held-out blocks for perplexity (QuantEval default)")
+    p.add_argument("--kurtosis-blocks", type=positive_int, default=8,
+                   help="held-out blocks for kurtosis (OutlierMonitor default)")
+    p.add_argument("--batch-size", type=positive_int, default=4,
+                   help="blocks per forward pass (QuantEval default)")
     p.add_argument("--calib-blocks", type=positive_int, default=32,
                    help="training blocks for calibration (GPTQ weights, +static activation scales)")
     p.add_argument("--attribute", action="store_true",
@@ -129,7 +133,8 @@ def _evaluate(args: argparse.Namespace, model: torch.nn.Module, data: Any, do_qu
         if args.attribute:
             from osp.quant.attribution import attribute, format_attribution
 
-            results["attribution"] = attribute(model, blocks, cfg, calib_blocks=calib, batch_size=args.batch_size)
+            results["attribution"] = attribute(model, blocks, cfg, calib_blocks=calib,
+                                               batch_size=args.batch_size)
             print(format_attribution(results["attribution"], top=args.attribute_top))
     if do_kurtosis:
         ids = data.heldout_blocks(args.kurtosis_blocks)[:, :-1].to(args.device)

@@ -46,9 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-shard-size", default=None,
                         help="hf only: split weights into shards of at most this size (default: 5GB)")
     parser.add_argument("--smooth", nargs="?", type=float, const=DEFAULT_ALPHA, metavar="ALPHA",
-                        help="fold SmoothQuant per-channel scales (the +smooth presets' calibration, migration "
-                             f"strength ALPHA, default {DEFAULT_ALPHA}) into up_proj, the norm gains and their "
-                             "readers: a model whose 4-bit activations lose less, at no cost at inference")
+                        help="fold SmoothQuant per-channel scales (the +smooth presets' calibration, "
+                             f"migration strength ALPHA, default {DEFAULT_ALPHA}) into up_proj, the norm "
+                             "gains and their readers: a model whose 4-bit activations lose less, at no cost "
+                             "at inference")
     parser.add_argument("--calib-blocks", type=positive_int, default=32,
                         help="--smooth: training blocks of the run to calibrate on (default: %(default)s)")
     return parser
@@ -84,8 +85,8 @@ def check_outside_runs(out: Path) -> None:
     target = out.resolve()
     run = run_of(target if target.is_dir() else target.parent)
     if run is not None:
-        raise OutputExistsError(f"{out} is in the run dir {run}, whose files belong to its run; export beside the "
-                                "run (osp export RUN_DIR ../my-export)")
+        raise OutputExistsError(f"{out} is in the run dir {run}, whose files belong to its run; "
+                                "export beside the run (osp export RUN_DIR ../my-export)")
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -132,8 +133,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     if args.format == "gguf":
-        print(f"osp export: wrote {Path(out).resolve()}  (llama.cpp: llama-completion -m {out} -p 'Once upon a "
-              "time' -n 64)")
+        print(f"osp export: wrote {Path(out).resolve()}  "
+              f"(llama.cpp: llama-completion -m {out} -p 'Once upon a time' -n 64)")
         return
     plain, _ = model.llama_compatible()
     how = ("LlamaForCausalLM: AutoModelForCausalLM.from_pretrained(path)" if plain else

@@ -17,12 +17,14 @@ def main(argv: list[str] | None = None) -> None:
     from osp.conf import compose
 
     parser = argparse.ArgumentParser(
-        prog="osp plan", description="Parameters, memory per device, FLOPs and time of a train config on GPUs "
+        prog="osp plan",
+        description="Parameters, memory per device, FLOPs and time of a train config on GPUs "
         "(model built on the meta device; nothing is allocated).")
     parser.add_argument("overrides", nargs="*", help="train config overrides, as for osp train")
     parser.add_argument("--gpu", default="h100", choices=sorted(GPUS))
     parser.add_argument("--gpus-per-node", type=positive_int, default=8)
-    parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization assumed (default 0.4)")
+    parser.add_argument("--mfu", type=float, default=0.4,
+                        help="model FLOPs utilization assumed (default 0.4)")
     parser.add_argument("--vocab-size", type=positive_int,
                         help="the model's vocabulary, if the tokenizer is not at hand")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -34,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"osp plan: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except Exception as err:  # noqa: BLE001 - Hydra/OmegaConf errors: one line
-        print(f"osp plan: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        print(f"osp plan: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
+              file=sys.stderr)
         raise SystemExit(2) from None
     print(json.dumps({**asdict(p), "fits": p.fits}, indent=2) if args.json else format_plan(p, cfg))

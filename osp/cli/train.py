@@ -23,7 +23,8 @@ from osp.training.rundir import RunLock
 
 
 def moved_key_hint(message: str) -> str:
-    """For `data.<key>=...` refused as not in the config where <key> is a source's setting: where it lives now."""
+    """For `data.<key>=...` refused as not in the config where <key> is a source's setting: where it lives
+    now."""
     import re
 
     from osp.data import SOURCES
@@ -111,10 +112,11 @@ def checked_and_locked(cfg: DictConfig) -> RunLock:
 
 # Hydra's flags that only print (the config, help, info) and write nothing; the multirun flag; flags whose
 # value follows them. Every other flag is refused by check_hydra_flags.
-READ_ONLY_FLAGS = ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--resolve", "--package", "-p",
-                   "--shell-completion", "-sc")
+READ_ONLY_FLAGS = ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--resolve", "--package",
+                   "-p", "--shell-completion", "-sc")
 MULTIRUN_FLAGS = ("--multirun", "-m")
-# Overrides of Hydra's own output placement, which osp ties to the run dir (its record beside its checkpoints).
+# Overrides of Hydra's own output placement, which osp ties to the run dir (its record beside its
+# checkpoints).
 HYDRA_PLACEMENT = ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir", "hydra.output_subdir",
                    "hydra.job.chdir")
 
@@ -125,9 +127,9 @@ def check_hydra_flags(args: list[str]) -> None:
     for arg in args:
         key = arg.split("=", 1)[0].lstrip("+~")
         if arg.startswith("-") and arg.split("=", 1)[0] not in READ_ONLY_FLAGS + MULTIRUN_FLAGS:
-            raise SystemExit(f"osp train: error: {arg.split('=', 1)[0]} is not an option of osp train: its config "
-                             "is configs/train.yaml, changed by recipe=NAME and key=value overrides "
-                             "(--cfg job prints it, -m sweeps)")
+            raise SystemExit(f"osp train: error: {arg.split('=', 1)[0]} is not an option of osp train: "
+                             "its config is configs/train.yaml, changed by recipe=NAME and key=value "
+                             "overrides (--cfg job prints it, -m sweeps)")
         if key in HYDRA_PLACEMENT:
             raise SystemExit(f"osp train: error: {key} is where osp keeps the run's record beside its "
                              "checkpoints; set run_name=, runs_root= or run_dir= instead")
@@ -161,8 +163,8 @@ def start_checks(args: list[str]) -> RunLock | None:
         # Hydra's override grammar and defaults list raise plain ValueErrors too (`recipe=-1`).
         raise SystemExit(f"osp train: error: {composition_error(err)}{moved_key_hint(str(err))}") from None
     except OSError as err:
-        raise SystemExit(f"osp train: error: {environment_fault(err, **TRAIN_FAULT_HINTS) or one_line(str(err))}"
-                         ) from None
+        raise SystemExit("osp train: error: "
+                         f"{environment_fault(err, **TRAIN_FAULT_HINTS) or one_line(str(err))}") from None
     return lock
 
 

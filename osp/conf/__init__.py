@@ -1,5 +1,5 @@
-"""osp's Hydra configuration: `configs/` (`train.yaml` and its groups) and `recipes/` (the `recipe` group), at the
-top level of a checkout and installed with the package as `osp/configs` and `osp/recipes` (pyproject's
+"""osp's Hydra configuration: `configs/` (`train.yaml` and its groups) and `recipes/` (the `recipe` group), at
+the top level of a checkout and installed with the package as `osp/configs` and `osp/recipes` (pyproject's
 package-dir), so a wheel trains exactly as a checkout does.
 
 `compose(overrides)` is the one way to get the config `osp train <overrides>` would run with; `osp train`
@@ -7,8 +7,8 @@ itself, `osp plan`, `osp data`, the benches and the tests all go through it.
 
 Some options are registered in Hydra's config store rather than searched as files: the `recipe` group (every
 `recipes/<name>.yaml`, each a global package, as `osp train recipe=<name>` selects it), and `model/base`,
-`optim/base`, `loss/base` and `logger/base`, which are the dataclasses ModelConfig, OptimConfig, TailLossConfig and
-LoggerConfig themselves
+`optim/base`, `loss/base` and `logger/base`, which are the dataclasses ModelConfig, OptimConfig,
+TailLossConfig and LoggerConfig themselves
 (osp.config_base): the presets extend them, so OmegaConf checks every key and type at composition and a
 preset holds only what differs from the code defaults.
 """
@@ -35,8 +35,8 @@ from osp.training.tail_loss import TailLossConfig
 
 
 def shipped_dir(name: str) -> Path:
-    """`configs` or `recipes`: the installed package osp.<name> (a wheel, or an editable install of a checkout),
-    else the folder at the top of the checkout this package sits in."""
+    """`configs` or `recipes`: the installed package osp.<name> (a wheel, or an editable install of a
+    checkout), else the folder at the top of the checkout this package sits in."""
     spec = importlib.util.find_spec(f"osp.{name}")
     if spec is not None and spec.submodule_search_locations:
         return Path(next(iter(spec.submodule_search_locations)))
@@ -51,7 +51,8 @@ for _group, _config in (("model", ModelConfig), ("optim", OptimConfig), ("loss",
                         ("logger", LoggerConfig)):
     ConfigStore.instance().store(group=_group, name="base", node=_config.schema())
 for _recipe in sorted(RECIPE_DIR.glob("*.yaml")):
-    ConfigStore.instance().store(group="recipe", name=_recipe.stem, node=OmegaConf.load(_recipe), package="_global_")
+    ConfigStore.instance().store(group="recipe", name=_recipe.stem, node=OmegaConf.load(_recipe),
+                                 package="_global_")
 
 
 def compose(overrides: Sequence[str] = (), config_name: str | None = TRAIN_CONFIG) -> DictConfig:

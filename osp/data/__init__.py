@@ -1,4 +1,5 @@
-"""Data pipeline: a text source -> tokenizer -> token shards -> held-out blocks and per-rank, resumable batches.
+"""Data pipeline: a text source -> tokenizer -> token shards -> held-out blocks and per-rank, resumable
+batches.
 
     from osp.data import DataConfig, TokenPipeline
     pipeline = TokenPipeline(DataConfig.from_dict({"source": {"kind": "files", "paths": "corpus/*.txt"}}))

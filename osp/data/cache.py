@@ -1,4 +1,5 @@
-"""Cache location, content hashing and an inter-process lock for the data pipeline (atomic writes: osp.atomic).
+"""Cache location, content hashing and an inter-process lock for the data pipeline (atomic writes:
+osp.atomic).
 
 Everything the pipeline builds (extracted corpora, trained tokenizers, token shards) lives under one
 root so that `osp data info` can show it and a user can delete it in one place:

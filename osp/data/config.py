@@ -10,7 +10,8 @@ The node has the settings every source shares at its top level and one nested no
 
 `TokenPipeline(DataConfig.from_dict(node))` (osp.data.pipeline) is the Lightning-free pipeline (tokenizer,
 shards, held-out blocks, per-rank batches); `PretrainDataModule(pipeline)` (osp.data.datamodule) wraps it in
-the LightningDataModule that training uses. Every error names the key (`data.source.val_fractio is not a setting of the files source; its settings: ...`).
+the LightningDataModule that training uses. Every error names the key
+(`data.source.val_fractio is not a setting of the files source; its settings: ...`).
 """
 
 from __future__ import annotations
@@ -59,9 +60,10 @@ class DataConfig:
     """Validated data settings. `seq_len` and `batch_size` are per rank and micro-batch.
 
     tokenizer: "bpe" (trained on the training split; `vocab_size` is its size, and the model's vocabulary is
-    read back from the pipeline) or a pretrained name/path (`vocab_size` is then only what `osp plan` assumes).
-    tokenizer_train_chars caps the BPE training text. val_blocks: held-out blocks in each validation (None: all).
-    The defaults are those of `configs/data/demo.yaml`.
+    read back from the pipeline) or a pretrained name/path (`vocab_size` is then only what `osp plan`
+    assumes).
+    tokenizer_train_chars caps the BPE training text. val_blocks: held-out blocks in each validation (None:
+    all). The defaults are those of `configs/data/demo.yaml`.
     """
 
     source: TextSource = dataclasses.field(default_factory=DemoCorpus)
@@ -78,8 +80,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         nullable = ("val_blocks", "tokenizer_train_chars")
-        for key, low in (("vocab_size", 1), ("seq_len", 1), ("batch_size", 1), ("num_workers", 0), ("seed", 0),
-                         ("val_blocks", 0), ("tokenizer_train_chars", 1)):
+        for key, low in (("vocab_size", 1), ("seq_len", 1), ("batch_size", 1), ("num_workers", 0),
+                         ("seed", 0), ("val_blocks", 0), ("tokenizer_train_chars", 1)):
             value = getattr(self, key)
             if value is None and key in nullable:
                 continue
@@ -89,10 +91,13 @@ class DataConfig:
         if not isinstance(self.pin_memory, bool):
             raise ConfigError(f"data.pin_memory={self.pin_memory!r} must be true or false")
         if not isinstance(self.tokenizer, str) or not self.tokenizer:
-            raise ConfigError(f"data.tokenizer={self.tokenizer!r} must be 'bpe' or a tokenizer name or folder")
+            raise ConfigError(f"data.tokenizer={self.tokenizer!r} must be 'bpe' or a tokenizer name "
+                              "or folder")
         if not isinstance(self.source, TextSource):
-            raise ConfigError(f"data.source must be a source; build it with DataConfig.from_dict, got {self.source!r}")
-        if getattr(self.source, "cache_dir", self.cache_dir) != self.cache_dir:  # one cache root for everything
+            raise ConfigError("data.source must be a source; build it with DataConfig.from_dict, "
+                              f"got {self.source!r}")
+        # one cache root for everything
+        if getattr(self.source, "cache_dir", self.cache_dir) != self.cache_dir:
             object.__setattr__(self, "source", dataclasses.replace(self.source, cache_dir=self.cache_dir))
 
     @classmethod
@@ -111,8 +116,8 @@ class DataConfig:
         allowed = [f.name for f in fields(cls)]
         unknown = sorted(set(values) - set(allowed))
         if unknown:
-            raise ConfigError(f"data.{unknown[0]} is not a data setting (settings: {', '.join(allowed)}; a source's "
-                              "own settings go under data.source)")
+            raise ConfigError(f"data.{unknown[0]} is not a data setting (settings: {', '.join(allowed)}; "
+                              "a source's own settings go under data.source)")
         source = build_source(values.pop("source", {"kind": "demo"}), values.get("cache_dir"))
         return cls(source=source, **values)
 
@@ -135,7 +140,8 @@ def _plain(node: Any) -> dict[str, Any]:
             node = OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
         except MissingMandatoryValue as err:
             key = err.full_key if err.full_key.startswith("data.") else f"data.{err.full_key}"
-            raise ConfigError(f"{key} is required (the preset leaves it ???): set it, e.g. {key}=...") from None
+            raise ConfigError(f"{key} is required (the preset leaves it ???): set it, "
+                              f"e.g. {key}=...") from None
     if not isinstance(node, Mapping):
         raise ConfigError(f"the data config must be a mapping, got {type(node).__name__}")
     return dict(node)

@@ -1,4 +1,5 @@
-"""`PretrainDataModule`: the LightningDataModule over a `TokenPipeline` (osp.data.pipeline) — rank, resume state.
+"""`PretrainDataModule`: the LightningDataModule over a `TokenPipeline` (osp.data.pipeline) — rank, resume
+state.
 
     dm = PretrainDataModule(TokenPipeline(DataConfig.from_dict(cfg.data)))      # what `osp train` does
     trainer.fit(module, datamodule=dm)
@@ -50,7 +51,8 @@ class PretrainDataModule(L.LightningDataModule):
     """Lightning's view of a `TokenPipeline`. world_size/rank: normally taken from the trainer or
     torch.distributed; pass both to override (tests, tools that shard by hand)."""
 
-    def __init__(self, pipeline: TokenPipeline, *, world_size: int | None = None, rank: int | None = None) -> None:
+    def __init__(self, pipeline: TokenPipeline, *, world_size: int | None = None,
+                 rank: int | None = None) -> None:
         super().__init__()
         if (world_size is None) != (rank is None):
             raise ValueError("world_size and rank go together (or leave both unset)")

@@ -113,8 +113,10 @@ def load_shard(path: Path) -> TokenShard | None:
     return shard
 
 
-def _chunks(token_docs: Iterable[np.ndarray], dtype: np.dtype, eos_id: int, count: list[int]) -> Iterator[np.ndarray]:
-    """The stream (every document followed by EOS) in arrays of about _WRITE_CHUNK tokens; counts documents."""
+def _chunks(token_docs: Iterable[np.ndarray], dtype: np.dtype, eos_id: int,
+            count: list[int]) -> Iterator[np.ndarray]:
+    """The stream (every document followed by EOS) in arrays of about _WRITE_CHUNK tokens; counts
+    documents."""
     eos = np.array([eos_id], dtype=dtype)
     pending: list[np.ndarray] = []
     pending_len = 0
@@ -179,7 +181,8 @@ def cached_shard(path: Path, token_docs: Iterable[np.ndarray], *, dtype: np.dtyp
     with file_lock(Path(path).parent / f".{Path(path).name}.lock"):
         shard = load_shard(path)
         if shard is None:
-            shard = write_shard(path, token_docs, dtype=dtype, eos_id=eos_id, meta=meta, piece_tokens=piece_tokens)
+            shard = write_shard(path, token_docs, dtype=dtype, eos_id=eos_id, meta=meta,
+                                piece_tokens=piece_tokens)
     return shard
 
 

@@ -226,11 +226,13 @@ class TokenPipeline:
         return self._shards[split]
 
     def blocks(self, split: Split, needed: int = 1, what: str = "one block") -> PackedBlocks:
-        """The split as blocks of seq_len + 1 tokens; fails with what to do when it has fewer than `needed`."""
+        """The split as blocks of seq_len + 1 tokens; fails with what to do when it has fewer than
+        `needed`."""
         shard = self.shard(split)
         blocks = PackedBlocks(shard, self.block_len)
-        require_blocks(len(blocks), needed, split=split, block_len=self.block_len, num_tokens=shard.num_tokens,
-                       what=what, hint=self.source.val_hint() if split == "val" else "")
+        require_blocks(len(blocks), needed, split=split, block_len=self.block_len,
+                       num_tokens=shard.num_tokens, what=what,
+                       hint=self.source.val_hint() if split == "val" else "")
         return blocks
 
     def prepare(self) -> None:
@@ -244,7 +246,8 @@ class TokenPipeline:
     # validation and calibration
 
     def heldout_order(self) -> np.ndarray:
-        """The validation blocks' fixed order (seeded by HELDOUT_SEED): the first n are `heldout_blocks(n)`."""
+        """The validation blocks' fixed order (seeded by HELDOUT_SEED): the first n are
+        `heldout_blocks(n)`."""
         return np.random.default_rng(HELDOUT_SEED).permutation(len(self.blocks("val")))
 
     def heldout_blocks(self, n: int) -> torch.Tensor:
@@ -270,12 +273,13 @@ class TokenPipeline:
     # training
 
     def train_dataset(self, rank: int, world_size: int, progress: TrainProgress) -> IterableDataset:
-        """This rank's micro-batches (LongTensor (batch_size, seq_len + 1) each), from `progress.consumed` on."""
+        """This rank's micro-batches (LongTensor (batch_size, seq_len + 1) each), from `progress.consumed`
+        on."""
         cfg = self.config
         if self.source.streaming:
             return StreamedBatches(self.source, DocumentEncoder(self.tokenizer),  # type: ignore[arg-type]
-                                   self.tokenizer.eos_token_id, self.block_len, cfg.batch_size, rank, world_size,
-                                   progress)
+                                   self.tokenizer.eos_token_id, self.block_len, cfg.batch_size, rank,
+                                   world_size, progress)
         what = f"one global batch (batch_size {cfg.batch_size} x world_size {world_size})"
         blocks = self.blocks("train", cfg.batch_size * world_size, what=what)
         schedule = BatchSchedule(len(blocks), cfg.batch_size, world_size, rank, cfg.seed)

@@ -81,7 +81,8 @@ def export_gguf(
     cfg = model.cfg
     check_vocabulary(tok, cfg.vocab_size)
     file_type, _ = OUTTYPES[outtype]
-    tensors = list(gguf_tensors(model, outtype, smoothing))  # before the file exists: a failure leaves nothing
+    # before the file exists: a failure leaves nothing
+    tensors = list(gguf_tensors(model, outtype, smoothing))
     with atomic_file(path, force) as tmp:
         writer = gguf.GGUFWriter(tmp, ARCH)
         try:

@@ -63,9 +63,9 @@ def export_hf(
     Writes config.json, generation_config.json, safetensors weights (sharded with an index above
     `max_shard_size`), tokenizer files and, for non-Llama blocks, the custom modeling code. `dtype`
     casts the weights (default: as trained); `smoothing` (osp.quant.w4a4.smoothing_of of a +smooth preset) is
-    folded into the weights (a smooth_swiglu model's own is folded by default). The folder appears atomically; a non-empty `out_dir` is
-    refused unless `force`, which replaces it. Warns (LayoutWarning) when QuaRot/SpinQuant would
-    reject the shapes. Returns the folder.
+    folded into the weights (a smooth_swiglu model's own is folded by default). The folder appears atomically;
+    a non-empty `out_dir` is refused unless `force`, which replaces it. Warns (LayoutWarning) when
+    QuaRot/SpinQuant would reject the shapes. Returns the folder.
     """
     out_dir = Path(out_dir)
     check_target(out_dir, force)  # fail before any work
@@ -78,10 +78,12 @@ def export_hf(
     warn_layout(cfg, tied)
     tensors = hf_state_dict(model, _as_dtype(dtype), tied=tied, smoothing=smoothing)
     weight_dtype = tensors["model.embed_tokens.weight"].dtype
-    config = llama_config(model, weight_dtype, tok) if plain else osp_config(model, weight_dtype, tok, reasons)
+    config = (llama_config(model, weight_dtype, tok) if plain
+              else osp_config(model, weight_dtype, tok, reasons))
     if smoothing:
-        config["osp"]["folded"].append(f"+smooth per-channel scales of {sum(len(s.readers) for s in smoothing)} "
-                                       "linear inputs folded into up_proj, the norm gains and their readers")
+        config["osp"]["folded"].append(f"+smooth per-channel scales of "
+                                       f"{sum(len(s.readers) for s in smoothing)} linear inputs folded into "
+                                       "up_proj, the norm gains and their readers")
     check_loadable(config, tensors)
     with atomic_directory(out_dir, force=force) as tmp:
         _write_json(tmp / "config.json", config)
@@ -104,9 +106,9 @@ def hf_state_dict(model: Transformer, dtype: torch.dtype | None = None, tied: bo
     Parameters keep osp's names (which are HF Llama's) under the `model.` prefix, except `lm_head`.
     Every norm contributes its `llama_weight()` (an SSNorm scalar becomes g * 1_d); EmbProj is merged
     into the embedding and head (exact up to rounding: done in fp64), and per-channel smoothing (`smoothing`,
-    default: a smooth_swiglu model's own) into up_proj, the norm gains and their readers. With `tied` (default: the model's
-    tie_embeddings) the head is left out, since `tie_word_embeddings` restores it. Other parameters
-    (gates, GatedNorm, PreAffine) are copied as is.
+    default: a smooth_swiglu model's own) into up_proj, the norm gains and their readers. With `tied`
+    (default: the model's tie_embeddings) the head is left out, since `tie_word_embeddings` restores it. Other
+    parameters (gates, GatedNorm, PreAffine) are copied as is.
     """
     state: dict[str, torch.Tensor] = dict(model.state_dict())
     for name, module in model.named_modules():
@@ -276,5 +278,6 @@ def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ExportError(f"dtype={dtype!r} is not allowed; choose one of {list(DTYPES)} (or None: as trained)")
+        raise ExportError(f"dtype={dtype!r} is not allowed; choose one of {list(DTYPES)} "
+                          "(or None: as trained)")
     return DTYPES[dtype]

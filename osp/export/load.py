@@ -177,7 +177,8 @@ def _model_config(checkpoint: dict[str, Any], path: Path) -> ModelConfig:
 
 
 def _strip_model_prefix(state_dict: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
-    state = {key.removeprefix("model."): value for key, value in state_dict.items() if key.startswith("model.")}
+    state = {key.removeprefix("model."): value for key, value in state_dict.items()
+             if key.startswith("model.")}
     if not state:
         raise CheckpointError(f"{path}: state_dict has no 'model.' keys (found {_few(sorted(state_dict))}); "
                               "not an osp LanguageModelModule checkpoint")

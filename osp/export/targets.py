@@ -32,7 +32,8 @@ def not_export_entries(folder: Path) -> list[str]:
 
 
 def check_target(target: Path, force: bool) -> None:
-    """Refuse a target folder that is not empty (unless `force`, and then only an earlier export), or a file."""
+    """Refuse a target folder that is not empty (unless `force`, and then only an earlier export), or a
+    file."""
     if target.exists() and not target.is_dir():
         raise OutputExistsError(f"{target} exists and is not a directory")
     if not (target.is_dir() and any(target.iterdir())):
@@ -46,8 +47,8 @@ def check_target(target: Path, force: bool) -> None:
         raise OutputExistsError(f"{target} holds files that are not an export ({shown}); osp export replaces "
                               "only an earlier export, even with --force: choose another target")
     if not (target / "config.json").is_file():  # e.g. a run's tokenizer/ folder: export-named files only
-        raise OutputExistsError(f"{target} is not an earlier export (no config.json); osp export replaces only an "
-                              "earlier export, even with --force: choose another target")
+        raise OutputExistsError(f"{target} is not an earlier export (no config.json); osp export replaces "
+                              "only an earlier export, even with --force: choose another target")
 
 
 def check_file_target(target: Path, force: bool) -> None:
@@ -60,8 +61,8 @@ def check_file_target(target: Path, force: bool) -> None:
         raise OutputExistsError(f"{target} exists; pass force=True (osp export --force) to replace it")
     with open(target, "rb") as handle:
         if handle.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
-            raise OutputExistsError(f"{target} is not a GGUF file; osp export replaces only an earlier export, "
-                                  "even with --force: choose another target")
+            raise OutputExistsError(f"{target} is not a GGUF file; osp export replaces only an earlier "
+                                  "export, even with --force: choose another target")
 
 
 @contextmanager

@@ -35,20 +35,22 @@ def load_tokenizer(folder: str | Path, required: bool = False) -> Any:
 
 
 def check_vocabulary(tokenizer: Any, vocab_size: int) -> None:
-    """Refuse a tokenizer whose vocabulary is not the model's, in either direction: ids the model cannot embed,
-    or rows of the model that no token reaches (another run's tokenizer, most likely). The one difference
-    allowed is a model vocabulary padded to the next multiple of 64 or 128, as converters and trainers pad."""
+    """Refuse a tokenizer whose vocabulary is not the model's, in either direction: ids the model cannot
+    embed, or rows of the model that no token reaches (another run's tokenizer, most likely). The one
+    difference allowed is a model vocabulary padded to the next multiple of 64 or 128, as converters and
+    trainers pad."""
     if tokenizer is None:
         return
     ids = max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
     padded = {ids, -(-ids // 64) * 64, -(-ids // 128) * 128}
     if vocab_size not in padded:
-        raise ExportError(f"the tokenizer has {ids} tokens but the model's vocab_size is {vocab_size}; export "
-                          "with the tokenizer the model was trained with (--tokenizer PATH)")
+        raise ExportError(f"the tokenizer has {ids} tokens but the model's vocab_size is {vocab_size}; "
+                          "export with the tokenizer the model was trained with (--tokenizer PATH)")
 
 
 def as_tokenizer(tokenizer: Any) -> Any:
-    """An HF tokenizer object as it is; a folder path is loaded (it must hold a tokenizer); None stays None."""
+    """An HF tokenizer object as it is; a folder path is loaded (it must hold a tokenizer); None stays
+    None."""
     if tokenizer is None or hasattr(tokenizer, "save_pretrained"):
         return tokenizer
     if not Path(tokenizer).is_dir():

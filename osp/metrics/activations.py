@@ -44,17 +44,18 @@ __all__ = [
     "gate_up_alignments",
 ]
 
-# The quantized linear inputs by what produces them: an RMSNorm (q/k/v and gate/up read one tensor, named after
-# its first reader), the attention (o_proj) and the SwiGLU product (down_proj).
+# The quantized linear inputs by what produces them: an RMSNorm (q/k/v and gate/up read one tensor, named
+# after its first reader), the attention (o_proj) and the SwiGLU product (down_proj).
 INPUT_KINDS = {"q_proj": "norm_fed", "gate_proj": "norm_fed", "o_proj": "o_proj", "down_proj": "down_proj"}
 
 
 def input_kind(site: str) -> str | None:
-    """"norm_fed", "o_proj" or "down_proj" for a linear-input site name ("block_01.mlp.down_proj"), else None."""
+    """"norm_fed", "o_proj" or "down_proj" for a linear-input site name ("block_01.mlp.down_proj"), else
+    None."""
     return INPUT_KINDS.get(site.rsplit(".", 1)[-1])
 
-# How the tokens reach the model for a measurement: each alone at position 0 (OSP's evaluate_kurtosis.py, comparable
-# with the paper) or in their sequences.
+# How the tokens reach the model for a measurement: each alone at position 0 (OSP's evaluate_kurtosis.py,
+# comparable with the paper) or in their sequences.
 Feed = Literal["osp_exact", "context"]
 FEEDS: tuple[str, ...] = ("osp_exact", "context")
 

@@ -84,7 +84,9 @@ class Attention(nn.Module):
         # A parameter-free submodule rather than a function, so that it declares how it exports.
         self.core = ATTENTION_CORES[cfg.attn_softmax](cfg)
         # Set by the W4A4 view for the duration of an evaluation: (k, v) -> (k, v), after RoPE.
-        self.kv_quantizer: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.kv_quantizer: (
+            Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None
+        ) = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape

@@ -23,8 +23,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 class ModelConfig(ConfigBase):
     """Sizes and block choices of a Llama-style decoder.
 
-    Every field is a plain value so the config round-trips through YAML, JSON and `config.json`; the fields are
-    the `model` node's schema (osp.config_base).
+    Every field is a plain value so the config round-trips through YAML, JSON and `config.json`; the fields
+    are the `model` node's schema (osp.config_base).
     """
 
     SECTION: ClassVar[str] = "model"
@@ -72,11 +72,13 @@ class ModelConfig(ConfigBase):
             value = getattr(self, key)
             if value not in allowed:
                 raise ConfigError(f"model.{key}={value!r} is not allowed; choose one of {list(allowed)}")
-        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len"):
+        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden",
+                    "max_seq_len"):
             if int(getattr(self, key)) <= 0:
                 raise ConfigError(f"model.{key} must be a positive integer, got {getattr(self, key)!r}")
         if self.d_model % self.n_heads:
-            raise ConfigError(f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
+            raise ConfigError(f"model.d_model={self.d_model} must be divisible by "
+                              f"model.n_heads={self.n_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for RoPE (d_model / n_heads)")
         if self.n_heads % self.n_kv_heads:

@@ -45,5 +45,6 @@ class SwiGLU(nn.Module):
     def _track(self, h: torch.Tensor) -> None:
         peak = h.abs().flatten(0, -2).amax(0).float()
         seen = self.output_absmax > 0
-        self.output_absmax.copy_(torch.where(seen, ABSMAX_DECAY * self.output_absmax + (1 - ABSMAX_DECAY) * peak,
+        self.output_absmax.copy_(torch.where(seen,
+                                             ABSMAX_DECAY * self.output_absmax + (1 - ABSMAX_DECAY) * peak,
                                              peak))

@@ -68,23 +68,27 @@ class OptimConfig(ConfigBase):
         for key, allowed in (("name", OPTIMIZERS), ("schedule", SCHEDULES), ("decay_shape", DECAY_SHAPES),
                              ("update_scale", UPDATE_SCALES), ("ns_dtype", NS_DTYPES), ("ns_fit", NS_FITS)):
             if getattr(self, key) not in allowed:
-                raise ConfigError(f"optim.{key}={getattr(self, key)!r} is not supported; allowed: {', '.join(allowed)}")
+                raise ConfigError(f"optim.{key}={getattr(self, key)!r} is not supported; "
+                                  f"allowed: {', '.join(allowed)}")
         if not isinstance(self.nesterov, bool):
             raise ConfigError(f"optim.nesterov={self.nesterov!r} must be true or false")
         inf = float("inf")
         for key, low, high in (("lr", 0.0, inf), ("weight_decay", 0.0, inf), ("eps", 0.0, 1.0),
-                               ("momentum", 0.0, 0.999999), ("clip_quantile", 0.0, 1.0), ("clip_eps", 0.0, inf),
-                               ("min_lr_ratio", 0.0, 1.0), ("decay_fraction", 0.0, 1.0)):
+                               ("momentum", 0.0, 0.999999), ("clip_quantile", 0.0, 1.0),
+                               ("clip_eps", 0.0, inf), ("min_lr_ratio", 0.0, 1.0),
+                               ("decay_fraction", 0.0, 1.0)):
             self._set(key, _number(key, getattr(self, key), low, high))
         self._set("ns_steps", int(_number("ns_steps", self.ns_steps, 1, 100, integer=True)))
         if self.grad_clip is not None:
             self._set("grad_clip", _number("grad_clip", self.grad_clip, 0.0, inf))
         self._set("warmup_steps", _warmup(self.warmup_steps))
         self._set("betas", _betas("betas", self.betas))
-        self._set("adamw_lr", self.lr if self.adamw_lr is None else _number("adamw_lr", self.adamw_lr, 0.0, inf))
+        self._set("adamw_lr", self.lr if self.adamw_lr is None
+                  else _number("adamw_lr", self.adamw_lr, 0.0, inf))
         self._set("adamw_weight_decay", self.weight_decay if self.adamw_weight_decay is None
                   else _number("adamw_weight_decay", self.adamw_weight_decay, 0.0, inf))
-        self._set("adamw_betas", self.betas if self.adamw_betas is None else _betas("adamw_betas", self.adamw_betas))
+        self._set("adamw_betas", self.betas if self.adamw_betas is None
+                  else _betas("adamw_betas", self.adamw_betas))
         self._set("routing", _routing(self.name, self.routing))
         self._set("decayed_roles", _roles("decayed_roles", self.decayed_roles))
 
@@ -134,7 +138,8 @@ class OptimConfig(ConfigBase):
             group.update({key: value for key, value in settings.items() if key != "params"})
             group["initial_lr"] = settings["lr"]
         scheduler.base_lrs = [settings["lr"] for settings in fresh]
-        lrs = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        lrs = [base * factor(scheduler.last_epoch)
+               for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
         for group, lr in zip(optimizer.param_groups, lrs):
             group["lr"] = lr
         scheduler._last_lr = lrs  # what get_last_lr() (the lr monitor) reads until the next step

@@ -36,7 +36,8 @@ def is_dtensor(t: Tensor) -> bool:
 
 
 def local(t: Tensor) -> Tensor:
-    """The part of t stored on this rank: the local shard of a DTensor, else t itself (in-place ops reach t)."""
+    """The part of t stored on this rank: the local shard of a DTensor, else t itself (in-place ops reach
+    t)."""
     return t.to_local() if is_dtensor(t) else t
 
 
@@ -46,7 +47,8 @@ def full(t: Tensor) -> Tensor:
 
 
 def shard_like(whole: Tensor, like: Tensor) -> Tensor:
-    """This rank's shard of `whole` laid out as the DTensor `like` (no communication: every rank has `whole`)."""
+    """This rank's shard of `whole` laid out as the DTensor `like` (no communication: every rank has
+    `whole`)."""
     if not is_dtensor(like):
         return whole
     return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None).to_local()

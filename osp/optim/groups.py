@@ -37,7 +37,8 @@ def params_by_role(model: nn.Module) -> dict[str, list[nn.Parameter]]:
 
 def describe_groups(optimizer: torch.optim.Optimizer) -> str:
     """A small table: group, algorithm, #tensors, #params, lr, wd (one row per param group, then a total)."""
-    default_algorithm = "adamw" if isinstance(optimizer, torch.optim.AdamW) else type(optimizer).__name__.lower()
+    default_algorithm = ("adamw" if isinstance(optimizer, torch.optim.AdamW)
+                         else type(optimizer).__name__.lower())
     header = f"{'group':<12}{'algorithm':<11}{'tensors':>8}{'params':>14}{'lr':>11}{'wd':>10}"
     lines = [header, "-" * len(header)]
     total_tensors = total_params = 0

@@ -25,7 +25,8 @@ BATCH_ELEMENTS = 2**28
 
 
 def matrix_view_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
-    """The 2-D shape a parameter is orthogonalized as: (shape[0], rest) for ndim ≥ 2, a (1, numel) row below."""
+    """The 2-D shape a parameter is orthogonalized as: (shape[0], rest) for ndim ≥ 2, a (1, numel) row
+    below."""
     numel = math.prod(shape)
     if len(shape) < 2:
         return (1, numel)
@@ -105,10 +106,11 @@ class Muon(torch.optim.Optimizer):
             )
         if group["update_scale"] not in UPDATE_SCALES:
             raise ConfigError(
-                f"update_scale={group['update_scale']!r} is not supported; allowed: {', '.join(UPDATE_SCALES)}"
+                f"update_scale={group['update_scale']!r} is not supported; "
+                f"allowed: {', '.join(UPDATE_SCALES)}"
             )
-        # Stored as a name (a torch.dtype becomes its name) so that param_groups stay plain data in checkpoints;
-        # a name is checked and kept as given (`auto` is decided per device at each step).
+        # Stored as a name (a torch.dtype becomes its name) so that param_groups stay plain data in
+        # checkpoints; a name is checked and kept as given (`auto` is decided per device at each step).
         dtype = group["ns_dtype"]
         if isinstance(dtype, torch.dtype):
             group["ns_dtype"] = str(dtype).removeprefix("torch.")

@@ -39,7 +39,8 @@ def _per_iteration(
     table = [tuple(float(x) for x in abc) for abc in coefficients]  # type: ignore[union-attr]
     if len(table) != steps or any(len(abc) != 3 for abc in table):
         raise ConfigError(
-            f"coefficients must be one (a, b, c) triple or {steps} triples (one per step), got {coefficients!r}"
+            f"coefficients must be one (a, b, c) triple or {steps} triples (one per step), "
+            f"got {coefficients!r}"
         )
     return table  # type: ignore[return-value]
 
@@ -54,9 +55,9 @@ def newton_schulz(
     """Orthogonalize the last two dims of G with `steps` quintic iterations X ← aX + (bA + cA²)X, A = XXᵀ.
 
     G is normalized by its Frobenius norm in fp32 (so the singular values start in [0, 1]), then the
-    iterations run in `dtype` (`auto`: bf16 where G's device computes it natively, else fp32) on the wide orientation (A is min(m, n)² — the cheap side). Leading dims are
-    batch dims. `coefficients` is one (a, b, c) triple for every step, or a list of `steps` triples.
-    Returns a tensor of G's shape in `dtype`.
+    iterations run in `dtype` (`auto`: bf16 where G's device computes it natively, else fp32) on the wide
+    orientation (A is min(m, n)² — the cheap side). Leading dims are batch dims. `coefficients` is one
+    (a, b, c) triple for every step, or a list of `steps` triples. Returns a tensor of G's shape in `dtype`.
     """
     if G.ndim < 2:
         raise ValueError(f"newton_schulz needs a matrix (or a batch of them), got shape {tuple(G.shape)}")

@@ -72,7 +72,8 @@ FITTED_PATH = Path(__file__).with_name("root_coefficients.json")
 
 
 def _load_fitted(path: Path = FITTED_PATH) -> dict[tuple[int, int], Coefficients]:
-    """The shipped fits ({"coefficients": {"MxN": [a, b, c]}}, written by `python -m osp.optim.ns_fit --write`)."""
+    """The shipped fits ({"coefficients": {"MxN": [a, b, c]}}, written by
+    `python -m osp.optim.ns_fit --write`)."""
     if not path.is_file():
         return {}
     table = json.loads(path.read_text())["coefficients"]
@@ -149,14 +150,14 @@ def sample_singular_values(
     singular values are rescaled by sqrt(k / min(m, n)).
     """
     lo, hi = shape_key(m, n)
-    k, l, scale = lo, hi, 1.0
+    k, width, scale = lo, hi, 1.0
     if proxy_min is not None and lo > proxy_min:
-        k, l = proxy_min, max(proxy_min, round(proxy_min * hi / lo))
+        k, width = proxy_min, max(proxy_min, round(proxy_min * hi / lo))
         scale = math.sqrt(k / lo)
     out = []
     for seed in seeds:
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        G = torch.randn(k, l, generator=gen, dtype=torch.float32, device="cpu").double()
+        G = torch.randn(k, width, generator=gen, dtype=torch.float32, device="cpu").double()
         G = G / torch.linalg.matrix_norm(G)
         out.append(torch.linalg.eigvalsh(G @ G.mT).clamp_min(0.0).sqrt() * scale)
     return torch.cat(out)
@@ -214,10 +215,14 @@ def nelder_mead(
     return simplex[best], values[best]
 
 
-def nearest_official(m: int, n: int, table: Mapping[tuple[int, int], Coefficients] = OFFICIAL_COEFFICIENTS) -> tuple[int, int]:
+def nearest_official(
+    m: int, n: int, table: Mapping[tuple[int, int], Coefficients] = OFFICIAL_COEFFICIENTS
+) -> tuple[int, int]:
     """Official key closest in log-aspect-ratio first, log-size second (aspect shapes the spectrum most)."""
     lo, hi = shape_key(m, n)
-    return min(table, key=lambda k: (abs(math.log(k[1] / k[0]) - math.log(hi / lo)), abs(math.log(k[0] / lo))))
+    return min(
+        table, key=lambda k: (abs(math.log(k[1] / k[0]) - math.log(hi / lo)), abs(math.log(k[0] / lo)))
+    )
 
 
 def fit_coefficients(
@@ -228,7 +233,8 @@ def fit_coefficients(
     proxy_min: int | None = PROXY_MIN["cache"],
     steps: int = STEPS,
 ) -> Coefficients:
-    """(a, b, c) minimizing the mean |σ − 1| after `steps` NS steps on Gaussian m×n matrices, stable on [0, 1].
+    """(a, b, c) minimizing the mean |σ − 1| after `steps` NS steps on Gaussian m×n matrices, stable on
+    [0, 1].
 
     Deterministic (fixed seeds, deterministic optimizer); rounded to 6 decimals unless that breaks stability.
     """
@@ -242,7 +248,8 @@ def fit_coefficients(
     starts = [MUON_COEFFICIENTS, OFFICIAL_COEFFICIENTS[nearest_official(m, n)]]
     best, best_loss = tuple(MUON_COEFFICIENTS), loss(MUON_COEFFICIENTS)
     for start in starts:
-        if not math.isfinite(loss(start)):  # e.g. the official (2048, 2048) entry, which diverges near s = 0.6
+        # e.g. the official (2048, 2048) entry, which diverges near s = 0.6
+        if not math.isfinite(loss(start)):
             continue
         x, fx = nelder_mead(loss, start, max_evals=max_evals)
         rounded = tuple(round(v, 6) for v in x)
@@ -266,7 +273,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Print Muon / official / fitted errors per shape; optionally write the fitted table as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", nargs="+", required=True, help="shapes as MxN, e.g. 2048x8192")
-    parser.add_argument("--refit", action="store_true", help="fit every shape now instead of using ROOT's table")
+    parser.add_argument(
+        "--refit", action="store_true", help="fit every shape now instead of using ROOT's table"
+    )
     parser.add_argument("--write", type=Path, help="write the fits to this JSON file (implies --refit)")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -287,10 +296,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         near = nearest_official(m, n)
         official = orthogonality_error(s, OFFICIAL_COEFFICIENTS[near])
         tag = "exact" if near == key else f"nearest {near[0]}x{near[1]}"
-        source = "" if used is None else ("official" if key in OFFICIAL_COEFFICIENTS else "fitted") + f" {used}"
+        source = (
+            "" if used is None else ("official" if key in OFFICIAL_COEFFICIENTS else "fitted") + f" {used}"
+        )
         print(
             f"| {key[0]}x{key[1]} | {orthogonality_error(s, MUON_COEFFICIENTS):.4f} | {official:.4f} ({tag}) "
-            f"| {orthogonality_error(s, fitted):.4f} | ({fitted[0]:.4f}, {fitted[1]:.4f}, {fitted[2]:.4f}) | {source} |",
+            f"| {orthogonality_error(s, fitted):.4f} | ({fitted[0]:.4f}, {fitted[1]:.4f}, {fitted[2]:.4f}) "
+            f"| {source} |",
             flush=True,
         )
     if args.write is not None:

@@ -66,7 +66,8 @@ class ROOT(Muon):
         self.fit_missing = fit_missing
         self._warned_shapes: set[tuple[int, int]] = set()
         super().__init__(
-            params, lr=lr, weight_decay=weight_decay, clip_quantile=clip_quantile, clip_eps=clip_eps, **muon_kwargs
+            params, lr=lr, weight_decay=weight_decay, clip_quantile=clip_quantile, clip_eps=clip_eps,
+            **muon_kwargs,
         )
 
     def _robust(self, X: Tensor, group: dict[str, Any]) -> Tensor:
@@ -76,7 +77,8 @@ class ROOT(Muon):
         return torch.minimum(torch.maximum(X, -eps), eps)
 
     def _coefficients(self, shape: torch.Size) -> Coefficients:
-        """The table's coefficients for this shape; else osp's fit, or Muon's (warning once) without fit_missing."""
+        """The table's coefficients for this shape; else osp's fit, or Muon's (warning once) without
+        fit_missing."""
         key = shape_key(*shape)
         if key in self.coefficient_table:
             return self.coefficient_table[key]

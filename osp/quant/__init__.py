@@ -7,7 +7,8 @@ quantized view of a live model, perplexity and GPTQ.
     with quantized(model, QuantConfig.from_preset("w4a4kv4+had")):
         logits = model(input_ids)                                # the W4A4 view; restored on exit
     ppl_s = perplexity(model, blocks, quant="w8a8+static", calib_blocks=calib)   # static per-tensor INT8
-    attribute(model, blocks, "w4a4kv4")                          # the cost of each site alone (attribution.py)
+    attribute(model, blocks, "w4a4kv4")                          # the cost of each site alone
+                                                                 # (attribution.py)
 """
 
 from .attribution import attribute

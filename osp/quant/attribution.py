@@ -29,7 +29,8 @@ def _kind(name: str) -> str:
     return name.split(".", 2)[2]
 
 
-def input_statistics(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> dict[str, dict[str, float]]:
+def input_statistics(model: nn.Module, blocks: torch.Tensor,
+                     batch_size: int = 8) -> dict[str, dict[str, float]]:
     """{site: {"max_abs", "kurtosis"}} of every linear's input inside the blocks, full precision; kurtosis is
     OSP's (per token over the input's channels, negatives clamped to 0, mean over tokens), streamed."""
     sums: dict[str, list[float]] = {}  # name -> [max |x|, sum of token kurtosis, tokens]
@@ -51,9 +52,9 @@ def attribute(model: nn.Module, blocks: torch.Tensor, preset: QuantConfig | str 
               backend: str | None = None) -> dict[str, Any]:
     """The cost of the view at each site alone, each layer alone and each kind of site alone.
 
-    Returns {"preset", "nll_fp", "nll_quant", "tokens", "sites": [...], "layers": [...], "kinds": [...]}; every
-    row is {"name", "nll", "delta_nll", "ppl_ratio", "share"} (+ "max_abs", "kurtosis" for linear sites),
-    sorted by cost, largest first.
+    Returns {"preset", "nll_fp", "nll_quant", "tokens", "sites": [...], "layers": [...], "kinds": [...]};
+    every row is {"name", "nll", "delta_nll", "ppl_ratio", "share"} (+ "max_abs", "kurtosis" for linear
+    sites), sorted by cost, largest first.
     """
     cfg = QuantConfig.resolve(preset)
     nll_fp, tokens = nll_stats(model, blocks, batch_size)
@@ -80,7 +81,8 @@ def attribute(model: nn.Module, blocks: torch.Tensor, preset: QuantConfig | str 
         return out
 
     def rows(groups: dict[str, set[str]]) -> list[dict[str, Any]]:
-        measured = [row(label, cost(lambda name, members=members: name in members)) for label, members in groups.items()]
+        measured = [row(label, cost(lambda name, members=members: name in members))
+                    for label, members in groups.items()]
         return sorted(measured, key=lambda r: r["delta_nll"], reverse=True)
 
     layers = sorted({name.split(".")[1] for name in names}, key=int)

@@ -61,7 +61,8 @@ class QuantConfig(ConfigBase):
     gptq_percdamp: float = 0.01
     gptq_act_order: bool = False
     # Activations (inputs of every nn.Linear inside the blocks): dynamic, per token ...
-    a_static: bool = False  # ... or static: one symmetric scale per tensor, clip * absmax over calibration text
+    # ... or static: one symmetric scale per tensor, clip * absmax over calibration text
+    a_static: bool = False
     a_sym: bool = False
     a_clip: float = 1.0
     a_group_size: int | None = None  # None: one scale per token over the full row
@@ -73,7 +74,8 @@ class QuantConfig(ConfigBase):
     # Rotations.
     down_hadamard: bool = False  # online Hadamard on the down_proj input, folded into its weight
     # Smoothing (osp.quant.smooth): per-channel scales of the foldable inputs, max|x|^alpha / max|W|^(1-alpha)
-    # calibrated offline; None: off (a model.smooth_swiglu model still applies the down_proj scale it trained).
+    # calibrated offline; None: off (a model.smooth_swiglu model still applies the down_proj scale it
+    # trained).
     smooth_alpha: float | None = None
 
     def __post_init__(self) -> None:
@@ -101,7 +103,8 @@ class QuantConfig(ConfigBase):
         if self.a_static and self.a_bits == OFF:
             raise QuantConfigError("quant.a_static needs quantized activations (a_bits < 16)")
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
-            raise QuantConfigError(f"quant.smooth_alpha={self.smooth_alpha!r} must lie in [0, 1] (or null: off)")
+            raise QuantConfigError(f"quant.smooth_alpha={self.smooth_alpha!r} must lie in [0, 1] "
+                                   "(or null: off)")
         if self.gptq_blocksize <= 0 or self.gptq_percdamp < 0:
             raise QuantConfigError("quant.gptq_blocksize must be > 0 and quant.gptq_percdamp >= 0")
 
@@ -118,11 +121,13 @@ class QuantConfig(ConfigBase):
 
     @property
     def name(self) -> str:
-        """Preset-style name: w{W}a{A}[kv{KV}][+smooth][+had][+gptq][+static] (other fields are not encoded)."""
+        """Preset-style name: w{W}a{A}[kv{KV}][+smooth][+had][+gptq][+static] (other fields are not
+        encoded)."""
         if self.is_identity:
             return "fp"
         out = f"w{self.w_bits}a{self.a_bits}" + (f"kv{self.kv_bits}" if self.kv_bits != OFF else "")
-        return (out + ("+smooth" if self.smooth_alpha is not None else "") + ("+had" if self.down_hadamard else "") + ("+gptq" if self.w_method == "gptq" else "")
+        return (out + ("+smooth" if self.smooth_alpha is not None else "")
+                + ("+had" if self.down_hadamard else "") + ("+gptq" if self.w_method == "gptq" else "")
                 + ("+static" if self.a_static else ""))
 
     @classmethod
@@ -137,7 +142,8 @@ class QuantConfig(ConfigBase):
             match = _PRESET.match(preset.strip().lower())
             if match is None:
                 raise QuantConfigError(
-                    f"unknown quant preset {preset!r}; use w<bits>a<bits>[kv<bits>][+smooth][+had][+gptq][+static], "
+                    f"unknown quant preset {preset!r}; "
+                    "use w<bits>a<bits>[kv<bits>][+smooth][+had][+gptq][+static], "
                     f"e.g. {sorted(PRESETS)}"
                 )
             w, a, kv, flags = match.groups()

@@ -43,7 +43,8 @@ def evaluate_quant(
     """
     cfg = QuantConfig.resolve(quant)
     if cfg.needs_calibration and calib_blocks is None:
-        raise QuantConfigError(f"{cfg.name} needs calibration blocks from the training distribution (calib_blocks)")
+        raise QuantConfigError(f"{cfg.name} needs calibration blocks from the training distribution "
+                               "(calib_blocks)")
 
     start = time.perf_counter()
     nll_fp, tokens = nll_stats(model, blocks, batch_size)

@@ -36,8 +36,9 @@ class QuantLinear(nn.Module):
 
     `weight` is the dense effective weight the torch path multiplies with: the dequantized codes (W4,
     materialized on first use), or the fp weight (W16). With `smooth` (osp.quant.smooth) the input is x / s
-    and the weight W diag(s); with `hadamard`, input and weight are then both in the rotated basis (x M, W M). On CUDA (Triton backend) a 4-bit weight with a 4-bit input runs the integer
-    W4A4 GEMM on packed codes instead, and no dense copy is made.
+    and the weight W diag(s); with `hadamard`, input and weight are then both in the rotated basis (x M, W M).
+    On CUDA (Triton backend) a 4-bit weight with a 4-bit input runs the integer W4A4 GEMM on packed codes
+    instead, and no dense copy is made.
     """
 
     def __init__(
@@ -83,7 +84,8 @@ class QuantLinear(nn.Module):
         act, qw = self.act, self.qweight
         if act is None or qw is None or act.bits != 4 or qw.bits != 4 or self.in_features % 2:
             return False
-        if act.static_scale is not None:  # the integer GEMM takes per-token scales; static runs the torch path
+        # the integer GEMM takes per-token scales; static runs the torch path
+        if act.static_scale is not None:
             return False
         if ops.resolve_backend(x, self.backend) != "triton":
             return False
@@ -149,8 +151,8 @@ class QuantLinear(nn.Module):
             if self.act
             else "a16"
         )
-        return (f"{self.in_features} -> {self.out_features}, {w}{a}" + (", smoothed" if self.smooth is not None else "")
-                + (", hadamard" if self.hadamard else ""))
+        return (f"{self.in_features} -> {self.out_features}, {w}{a}"
+                + (", smoothed" if self.smooth is not None else "") + (", hadamard" if self.hadamard else ""))
 
 
 class KVQuantizer:

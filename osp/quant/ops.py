@@ -48,8 +48,8 @@ def resolve_backend(x: torch.Tensor, backend: str | None = None) -> str:
             raise RuntimeError("quant backend 'triton' was forced but triton is not importable")
         if not x.is_cuda and not kernels.INTERPRET:
             raise RuntimeError(
-                "quant backend 'triton' on a CPU tensor needs TRITON_INTERPRET=1 set before osp.quant.kernels "
-                "is imported"
+                "quant backend 'triton' on a CPU tensor needs TRITON_INTERPRET=1 set before "
+                "osp.quant.kernels is imported"
             )
     return choice
 
@@ -74,8 +74,8 @@ def quant_rows(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token quantization of x (..., K), optionally after a normalized Hadamard over K.
 
-    See `osp.quant.quantizers.quant_rows_torch` for the contract. A Hadamard over a non-power-of-two K is applied
-    by `hadamard_transform` first (not fused).
+    See `osp.quant.quantizers.quant_rows_torch` for the contract. A Hadamard over a non-power-of-two K is
+    applied by `hadamard_transform` first (not fused).
     """
     k = x.shape[-1]
     if hadamard and not _had.is_pow2(k):

@@ -129,7 +129,8 @@ def fake_quant(
 
 @dataclass
 class QuantizedWeight:
-    """A weight W[out, in] as signed int codes and one fp32 scale per output channel: W_hat = scale * codes."""
+    """A weight W[out, in] as signed int codes and one fp32 scale per output channel:
+    W_hat = scale * codes."""
 
     codes: torch.Tensor  # int8 [out, in]
     scale: torch.Tensor  # fp32 [out, 1]

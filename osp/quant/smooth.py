@@ -8,8 +8,9 @@ nothing at inference when it folds into whatever produces x:
 - the input of q/k/v (or gate/up) is the output of an RMSNorm or SSNorm: divide its gain by s (an SSNorm
   scalar becomes a per-channel Llama RMSNorm weight).
 
-s_j = max|x_j|^alpha / max|W_:,j|^(1 - alpha) over every linear reading x (SmoothQuant, Xiao et al. 2023, eq. 4),
-with max|x_j| from calibration text (the `+smooth` presets) or tracked while training (`model.smooth_swiglu`).
+s_j = max|x_j|^alpha / max|W_:,j|^(1 - alpha) over every linear reading x (SmoothQuant, Xiao et al. 2023,
+eq. 4), with max|x_j| from calibration text (the `+smooth` presets) or tracked while training
+(`model.smooth_swiglu`).
 GatedNorm and PreAffine outputs are not smoothed (their gate or scale sits after the gain), nor is the o_proj
 input (the attention output).
 """
@@ -31,8 +32,9 @@ FLOOR = 1e-5  # no scale (and no max it is computed from) below this
 
 @dataclass(frozen=True)
 class Smoothing:
-    """One per-channel scale `scale` (C,) of a tensor read by the linear sites `readers` ("layers.0.mlp.down_proj"):
-    folded by dividing dim 0 of the parameters `producers` ("layers.0.mlp.up_proj.weight") by it."""
+    """One per-channel scale `scale` (C,) of a tensor read by the linear sites `readers`
+    ("layers.0.mlp.down_proj"): folded by dividing dim 0 of the parameters `producers`
+    ("layers.0.mlp.up_proj.weight") by it."""
 
     scale: torch.Tensor
     producers: tuple[str, ...]
@@ -89,7 +91,8 @@ def _readers_of(block: nn.Module, norm: nn.Module, model: nn.Module, device: tor
     for name, module in block.named_modules():
         if isinstance(module, nn.Linear):
             hooks.append(module.register_forward_pre_hook(
-                lambda _m, args, name=name: readers.append(name) if any(args[0] is t for t in produced) else None))
+                lambda _m, args, name=name: readers.append(name) if any(args[0] is t for t in produced)
+                else None))
     try:
         was_training = model.training
         model.eval()
@@ -102,8 +105,8 @@ def _readers_of(block: nn.Module, norm: nn.Module, model: nn.Module, device: tor
 
 
 def _site_modules(model: nn.Module) -> dict[str, nn.Linear]:
-    return {f"layers.{i}.{name}": m for i, block in enumerate(_layers(model)) for name, m in block.named_modules()
-            if isinstance(m, nn.Linear)}
+    return {f"layers.{i}.{name}": m for i, block in enumerate(_layers(model))
+            for name, m in block.named_modules() if isinstance(m, nn.Linear)}
 
 
 def _dense(weight: torch.Tensor) -> torch.Tensor:

@@ -92,7 +92,8 @@ def _act_quant(cfg: QuantConfig, site: _Site, absmax: float | None = None) -> Ac
     group = site.head_dim if (site.head_dim and cfg.o_proj_head_groups) else cfg.a_group_size
     if group is not None and site.linear.in_features % group:
         raise QuantConfigError(
-            f"{site.name}: input width {site.linear.in_features} is not a multiple of the activation group {group}"
+            f"{site.name}: input width {site.linear.in_features} is not a multiple of the activation "
+            f"group {group}"
         )
     return ActQuant(cfg.a_bits, cfg.a_sym, group, cfg.a_clip)
 
@@ -132,7 +133,8 @@ def _check_supported(cfg: QuantConfig, model: nn.Module, sites: list[_Site]) -> 
             raise QuantConfigError("down_hadamard=True, but the blocks have no `down_proj` linear")
         for s in downs:
             if not has_hadamard(s.linear.in_features):
-                raise QuantConfigError(f"{s.name}: no Hadamard matrix of order {s.linear.in_features} is available")
+                raise QuantConfigError(f"{s.name}: no Hadamard matrix of order {s.linear.in_features} "
+                                       "is available")
 
 
 def kv_sites(model: nn.Module) -> dict[str, nn.Module]:
@@ -156,7 +158,8 @@ def observe_inputs(model: nn.Module, blocks: torch.Tensor, batch_size: int,
     """Run `blocks` through the full-precision model in eval mode, calling observe(site name, input) for every
     linear site's input (`sites`: a subset; default all of them)."""
     base = _base_model(model)
-    hooks = [site.linear.register_forward_pre_hook(lambda module, args, name=site.name: observe(name, args[0]))
+    hooks = [site.linear.register_forward_pre_hook(
+                 lambda module, args, name=site.name: observe(name, args[0]))
              for site in (_linear_sites(base) if sites is None else sites)]
     device = next(model.parameters()).device
     try:
@@ -180,8 +183,8 @@ def smoothing_of(model: nn.Module, cfg: QuantConfig | str, blocks: torch.Tensor 
         raise QuantConfigError("+smooth needs calibration blocks (calib_blocks=LongTensor (N, T+1))")
     groups = smooth_groups(base)
     if not groups:
-        raise QuantConfigError("+smooth: the model has no input that folds into a preceding layer (SwiGLU up_proj "
-                         "or an RMSNorm/SSNorm gain)")
+        raise QuantConfigError("+smooth: the model has no input that folds into a preceding layer "
+                               "(SwiGLU up_proj or an RMSNorm/SSNorm gain)")
     readers = {reader for group in groups for reader in group.readers}
     absmax: dict[str, torch.Tensor] = {}
 
@@ -196,7 +199,8 @@ def smoothing_of(model: nn.Module, cfg: QuantConfig | str, blocks: torch.Tensor 
 
 
 def input_absmax(model: nn.Module, cfg: QuantConfig | str, blocks: torch.Tensor, batch_size: int = 8,
-                 sites: list[_Site] | None = None, smoothing: list[Smoothing] | None = None) -> dict[str, float]:
+                 sites: list[_Site] | None = None,
+                 smoothing: list[Smoothing] | None = None) -> dict[str, float]:
     """max |x| of every linear site's input (smoothed and rotated where the view smooths and rotates it) over
     `blocks`, on the full-precision model: the calibration of static per-tensor scales (`sites`: a subset;
     `smoothing`: as `smoothing_of` gives it, computed here when not passed)."""
@@ -232,16 +236,18 @@ def quantized(
     On entry the weights are quantized once (RTN, or GPTQ with `calib_blocks` when cfg.w_method == "gptq"),
     every nn.Linear inside `model.layers` is replaced by a `QuantLinear` that quantizes its input per token
     (or, with cfg.a_static, with a static per-tensor scale calibrated on `calib_blocks` in full precision),
-    and every attention's `kv_quantizer` is set. `only(name)` restricts the view to the sites it accepts (names
-    as `site_names`: "layers.0.mlp.down_proj", "layers.0.kv"); the rest stay in full precision. A static
-    preset's calibration may be passed in as `static_absmax` (from `input_absmax`), for views opened many
-    times over the same calibration (attribution), and so may the smoothing (`smoothing_of`). On exit (also on an exception) the original modules and
-    kv_quantizers are put back; parameters are never modified. `backend` forces "torch" or "triton" kernels.
+    and every attention's `kv_quantizer` is set. `only(name)` restricts the view to the sites it accepts
+    (names as `site_names`: "layers.0.mlp.down_proj", "layers.0.kv"); the rest stay in full precision. A
+    static preset's calibration may be passed in as `static_absmax` (from `input_absmax`), for views opened
+    many times over the same calibration (attribution), and so may the smoothing (`smoothing_of`). On exit
+    (also on an exception) the original modules and kv_quantizers are put back; parameters are never modified.
+    `backend` forces "torch" or "triton" kernels.
     """
     cfg = QuantConfig.resolve(cfg)
     base = _base_model(model)
     every_site = _linear_sites(base)
-    _check_supported(cfg, base, every_site)  # the model's support, not the subset's (only= may leave out down_proj)
+    # the model's support, not the subset's (only= may leave out down_proj)
+    _check_supported(cfg, base, every_site)
     sites = [site for site in every_site if only is None or only(site.name)]
     static = cfg.a_static and static_absmax is None
     if (cfg.w_method == "gptq" or static) and calib_blocks is None:
@@ -353,7 +359,8 @@ def perplexity(
     calib_blocks: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> float:
-    """exp(token-weighted mean NLL) of the model on blocks (N, T+1); under the W4A4 view when quant is given."""
+    """exp(token-weighted mean NLL) of the model on blocks (N, T+1); under the W4A4 view when quant is
+    given."""
     if quant is None:
         total, count = nll_stats(model, blocks, batch_size)
     else:

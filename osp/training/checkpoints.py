@@ -94,8 +94,9 @@ def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
     try:
         return str(resolve_checkpoint(Path(str(resume))))
     except (CheckpointError, PathNotFoundError) as err:
-        raise PathNotFoundError(f"resume={resume!r}: no checkpoint there (expected a .ckpt file, a distributed "
-                                f"checkpoint folder, or a run dir with checkpoints/): {err}") from None
+        raise PathNotFoundError(f"resume={resume!r}: no checkpoint there (expected a .ckpt file, "
+                                f"a distributed checkpoint folder, or a run dir with checkpoints/): {err}"
+                                ) from None
 
 
 # RNG -------------------------------------------------------------------------------------------------

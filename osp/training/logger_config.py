@@ -1,5 +1,5 @@
-"""The `logger` config node (osp.config_base): what `build_loggers` (osp.training.loggers) starts. Kept apart from
-the loggers themselves so that composing a config does not import Lightning."""
+"""The `logger` config node (osp.config_base): what `build_loggers` (osp.training.loggers) starts. Kept apart
+from the loggers themselves so that composing a config does not import Lightning."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ class WandbConfig(ConfigBase):
     enabled: bool = True
     project: str = "osp"
     entity: str | None = None
-    mode: str | None = None  # null = auto (online with an API key, offline without) | online | offline | disabled
+    # null = auto (online with an API key, offline without) | online | offline | disabled
+    mode: str | None = None
 
 
 @dataclass

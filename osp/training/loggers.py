@@ -99,7 +99,8 @@ def wandb_mode(requested: str | None) -> str:
     if requested:
         return requested
     netrc = Path.home() / ".netrc"
-    has_key = bool(os.environ.get("WANDB_API_KEY")) or (netrc.exists() and "api.wandb.ai" in netrc.read_text())
+    has_key = (bool(os.environ.get("WANDB_API_KEY"))
+               or (netrc.exists() and "api.wandb.ai" in netrc.read_text()))
     return "online" if has_key else "offline"
 
 

@@ -42,8 +42,8 @@ class LanguageModelModule(L.LightningModule):
         model_cfg = model if isinstance(model, ModelConfig) else ModelConfig.from_dict(dict(model))
         optim_cfg = OptimConfig.from_dict(optim)
         loss_cfg = TailLossConfig.from_dict(loss)
-        self.save_hyperparameters({"model": model_cfg.to_dict(), "optim": optim_cfg.to_dict(), "compile": compile,
-                                   "activation_checkpointing": activation_checkpointing,
+        self.save_hyperparameters({"model": model_cfg.to_dict(), "optim": optim_cfg.to_dict(),
+                                   "compile": compile, "activation_checkpointing": activation_checkpointing,
                                    "loss": loss_cfg.to_dict()})
         self.model_cfg = model_cfg
         self.optim_cfg = optim_cfg

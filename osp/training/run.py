@@ -1,4 +1,5 @@
-"""One training job from a composed config: check it, build data, model, callbacks and loggers, fit, summarise.
+"""One training job from a composed config: check it, build data, model, callbacks and loggers, fit,
+summarise.
 
 `train(cfg)` is what `osp train` runs (osp.cli.train parses the command line and turns faults into one
 line). Every rank composes the same config and agrees on one run directory; rank 0 alone writes `.hydra/`,
@@ -73,7 +74,8 @@ def preflight(cfg: DictConfig) -> None:
 
     max_steps = cfg.trainer.get("max_steps")
     if not isinstance(max_steps, int) or max_steps <= 0:
-        raise ConfigError(f"trainer.max_steps must be a positive integer (the schedule spans it), got {max_steps!r}")
+        raise ConfigError("trainer.max_steps must be a positive integer (the schedule spans it), "
+                          f"got {max_steps!r}")
     for key in ("val_check_interval", "accumulate_grad_batches"):  # Lightning would divide by zero
         value = cfg.trainer.get(key)
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -101,7 +103,8 @@ def preflight(cfg: DictConfig) -> None:
         raise ConfigError(str(err)) from None
 
 
-def build_module(cfg: DictConfig, vocab_size: int, record: dict[str, Any] | None = None) -> LanguageModelModule:
+def build_module(cfg: DictConfig, vocab_size: int,
+                 record: dict[str, Any] | None = None) -> LanguageModelModule:
     """The LightningModule of a composed config, for the data's vocabulary size; `record` (see
     osp.training.run_record) travels in its checkpoints."""
     return LanguageModelModule(build_model_config(cfg, vocab_size), cfg.optim, compile=bool(cfg.compile),
@@ -116,7 +119,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback],
     strategy = kwargs.pop("strategy", "auto")
     if isinstance(strategy, dict):
         strategy = instantiate(strategy)
-    kwargs["precision"] = resolve_precision(kwargs.get("precision", AUTO), str(kwargs.get("accelerator", "auto")))
+    kwargs["precision"] = resolve_precision(kwargs.get("precision", AUTO),
+                                            str(kwargs.get("accelerator", "auto")))
     return L.Trainer(
         **kwargs,
         strategy=strategy,
@@ -136,7 +140,8 @@ def read_resume_checkpoint(ckpt_path: str) -> dict[str, Any]:
     except Exception as err:  # noqa: BLE001 - torch raises many kinds for a damaged file
         raise ConfigError(f"resume={ckpt_path}: the checkpoint cannot be read ({type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else 'truncated or not a checkpoint'}); "
-                          "resume from another checkpoint of the run (resume=PATH) or start a new run") from None
+                          "resume from another checkpoint of the run (resume=PATH) or start a new run"
+                          ) from None
 
 
 def resolve_for_machine(cfg: DictConfig) -> None:
@@ -178,8 +183,10 @@ def check_shapes(module: LanguageModelModule, resumed: dict[str, Any], ckpt_path
                   "in this model" for key, value in stored.items()
                   if key in own and torch.is_tensor(value) and value.shape != own[key].shape]
     if stored:  # another depth or block choice: weights the model lacks, or lacks in the checkpoint
-        mismatched += [f"{key} is in the checkpoint, not in this model" for key in sorted(set(stored) - set(own))]
-        mismatched += [f"{key} is in this model, not in the checkpoint" for key in sorted(set(own) - set(stored))]
+        mismatched += [f"{key} is in the checkpoint, not in this model"
+                       for key in sorted(set(stored) - set(own))]
+        mismatched += [f"{key} is in this model, not in the checkpoint"
+                       for key in sorted(set(own) - set(stored))]
     if mismatched:
         more = f" and {len(mismatched) - 1} more" if len(mismatched) > 1 else ""
         raise ConfigError(f"resume from {ckpt_path}: the checkpoint does not fit this model "
@@ -215,10 +222,10 @@ def starting_point(cfg: DictConfig) -> str | None:
         newest = latest_checkpoint(run_dir / "checkpoints")
         newest_step = checkpoint_step(newest) if newest is not None else step
         if newest_step > step:
-            raise RunDirError(f"resume={ckpt_path} is step {step} of this run, which has checkpoints up to step "
-                              f"{newest_step}: continuing from it would write over them and over the run's "
-                              f"metrics and summary. Continue from the newest with resume=auto, or branch into "
-                              f"a new run: run_name=<new name> resume={ckpt_path}")
+            raise RunDirError(f"resume={ckpt_path} is step {step} of this run, which has checkpoints up to "
+                              f"step {newest_step}: continuing from it would write over them and over the "
+                              f"run's metrics and summary. Continue from the newest with resume=auto, or "
+                              f"branch into a new run: run_name=<new name> resume={ckpt_path}")
     summary = read_summary(run_dir)
     if step >= int(cfg.trainer.max_steps) and summary.get("status") == "finished":
         raise RunFinished(run_dir, step, summary)
@@ -232,7 +239,8 @@ def checkpoint_step_or_fail(path: Path) -> int:
     except Exception as err:  # noqa: BLE001 - torch raises many kinds for a damaged file
         raise ConfigError(f"resume={path}: the checkpoint cannot be read ({type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else 'truncated or not a checkpoint'}); "
-                          "resume from another checkpoint of the run (resume=PATH) or start a new run") from None
+                          "resume from another checkpoint of the run (resume=PATH) or start a new run"
+                          ) from None
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:
@@ -246,8 +254,8 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
 
 def late_signal(trainer: L.Trainer) -> Preempted | None:
     """The stop a preemption signal asks for when it arrived after the last step, while the callbacks did the
-    end-of-training work (final evaluations, export); last.ckpt already holds the final step (FinalCheckpoint),
-    so the run resumes into that work alone."""
+    end-of-training work (final evaluations, export); last.ckpt already holds the final step
+    (FinalCheckpoint), so the run resumes into that work alone."""
     for callback in trainer.callbacks:
         if isinstance(callback, Preemption) and callback.received is not None:
             last = Path(checkpoint_dir(trainer)) / LAST
@@ -309,16 +317,17 @@ def busy_cores_notice(world_size: int = 1, load: float | None = None, cores: int
     instead of minutes. None when the cores are free enough (or the run is on a GPU)."""
     if torch.cuda.is_available():
         return None
-    cores = cores or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    cores = cores or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                      else os.cpu_count() or 1)
     threads = (threads or torch.get_num_threads()) * world_size
     load = os.getloadavg()[0] if load is None and hasattr(os, "getloadavg") else (load or 0.0)
     free = cores - load
     if load < 1.0 or threads <= free + 0.5:
         return None
     suggestion = max(1, int(free)) if free >= 1 else 1
-    return (f"osp: other processes keep this machine busy (load {load:.1f} on {cores} cores) and this run wants "
-            f"{threads} threads: expect steps several times slower than on free cores. Stop the other jobs, or "
-            f"run with OMP_NUM_THREADS={suggestion}")
+    return (f"osp: other processes keep this machine busy (load {load:.1f} on {cores} cores) and this run "
+            f"wants {threads} threads: expect steps several times slower than on free cores. Stop the other "
+            f"jobs, or run with OMP_NUM_THREADS={suggestion}")
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -346,8 +355,8 @@ def fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> dict[str, Any]
     record = run_record(cfg, data.source_fingerprint(), data.tokenizer_fingerprint())
     accepted = []
     if resumed is not None:
-        accepted = check_resume(resumed.get("osp", {}).get("run"), record, list(cfg.get("resume_allow") or []),
-                                ckpt_path, str(run_dir / "tokenizer"))
+        accepted = check_resume(resumed.get("osp", {}).get("run"), record,
+                                list(cfg.get("resume_allow") or []), ckpt_path, str(run_dir / "tokenizer"))
     module = build_module(cfg, data.vocab_size, record)
     if resumed is not None:
         check_shapes(module, resumed, ckpt_path)
@@ -375,7 +384,8 @@ def fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> dict[str, Any]
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         late = late_signal(trainer)
-        if late is not None:  # during the end-of-training work (final evaluations, export): a stop all the same
+        # during the end-of-training work (final evaluations, export): a stop all the same
+        if late is not None:
             raise late
     except Preempted as stop:
         if trainer.is_global_zero:
@@ -384,7 +394,8 @@ def fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> dict[str, Any]
         if stop.requeue and trainer.is_global_zero:  # last: SLURM ends the job as soon as it is requeued
             requeue_slurm_job()
         raise
-    if "val/loss" not in trainer.callback_metrics or trainer.global_step % int(cfg.trainer.val_check_interval):
+    if ("val/loss" not in trainer.callback_metrics
+            or trainer.global_step % int(cfg.trainer.val_check_interval)):
         trainer.validate(module, datamodule=datamodule, verbose=False)
     summary = collect_summary(cfg, trainer, module, time.perf_counter() - started, status="finished")
     if trainer.is_global_zero:

@@ -67,8 +67,8 @@ def code_defaults() -> dict[str, Any]:
     from osp.optim import OptimConfig
     from osp.training.tail_loss import TailLossConfig
 
-    return flatten({"model": config_defaults(), "optim": OptimConfig().to_dict(), "data": DataConfig().to_dict(),
-                    "loss": TailLossConfig().to_dict()})
+    return flatten({"model": config_defaults(), "optim": OptimConfig().to_dict(),
+                    "data": DataConfig().to_dict(), "loss": TailLossConfig().to_dict()})
 
 
 def differences(stored: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -90,7 +90,8 @@ def differences(stored: dict[str, Any], current: dict[str, Any]) -> list[tuple[s
         if before is missing and key in defaults and after == defaults[key]:
             continue
         if before != after:
-            rows.append((key, "(absent)" if before is missing else before, "(absent)" if after is missing else after))
+            rows.append((key, "(absent)" if before is missing else before,
+                         "(absent)" if after is missing else after))
     return rows
 
 
@@ -105,7 +106,8 @@ def check_resume(stored: dict[str, Any] | None, current: dict[str, Any], allow: 
         return []
     unknown_allow = [a for a in allow if not isinstance(a, str)]
     if unknown_allow:
-        raise ConfigError(f"resume_allow takes config keys (e.g. [optim.lr,trainer.max_steps]), got {allow!r}")
+        raise ConfigError("resume_allow takes config keys (e.g. [optim.lr,trainer.max_steps]), "
+                          f"got {allow!r}")
     rows = differences(nested_data(stored.get("config", {})), current["config"])
     if stored.get("source_fingerprint") != current["source_fingerprint"]:
         rows.append((DATA, "the data the run started with", "changed files or dataset"))
@@ -122,6 +124,6 @@ def check_resume(stored: dict[str, Any] | None, current: dict[str, Any], allow: 
                           f"Restore those settings, or accept them with resume_allow=[{keys}]{hint}")
     if tok_stored and tok_now and tok_stored != tok_now:
         raise ConfigError(f"resume from {checkpoint}: the tokenizer differs from the one the checkpoint was "
-                          "trained with (token ids would change meaning); resume with the run's own tokenizer "
-                          f"(data.tokenizer={run_tokenizer}) or start a new run")
+                          "trained with (token ids would change meaning); resume with the run's own "
+                          f"tokenizer (data.tokenizer={run_tokenizer}) or start a new run")
     return [f"{key}: {before!r} -> {after!r} (resume_allow)" for key, before, after in rows]

@@ -46,7 +46,8 @@ def is_run_dir(path: Path) -> bool:
 
 def check_placement(run_name: str, runs_root: Path, run_dir: Path) -> None:
     """Refuse a run_name that is no name (empty, absolute, `.`/`..` parts: it would escape runs_root) and a
-    run dir that lies inside another run (`other/checkpoints`): either would write into someone else's files."""
+    run dir that lies inside another run (`other/checkpoints`): either would write into someone else's
+    files."""
     parts = Path(run_name).parts
     if not run_name.strip() or Path(run_name).is_absolute() or any(p in (".", "..") for p in parts):
         raise RunDirError(f"run_name={run_name!r} is not a name for a folder under runs_root (no empty name, "
@@ -56,8 +57,8 @@ def check_placement(run_name: str, runs_root: Path, run_dir: Path) -> None:
         if parent == root or root not in parent.parents:  # only the folders between runs_root and the run
             break
         if is_run_dir(parent):
-            raise RunDirError(f"run dir {run_dir} lies inside the run {parent}; choose a run_name (or run_dir) "
-                              "outside every other run")
+            raise RunDirError(f"run dir {run_dir} lies inside the run {parent}; choose a run_name "
+                              "(or run_dir) outside every other run")
 
 
 def check_fresh(run_dir: Path, run_name: str, resume: str | None) -> None:

@@ -20,8 +20,10 @@ def finite_or_none(value: Any) -> Any:
 
 def collect_summary(cfg: DictConfig, trainer: L.Trainer, module: LanguageModelModule, wall: float,
                     status: str) -> dict[str, Any]:
-    """The end-of-run record: status (finished | stopped), losses, outlier and W4A4 numbers, where things are."""
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    """The end-of-run record: status (finished | stopped), losses, outlier and W4A4 numbers, where things
+    are."""
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
+               if torch.is_tensor(v) and v.numel() == 1}
     val_loss = finite_or_none(metrics.get("val/loss"))
     summary: dict[str, Any] = {
         "status": status,
@@ -59,7 +61,8 @@ def collect_summary(cfg: DictConfig, trainer: L.Trainer, module: LanguageModelMo
 def format_summary(s: dict[str, Any]) -> str:
     def fmt(key: str, spec: str = ".4g") -> str:
         value = s.get(key)
-        return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+        return ("n/a" if value is None or (isinstance(value, float) and math.isnan(value))
+                else format(value, spec))
 
     lines = [
         f"run            {s['run_name']}  ({s['steps']} steps, {s['wall_seconds']:.0f} s)",
@@ -71,8 +74,9 @@ def format_summary(s: dict[str, Any]) -> str:
     if s.get("skipped_steps"):
         lines.append(f"skipped steps  {s['skipped_steps']} (non-finite loss or gradient)")
     if "kurtosis" in s:
-        lines.append(f"kurtosis       {fmt('kurtosis')} = {fmt('kurtosis_floor_ratio', '.3g')}x the Gaussian floor "
-                     f"{fmt('kurtosis_floor', '.3f')} at d={s['d_model']}   (osp_exact {fmt('kurtosis_exact')})")
+        lines.append(f"kurtosis       {fmt('kurtosis')} = {fmt('kurtosis_floor_ratio', '.3g')}x "
+                     f"the Gaussian floor {fmt('kurtosis_floor', '.3f')} at d={s['d_model']}   "
+                     f"(osp_exact {fmt('kurtosis_exact')})")
     if "max_abs" in s:
         lines.append(f"max |h|        {fmt('max_abs', '.1f')}")
     if "down_proj_max_median" in s:
@@ -104,8 +108,8 @@ def tail_shape(share: float | None) -> str:
 
 
 def shown(path: str | Path) -> str:
-    """A path as the summary prints it: relative to the working directory when inside it (summary.json keeps it
-    absolute), so the printed commands are short and paste as they are."""
+    """A path as the summary prints it: relative to the working directory when inside it (summary.json keeps
+    it absolute), so the printed commands are short and paste as they are."""
     path = Path(path)
     try:
         return str(path.relative_to(Path.cwd()))

@@ -86,7 +86,8 @@ class TailLoss:
         self.terms: list[torch.Tensor] = []
         self.active = False
         self.offset = 0
-        self.handles = [layer.mlp.down_proj.register_forward_pre_hook(self._collect) for layer in model.layers]
+        self.handles = [layer.mlp.down_proj.register_forward_pre_hook(self._collect)
+                        for layer in model.layers]
 
     def _collect(self, module: nn.Module, args: tuple) -> None:
         if self.active:

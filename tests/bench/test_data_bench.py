@@ -10,8 +10,8 @@ from tests.support.synthetic_text import write_corpus
 
 def test_bench_data_compares_osp_with_raw_tokenizers(tmp_path, capsys):
     paths = write_corpus(tmp_path / "corpus")
-    result = bench_data.main(["--source", "files", "--chars", "200000", "--repeats", "2", f"source.paths={paths}",
-                              f"cache_dir={tmp_path / 'cache'}", "vocab_size=400"])
+    result = bench_data.main(["--source", "files", "--chars", "200000", "--repeats", "2",
+                              f"source.paths={paths}", f"cache_dir={tmp_path / 'cache'}", "vocab_size=400"])
     assert result["documents"] > 0 and result["chars"] > 0
     assert result["tokens"] > 0 and set(result["seconds"]) == {"raw", "osp"}
     assert result["ratio"] == pytest.approx(result["seconds"]["raw"] / result["seconds"]["osp"])

@@ -103,7 +103,8 @@ def test_one_arm_is_an_osp_train_command(scale, tmp_path):
     from omegaconf import OmegaConf
 
     arm = compose(arm_overrides("muon", scale, tmp_path, seed=1234, export=True))
-    by_hand = compose(["recipe=muon", f"scale={scale}", f"runs_root={tmp_path}", "run_name=muon", "name=muon"])
+    by_hand = compose(["recipe=muon", f"scale={scale}", f"runs_root={tmp_path}", "run_name=muon",
+                       "name=muon"])
     assert OmegaConf.to_container(arm, resolve=True) == OmegaConf.to_container(by_hand, resolve=True)
 
 
@@ -140,7 +141,8 @@ def test_paper_table_end_to_end_at_test_scale(tmp_path, monkeypatch, capsys):
     written = json.loads((out / "paper_table.json").read_text())
     assert written["scale"]["name"] == "test"
     tokens = {arm["ours"]["tokens_seen"] for arm in written["arms"].values()}
-    assert tokens == {10 * 8 * 64} == {written["scale"]["tokens"]}  # scale "test": the same budget for every arm
+    # scale "test": the same budget for every arm
+    assert tokens == {10 * 8 * 64} == {written["scale"]["tokens"]}
     for name, arm in written["arms"].items():
         ours = arm["ours"]
         for key in ("val_loss", "kurtosis", "kurtosis_exact", "kurtosis_floor", "max_abs", "ppl_fp",

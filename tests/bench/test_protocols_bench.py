@@ -43,9 +43,10 @@ def test_protocol_table_of_a_trained_run(corpus, tmp_path, one_thread):
     table = protocols.format_table(results, markdown=True)
     assert table.startswith("| run ") and "w8a8+static" in table and f"{static / fp:.3f}" in table
     # A checkpoint of the run (a token-budget curve reads one per row) is named for the run and the step.
-    (at_step,) = protocols.main([str(run / "checkpoints" / "last.ckpt"), "--presets", "w8a8+static", "--blocks", "3",
-                                 "--calib-blocks", "2", "--batch-size", "2"])
-    assert at_step["name"] == "arm/last" and at_step["ratios"]["w8a8+static"] == pytest.approx(static / fp, rel=1e-6)
+    (at_step,) = protocols.main([str(run / "checkpoints" / "last.ckpt"), "--presets", "w8a8+static",
+                                 "--blocks", "3", "--calib-blocks", "2", "--batch-size", "2"])
+    assert (at_step["name"] == "arm/last"
+            and at_step["ratios"]["w8a8+static"] == pytest.approx(static / fp, rel=1e-6))
     # A run that kept no checkpoints (the paper-table scales) is read from its export.
     shutil.rmtree(run / "checkpoints")
     (from_export,) = protocols.main([str(run), "--presets", "w4a4kv4", "w8a8+static", "--blocks", "3",
@@ -68,5 +69,6 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         assert "must be a positive integer, got" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--presets: unknown quant preset 'w9x'"):
         protocols.main([str(tmp_path), "--presets", "w9x"])
-    with pytest.raises(SystemExit, match=r"error: .*: not a checkpoint, a run dir with checkpoints/, or an exported"):
+    with pytest.raises(SystemExit,
+                       match=r"error: .*: not a checkpoint, a run dir with checkpoints/, or an exported"):
         protocols.main([str(tmp_path)])

@@ -1,5 +1,6 @@
-"""`osp bench sweep`: every point is its arm's recipe with exactly the settings it names changed, and a minuscule
-sweep trains (in `osp train` subprocesses), resumes, evaluates and reads the table against the goal."""
+"""`osp bench sweep`: every point is its arm's recipe with exactly the settings it names changed, and a
+minuscule sweep trains (in `osp train` subprocesses), resumes, evaluates and reads the table against the
+goal."""
 
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ def test_points_are_named_by_arm_and_the_goal_pairs_exist():
 
 
 def test_extra_overrides_win_and_dry_run_trains_nothing(tmp_path, capsys):
-    out = sweep.main(["--points", "adam-lr3e-2", "--out", str(tmp_path), "--set", "optim.lr=1e-3", "--dry-run"])
+    out = sweep.main(["--points", "adam-lr3e-2", "--out", str(tmp_path), "--set", "optim.lr=1e-3",
+                      "--dry-run"])
     (command,) = out["commands"].values()
     assert "optim.lr=1e-3" in command and "optim.lr=3e-2" not in command
     assert capsys.readouterr().out.startswith("osp train recipe=tiny run_name=adam-lr3e-2 ")
@@ -74,7 +76,8 @@ def test_bad_input_is_one_line(argv, tmp_path, capsys):
 
 
 def fake_osp_train(runs_root, status="finished", calls=None):
-    """A stand-in for a point's `osp train` subprocess: writes what Hydra and osp would (overrides, summary)."""
+    """A stand-in for a point's `osp train` subprocess: writes what Hydra and osp would (overrides,
+    summary)."""
 
     def run(command, out, env):
         if calls is not None:
@@ -90,10 +93,14 @@ def fake_osp_train(runs_root, status="finished", calls=None):
 
 
 def test_jobs_train_points_at_the_same_time_with_their_share_of_the_cores(tmp_path, monkeypatch, capsys):
-    both_running = threading.Barrier(2, timeout=30)  # breaks (and fails the test) if the points run one by one
+    both_running = threading.Barrier(2, timeout=30)  # breaks (fails the test) if the points run one by one
     calls = []
     train = fake_osp_train(tmp_path / "runs", calls=calls)
-    monkeypatch.setattr(sweep, "_run_child", lambda command, out, env: both_running.wait() * 0 + train(command, out, env))
+    def run_together(command, out, env):  # noqa: ANN001, ANN202
+        both_running.wait()
+        return train(command, out, env)
+
+    monkeypatch.setattr(sweep, "_run_child", run_together)
     monkeypatch.setattr(sweep.os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
 
     def evaluate(run_dir, settings):
@@ -151,7 +158,8 @@ def test_a_retried_point_keeps_its_earlier_log_and_reports_its_own_failure(tmp_p
     monkeypatch.setattr(sweep, "_run_child", fake_train)
     point = sweep.POINTS[0]
     for reason in ("loss is nan at step 7", "out of memory"):
-        assert sweep.train_point(point, [], tmp_path / "runs", tmp_path / "logs") == {"failed": f"exit 1: {reason}"}
+        failed = sweep.train_point(point, [], tmp_path / "runs", tmp_path / "logs")
+        assert failed == {"failed": f"exit 1: {reason}"}
     log = (tmp_path / "logs" / f"{point.name}.log").read_text()
     assert log.count("[sweep] ") == 2 and "loss is nan at step 7" in log and log.endswith("out of memory\n")
 
@@ -171,7 +179,8 @@ def down_proj_max_median(model, ids) -> float:
     """By hand: the mean over layers and tokens of max|x| / median|x| at each down_proj input."""
     ratios = []
     hooks = [layer.mlp.down_proj.register_forward_pre_hook(
-        lambda _m, args: ratios.append((lambda a: a.amax(-1) / a.median(-1).values)(args[0].float().abs()).mean()))
+        lambda _m, args: ratios.append((lambda a: a.amax(-1) / a.median(-1).values)(
+            args[0].float().abs()).mean()))
         for layer in model.layers]
     with torch.no_grad():
         model(ids)
@@ -197,7 +206,8 @@ def test_a_minuscule_sweep_trains_resumes_and_reads_the_goal(corpus, tmp_path, m
     payload = sweep.run([*argv, "--jobs", "2"])
 
     result = payload["points"]
-    assert result["adam-broken"]["protocols"] is None and "optim.eps" in result["adam-broken"]["summary"]["failed"]
+    broken = result["adam-broken"]
+    assert broken["protocols"] is None and "optim.eps" in broken["summary"]["failed"]
     for name in ("adam-base", "osp-base"):
         run = tmp_path / "runs" / name
         assert json.loads((run / "summary.json").read_text()) == result[name]["summary"]
@@ -219,7 +229,8 @@ def test_a_minuscule_sweep_trains_resumes_and_reads_the_goal(corpus, tmp_path, m
             assert result[name]["protocols"]["noise_ratio"] == sweep.noise_ratio(model, held, 2) != 1.0
     adam, osp = (result[n]["protocols"]["ratios"]["w4a4kv4"] for n in ("adam-base", "osp-base"))
     verdict = "meets" if adam >= 1.5 and osp <= 1.1 else "does not meet"
-    assert f"default settings: AdamW {adam:.3f}, OSP {osp:.3f}: {verdict} the goal" in "\n".join(payload["reading"])
+    reading = "\n".join(payload["reading"])
+    assert f"default settings: AdamW {adam:.3f}, OSP {osp:.3f}: {verdict} the goal" in reading
     table = (tmp_path / "sweep.md").read_text()
     assert table.startswith("| point ") and "| adam-broken " in table and "| failed |" in table
     assert "- adam-broken failed: exit 1: osp train: error: optim.eps=2 must be a number" in table
@@ -245,7 +256,8 @@ def test_the_outlier_safe_ffn_points_are_read_against_osp_long_and_the_goal():
     }
     lines = sweep.ffn_reading(done, summaries, evaluations)
     assert lines[1].endswith("baseline")
-    assert "osp-long-tail: w4a4kv4 1.040, w4a4kv4+static 1.400, ppl / osp-long's 1.015, kurtosis x floor 1.200: " \
-           "meets the goal" in lines[2]
-    assert "w4a4kv4 1.120 (misses), w4a4kv4+static - (misses)" in lines[3] and lines[3].endswith("does not meet the goal")
+    assert ("osp-long-tail: w4a4kv4 1.040, w4a4kv4+static 1.400, ppl / osp-long's 1.015, kurtosis x floor "
+            "1.200: meets the goal") in lines[2]
+    assert "w4a4kv4 1.120 (misses), w4a4kv4+static - (misses)" in lines[3]
+    assert lines[3].endswith("does not meet the goal")
     assert sweep.ffn_reading(done[1:], summaries, evaluations) == []  # nothing to compare with

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from tests.data.data_builders import (
     BIBLE_NT,
     BIBLE_OT,

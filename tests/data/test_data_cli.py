@@ -29,8 +29,8 @@ def test_prepare_files_then_info(tmp_path, corpus_files, capsys):
 
 
 def test_prepare_the_demo_corpus_from_local_packages(tmp_path, demo_debs, capsys):
-    main(["prepare", f"source.deb_dir={demo_debs}", f"cache_dir={tmp_path / 'cache'}", "vocab_size=260", "seq_len=7",
-          "batch_size=2"])
+    main(["prepare", f"source.deb_dir={demo_debs}", f"cache_dir={tmp_path / 'cache'}", "vocab_size=260",
+          "seq_len=7", "batch_size=2"])
     out = capsys.readouterr().out
     assert "demo (austen + web_bible)" in out
     assert "austen     1 train / 1 val documents" in out and "web_bible  2 train / 1 val documents" in out
@@ -46,6 +46,7 @@ def test_config_presets_and_errors(tmp_path, corpus_files):
     with pytest.raises(SystemExit, match="key=value"):
         main(["prepare", "seq_len"])
     with pytest.raises(SystemExit, match="val split is empty.*data.source.val_fraction is 0.01: raise it"):
-        main(["prepare", "--source", "files", f"source.paths={corpus_files}/book0.txt", f"cache_dir={tmp_path}"])
+        main(["prepare", "--source", "files", f"source.paths={corpus_files}/book0.txt",
+              f"cache_dir={tmp_path}"])
     with pytest.raises(SystemExit, match="no .txt/.jsonl/.json/.parquet files match"):
         main(["prepare", "--source", "files", f"source.paths={tmp_path}/none*.txt", f"cache_dir={tmp_path}"])

@@ -1,5 +1,5 @@
-"""DataConfig: the presets build, every error names its key, older flat data nodes still read, and the pipeline
-works without Lightning."""
+"""DataConfig: the presets build, every error names its key, older flat data nodes still read, and the
+pipeline works without Lightning."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def test_every_data_preset_builds_its_source(tmp_path):
     assert type(built["files"].source) is LocalFiles and built["files"].source.paths == f"{tmp_path}/*.txt"
     assert type(built["hub"].source) is HubDataset and built["hub"].source.name == "HuggingFaceFW/fineweb-edu"
     smollm = built["smollm"]  # extends hub: its own dataset, the hub preset's other settings
-    assert (smollm.source.name, smollm.source.config_name) == ("HuggingFaceTB/smollm-corpus", "fineweb-edu-dedup")
+    assert (smollm.source.name, smollm.source.config_name) == ("HuggingFaceTB/smollm-corpus",
+                                                               "fineweb-edu-dedup")
     assert smollm.source.val_docs == 2000 and smollm.tokenizer == "HuggingFaceTB/SmolLM-135M"
 
 
@@ -41,7 +42,8 @@ def test_the_files_preset_needs_paths():
 
 def test_one_class_per_source_and_its_fields_are_its_settings():
     assert SOURCES == {"demo": DemoCorpus, "files": LocalFiles, "hub": HubDataset}
-    assert DemoCorpus.settings() == ["include_bible", "deb_dir"]  # cache_dir is the pipeline's, not the source's
+    # cache_dir is the pipeline's, not the source's
+    assert DemoCorpus.settings() == ["include_bible", "deb_dir"]
     for cls in SOURCES.values():
         node = build_source({"kind": cls.kind, **({"paths": "x"} if cls is LocalFiles else {}),
                              **({"name": "x"} if cls is HubDataset else {})}).to_dict()
@@ -58,7 +60,8 @@ def test_one_class_per_source_and_its_fields_are_its_settings():
     ({"seq_len": 0}, r"data.seq_len=0 must be an integer >= 1"),
     ({"val_blocks": -1}, r"data.val_blocks=-1 must be an integer >= 0 or null"),
     ({"pin_memory": "yes"}, "data.pin_memory='yes' must be true or false"),
-    ({"source": {"kind": "files", "paths": "x", "val_fraction": 2.0}}, r"data.source \(files\): val_fraction must"),
+    ({"source": {"kind": "files", "paths": "x", "val_fraction": 2.0}},
+     r"data.source \(files\): val_fraction must"),
     ({"source": {"kind": "hub", "name": ""}}, "data.source.name is empty"),
 ])
 def test_errors_name_the_key(node, message):
@@ -78,10 +81,12 @@ def test_the_cache_root_is_one_setting():
 def test_an_older_flat_data_node_reads_as_the_nested_one():
     flat = {"_target_": "osp.data.datamodule.PretrainDataModule", "source": "files", "paths": ["a/*.txt"],
             "val_paths": None, "val_fraction": 0.05, "text_field": "body", "txt_documents": "paragraphs",
-            "tokenizer": "bpe", "vocab_size": 8192, "seq_len": 512, "batch_size": 16, "seed": 3, "val_blocks": 128}
+            "tokenizer": "bpe", "vocab_size": 8192, "seq_len": 512, "batch_size": 16, "seed": 3,
+            "val_blocks": 128}
     nested = {"source": {"kind": "files", "paths": ["a/*.txt"], "val_fraction": 0.05, "text_field": "body",
                          "txt_documents": "paragraphs"},
-              "tokenizer": "bpe", "vocab_size": 8192, "seq_len": 512, "batch_size": 16, "seed": 3, "val_blocks": 128}
+              "tokenizer": "bpe", "vocab_size": 8192, "seq_len": 512, "batch_size": 16, "seed": 3,
+              "val_blocks": 128}
     assert DataConfig.from_dict(flat) == DataConfig.from_dict(nested)
     # A checkpoint's record from before the change compares equal to today's record of the same run.
     old_record = {"optim.lr": 0.01, **flatten({"data": flat})}
@@ -101,8 +106,8 @@ assert pipeline.heldout_blocks(3).shape == (3, 16)
 assert pipeline.train_blocks(2).shape == (2, 16)
 assert not [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'hydra')], 'imported'
 print('ok')
-"""
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=subprocess_env(), capture_output=True,
-                            text=True, timeout=300)
+"""  # noqa: E501 - the script's own lines
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "ok"

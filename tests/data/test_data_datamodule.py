@@ -1,5 +1,5 @@
-"""The data pipeline and its LightningDataModule without a trainer: schedule, rank split, held-out blocks, resume
-state, errors, streaming. (DataConfig and the presets: test_data_config.py.)"""
+"""The data pipeline and its LightningDataModule without a trainer: schedule, rank split, held-out blocks,
+resume state, errors, streaming. (DataConfig and the presets: test_data_config.py.)"""
 
 from __future__ import annotations
 
@@ -160,7 +160,8 @@ def test_pretrained_tokenizer_folder(tmp_path, corpus_files):
     bpe_dm = make_dm(corpus_files, tmp_path)
     bpe_dm.tokenizer.save_pretrained(tmp_path / "tok")
     dm = make_dm(corpus_files, tmp_path, tokenizer=str(tmp_path / "tok"), vocab_size=123)
-    assert dm.pipeline.vocab_size == bpe_dm.pipeline.vocab_size  # the tokenizer's own size; vocab_size only sizes a BPE
+    # the tokenizer's own size; vocab_size only sizes a BPE
+    assert dm.pipeline.vocab_size == bpe_dm.pipeline.vocab_size
     torch.testing.assert_close(dm.heldout_blocks(2), bpe_dm.heldout_blocks(2))
 
 

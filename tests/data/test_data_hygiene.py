@@ -9,7 +9,6 @@ import warnings
 
 import numpy as np
 import pytest
-from tests.data.data_builders import generated_documents
 
 from osp.data import DemoCorpus, LocalFiles
 from osp.data import files as files_source
@@ -19,6 +18,7 @@ from osp.data.packing import cached_shard, load_shard, write_shard
 from osp.data.sources import DataWarning
 from osp.data.tokenizer import _pieces, _training_pieces, build_tokenizer, tokenizer_fingerprint
 from osp.errors import DataError
+from tests.data.data_builders import generated_documents
 
 
 @pytest.fixture(autouse=True)
@@ -68,15 +68,17 @@ def test_a_mostly_undecodable_file_is_refused(tmp_path, name):
         path.write_bytes(gzip.compress(line * 5))
     else:
         path.write_bytes(bytes(range(128, 256)) * 20 + b"some ascii")
-    with pytest.raises(DataError, match=rf"{name}: [\d,]+ of its [\d,]+ bytes \(\d+\.\d%\) are not valid UTF-8.*"
-                                        r"convert it to UTF-8"):
+    with pytest.raises(DataError,
+                       match=rf"{name}: [\d,]+ of its [\d,]+ bytes \(\d+\.\d%\) are not valid UTF-8.*"
+                             r"convert it to UTF-8"):
         list(read_documents(path))
 
 
 def test_a_binary_file_is_refused(tmp_path):
     path = tmp_path / "weights.txt"
     path.write_bytes(np.arange(1000, dtype=np.float32).tobytes())
-    with pytest.raises(DataError, match=r"weights\.txt: contains NUL bytes.*remove it from data\.source\.paths"):
+    with pytest.raises(DataError,
+                       match=r"weights\.txt: contains NUL bytes.*remove it from data\.source\.paths"):
         list(read_documents(path))
 
 
@@ -144,7 +146,8 @@ def test_a_shard_with_a_flipped_byte_is_rebuilt(tmp_path):
     with open(tmp_path / "s-00001.bin", "r+b") as f:  # same size: only the checksum can tell
         f.seek(10)
         f.write(b"\x07")
-    with pytest.warns(DataWarning, match=r"s-00001\.bin: damaged cache entry \(missing, or its size or sha256"):
+    with pytest.warns(DataWarning,
+                      match=r"s-00001\.bin: damaged cache entry \(missing, or its size or sha256"):
         assert load_shard(path) is None
     with pytest.warns(DataWarning):
         rebuilt = cached_shard(path, _docs([50, 30]), dtype=np.dtype(np.uint16), eos_id=255)
@@ -179,7 +182,8 @@ def test_a_damaged_cached_tokenizer_is_retrained(tmp_path, corpus_files):
     (folder,) = (p for p in (tmp_path / "tokenizers").iterdir() if p.is_dir())
     tokenizer_json = folder / "tokenizer.json"
     tokenizer_json.write_bytes(tokenizer_json.read_bytes()[:-200])  # a truncated copy
-    with pytest.warns(DataWarning, match=r"damaged cache entry \(a file is missing or differs from checksums"):
+    with pytest.warns(DataWarning,
+                      match=r"damaged cache entry \(a file is missing or differs from checksums"):
         again = build_tokenizer("bpe", source, 300, cache_dir=str(tmp_path))
     assert tokenizer_fingerprint(again) == tokenizer_fingerprint(first)
     assert json.loads((folder / "checksums.json").read_text()).keys() >= {"tokenizer.json",

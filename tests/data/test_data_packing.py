@@ -1,4 +1,5 @@
-"""Token shards (an index + memmapped pieces of bounded size) and packing into contiguous blocks of seq_len + 1."""
+"""Token shards (an index + memmapped pieces of bounded size) and packing into contiguous blocks of
+seq_len + 1."""
 
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ def test_pieces_are_bounded_and_read_as_one_stream(tmp_path):
 
 
 def test_memory_while_building_is_flat_in_corpus_size(tmp_path):
-    """The builder holds one write buffer (~4M tokens), never the corpus: 32M tokens in, < 64 MB extra peak."""
+    """The builder holds one write buffer (~4M tokens), never the corpus: 32M tokens in, < 64 MB extra
+    peak."""
     import tracemalloc
 
     def docs():
@@ -73,7 +75,8 @@ def test_memory_while_building_is_flat_in_corpus_size(tmp_path):
             yield np.full(500_000, i, dtype=np.int64)
 
     tracemalloc.start()
-    shard = write_shard(tmp_path / "big.json", docs(), dtype=np.dtype(np.uint16), eos_id=EOS, piece_tokens=5_000_000)
+    shard = write_shard(tmp_path / "big.json", docs(), dtype=np.dtype(np.uint16), eos_id=EOS,
+                        piece_tokens=5_000_000)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert shard.num_tokens == 64 * 500_001 and len(shard.files) == 7

@@ -8,12 +8,12 @@ import json
 import shutil
 
 import pytest
-from tests.data.data_builders import generated_documents
 
 from osp.data import DemoCorpus, HubDataset, LocalFiles
 from osp.data.demo import corpus as demo_corpus
 from osp.data.sources import DataWarning
 from osp.errors import DataError
+from tests.data.data_builders import generated_documents
 
 
 def test_demo_corpus_extracts_splits_and_caches(tmp_path, demo_debs):

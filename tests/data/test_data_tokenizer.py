@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tests.data.data_builders import generated_documents
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -21,6 +20,7 @@ from osp.data.tokenizer import (
     vocab_size_of,
 )
 from osp.errors import DataError
+from tests.data.data_builders import generated_documents
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,8 @@ def test_saved_tokenizer_files_load_as_a_plain_fast_tokenizer(bpe, tmp_path):
 
     save_tokenizer(bpe, tmp_path / "a", model_max_length=64)
     config = json.loads((tmp_path / "a" / "tokenizer_config.json").read_text())
-    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"  # transformers 4.x knows no TokenizersBackend
+    # transformers 4.x knows no TokenizersBackend
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
     assert config["model_input_names"] == ["input_ids", "attention_mask"]
     assert config["model_max_length"] == 64
     assert not {"is_local", "local_files_only", "name_or_path", "_commit_hash", "backend"} & set(config)

@@ -6,15 +6,6 @@ import struct
 import zlib
 
 import pytest
-from tests.data.data_builders import (
-    BIBLE_NT,
-    BIBLE_OT,
-    make_deb,
-    r_character_vector,
-    r_integer_vector,
-    rdb_blob,
-    write_ztext,
-)
 
 from osp.data.demo.extract import (
     extract_austen,
@@ -23,6 +14,15 @@ from osp.data.demo.extract import (
     read_deb_files,
     read_rdb_character_vectors,
     read_ztext_verses,
+)
+from tests.data.data_builders import (
+    BIBLE_NT,
+    BIBLE_OT,
+    make_deb,
+    r_character_vector,
+    r_integer_vector,
+    rdb_blob,
+    write_ztext,
 )
 
 

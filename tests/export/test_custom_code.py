@@ -86,7 +86,8 @@ def test_labels_give_the_training_loss(tmp_path, input_ids):
 
 
 def test_modeling_code_is_standalone():
-    """Users load the folder without osp installed: the code may import only torch, transformers and itself."""
+    """Users load the folder without osp installed: the code may import only torch, transformers and
+    itself."""
     for name in CUSTOM_CODE_FILES:
         tree = ast.parse((MODELING_DIR / name).read_text())
         for node in ast.walk(tree):

@@ -136,7 +136,8 @@ def test_checkpoint_that_does_not_fit_its_config(tmp_path):
 
 
 def test_folder_without_config_or_checkpoint(tmp_path):
-    with pytest.raises(CheckpointError, match="not a checkpoint, a run dir with checkpoints/.*no config.json"):
+    with pytest.raises(CheckpointError,
+                       match="not a checkpoint, a run dir with checkpoints/.*no config.json"):
         load_model(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model(tmp_path / "missing")
@@ -167,7 +168,8 @@ def test_unsupported_llama_variant(exported):
 
 def test_config_shape_mismatch(exported):
     edit_config(exported, intermediate_size=256)
-    with pytest.raises(CheckpointError, match="config.json: weights do not match.*shape mismatch layers.0.mlp"):
+    with pytest.raises(CheckpointError,
+                       match="config.json: weights do not match.*shape mismatch layers.0.mlp"):
         load_model(exported)
 
 

@@ -1,4 +1,5 @@
-"""End of a real (tiny) Lightning run: the Export callback, then `osp export` and load_model on the run dir."""
+"""End of a real (tiny) Lightning run: the Export callback, then `osp export` and load_model on the run
+dir."""
 
 import importlib.util
 import json
@@ -50,11 +51,13 @@ def run(tmp_path_factory):
     module = LanguageModelModule(cfg, OPTIM)
     export = Export(out_dir=str(run_dir / "export"))
     checkpoint = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, default_root_dir=str(run_dir), logger=False,
-                        callbacks=[export, checkpoint], enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, default_root_dir=str(run_dir),
+                        logger=False, callbacks=[export, checkpoint], enable_progress_bar=False,
+                        enable_model_summary=False)
     datamodule = TinyData()
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="You defined a `validation_step` but have no `val_dataloader`")
+        warnings.filterwarnings("ignore",
+                                message="You defined a `validation_step` but have no `val_dataloader`")
         trainer.fit(module, datamodule=datamodule)
     datamodule.tokenizer.save_pretrained(str(run_dir / "tokenizer"))  # as osp train does at fit start
     return run_dir, module.model.eval(), export

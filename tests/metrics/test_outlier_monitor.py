@@ -64,6 +64,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+@pytest.mark.slow
 def test_monitor_logs_history_plots_and_summary(tmp_path):
     monitor = OutlierMonitor(every_n_steps=2, n_blocks=3)
     trainer = fit(tmp_path, monitor, max_steps=5)
@@ -89,9 +90,9 @@ def test_monitor_logs_history_plots_and_summary(tmp_path):
     assert final["max_abs"] == last["outliers/max_abs_max"]
     assert final["kurtosis_floor"] == pytest.approx(0.2, abs=0.05)  # d = 32
     # The quantizer's inputs (linear_inputs is on by default): the down_proj input per layer and per kind.
-    assert {"outliers/linear_max_median/block_01.mlp.down_proj", "outliers/linear_channel_share/block_00.mlp.down_proj",
-            "outliers/down_proj_max_median_mean", "outliers/norm_fed_max_median_mean",
-            "outliers/gate_up_alignment/layer_01"} <= set(rows[0])
+    assert {"outliers/linear_max_median/block_01.mlp.down_proj",
+            "outliers/linear_channel_share/block_00.mlp.down_proj", "outliers/down_proj_max_median_mean",
+            "outliers/norm_fed_max_median_mean", "outliers/gate_up_alignment/layer_01"} <= set(rows[0])
     downs = [last[f"outliers/linear_max_median/block_{b:02d}.mlp.down_proj"] for b in range(2)]
     assert final["down_proj_max_median"] == pytest.approx(sum(downs) / 2)
     assert 0 < final["down_proj_channel_share"] <= 1 and 0 <= final["gate_up_alignment"] <= 1
@@ -113,6 +114,7 @@ def test_monitor_state_survives_a_checkpoint():
     assert restored.history == monitor.history and restored._last_step == 3
 
 
+@pytest.mark.slow
 def test_alarm_warns_and_names_the_layer(tmp_path):
     monitor = OutlierMonitor(every_n_steps=2, n_blocks=2, exact=False, plots=False, alarm_kurtosis=-1.0)
     with warnings.catch_warnings(record=True) as caught:
@@ -125,6 +127,7 @@ def test_alarm_warns_and_names_the_layer(tmp_path):
     assert monitor.final_metrics()["kurtosis_alarm_step"] == 0
 
 
+@pytest.mark.slow
 def test_alarm_stops_the_run(tmp_path):
     monitor = OutlierMonitor(every_n_steps=2, n_blocks=2, exact=False, plots=False, alarm_kurtosis=-1.0,
                              alarm_action="stop")

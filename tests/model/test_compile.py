@@ -1,5 +1,5 @@
-"""`compile=true` on CPU: every block variant compiles into one graph, trains without recompiling after the first
-step, and matches eager training (osp.bench.compile runs the same steps and also times them)."""
+"""`compile=true` on CPU: every block variant compiles into one graph, trains without recompiling after the
+first step, and matches eager training (osp.bench.compile runs the same steps and also times them)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import torch
 
 from osp.bench.compile import RECIPES, train_steps, variant_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.*:DeprecationWarning")]
+pytestmark = [pytest.mark.slow,
+              pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.*:DeprecationWarning")]
 
 SIZES = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.ffn_hidden=192"]
 
@@ -27,7 +28,8 @@ def test_every_block_variant_compiles_once_and_trains_like_eager(recipe, one_thr
 def test_the_variants_are_the_recipes_blocks():
     """Each recipe changes the model it is named for (so the loop above covers every block)."""
     base = variant_config("tiny", SIZES, 128, 16)
-    changed = {recipe: {k for k, v in vars(variant_config(recipe, SIZES, 128, 16)).items() if vars(base)[k] != v}
+    changed = {recipe: {k for k, v in vars(variant_config(recipe, SIZES, 128, 16)).items()
+                        if vars(base)[k] != v}
                for recipe in RECIPES if recipe != "tiny"}
     assert changed["ssnorm"] == {"norm"} and changed["embproj"] == {"emb_proj"}
     assert "attn_softmax" in changed["clipped_softmax"] and changed["gated_norm"] == {"gated_norm_rank"}

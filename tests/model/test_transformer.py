@@ -63,7 +63,8 @@ def test_matches_transformers_llama():
         tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
     )
     hf = LlamaForCausalLM(hf_cfg).eval()
-    state = {("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v for k, v in model.state_dict().items()}
+    state = {("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v
+             for k, v in model.state_dict().items()}
     missing, unexpected = hf.load_state_dict(state, strict=False)
     assert not unexpected and all("rotary" in k for k in missing)
     ids = torch.randint(0, cfg.vocab_size, (2, 24))
@@ -114,12 +115,14 @@ def test_default_ffn_width_rounds_up():
     ],
 )
 def test_config_errors_name_the_key(overrides, message):
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
+    with pytest.raises(ConfigError,
+                       match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
         tiny_cfg(**overrides)
 
 
 def test_unknown_key_lists_known_ones():
-    with pytest.raises(ConfigError, match="model.d_modle is not a model setting; the settings: vocab_size, d_model"):
+    with pytest.raises(ConfigError,
+                       match="model.d_modle is not a model setting; the settings: vocab_size, d_model"):
         ModelConfig.from_dict({"d_modle": 3})
 
 

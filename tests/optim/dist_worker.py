@@ -28,7 +28,8 @@ CASES = [("ddp", "muon"), ("ddp", "root"), ("fsdp", "muon"), ("fsdp", "root")]
 def make_model() -> Transformer:
     """A model whose matrices come in several shapes (attention, FFN, EmbProj) plus gains, embedding, head."""
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=16, emb_proj=True)
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=16,
+                      emb_proj=True)
     return Transformer(cfg)
 
 

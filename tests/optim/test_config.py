@@ -18,12 +18,14 @@ def test_each_optim_file_is_the_dataclass_defaults_for_its_name(name):
 def test_defaults_resolve_fallbacks_and_routing():
     c = OptimConfig(name="muon", lr=0.02, betas=(0.8, 0.9))
     assert (c.adamw_lr, c.adamw_betas, c.adamw_weight_decay) == (0.02, (0.8, 0.9), c.weight_decay)
-    assert c.routing == {"embedding": "adamw", "head": "adamw", "matrix": "muon", "gain": "adamw", "bias": "adamw"}
+    assert c.routing == {"embedding": "adamw", "head": "adamw", "matrix": "muon", "gain": "adamw",
+                         "bias": "adamw"}
     assert c.warmup_steps == 100
 
 
 def test_to_dict_round_trips_and_is_plain():
-    c = OptimConfig.from_dict({"name": "root", "betas": [0.9, 0.99], "routing": {"gain": "root"}, "ns_fit": "muon"})
+    c = OptimConfig.from_dict({"name": "root", "betas": [0.9, 0.99], "routing": {"gain": "root"},
+                               "ns_fit": "muon"})
     d = c.to_dict()
     assert d["betas"] == [0.9, 0.99] and type(d["routing"]) is dict and d["routing"]["gain"] == "root"
     assert OptimConfig.from_dict(d) == c
@@ -55,7 +57,8 @@ def test_warmup_fraction_is_kept_until_the_run_length_is_known():
 
 
 def test_from_dict_rejects_unknown_keys_and_non_mappings():
-    with pytest.raises(ValueError, match=r"optim.learning_rate is not a optim setting; the settings: name, lr"):
+    with pytest.raises(ValueError,
+                       match=r"optim.learning_rate is not a optim setting; the settings: name, lr"):
         OptimConfig.from_dict({"learning_rate": 1e-3})
     with pytest.raises(ValueError, match="mapping"):
         OptimConfig.from_dict(["adamw"])

@@ -52,7 +52,8 @@ def test_adamw_settings_of_hybrid_groups():
 
 @pytest.mark.parametrize("name", ["adamw", "muon"])
 def test_decayed_roles_choose_who_gets_weight_decay(name):
-    """The sweep's "decay on gains" axis: a role in optim.decayed_roles gets the weight decay of its algorithm."""
+    """The sweep's "decay on gains" axis: a role in optim.decayed_roles gets the weight decay of its
+    algorithm."""
     cfg = OptimConfig.from_dict(compose([f"optim={name}", "optim.weight_decay=0.05",
                                          "optim.decayed_roles=[matrix,gain]"]).optim)
     groups = by_name(cfg.build(tiny_model()))
@@ -84,7 +85,8 @@ def test_routing_override_and_tied_embeddings():
         ({"betas": [0.9]}, r"optim.betas"),
         ({"learning_rate": 1e-3}, r"optim.learning_rate is not a optim setting"),
         ({"decayed_roles": "gain"}, r"optim.decayed_roles must be a list, got 'gain'"),
-        ({"decayed_roles": ["gain", "x"]}, r"optim.decayed_roles=\['gain', 'x'\].*embedding, head, matrix, gain, bias"),
+        ({"decayed_roles": ["gain", "x"]},
+         r"optim.decayed_roles=\['gain', 'x'\].*embedding, head, matrix, gain, bias"),
         ({"decayed_roles": ["norm"]}, r"optim.decayed_roles"),
     ],
 )

@@ -33,8 +33,8 @@ def test_first_step_by_hand(rule):
     lr, wd, beta = 0.01, 0.1, 0.95
     Muon([W], lr=lr, weight_decay=wd, momentum=beta, ns_dtype="fp32", update_scale=rule).step()
     # buf = g, u = g + β·g: NS removes the (1 + β) factor.
-    O = newton_schulz(g, dtype=torch.float32)
-    expected = W0 * (1 - lr * wd) - lr * update_scale((24, 40), rule) * O
+    ortho = newton_schulz(g, dtype=torch.float32)
+    expected = W0 * (1 - lr * wd) - lr * update_scale((24, 40), rule) * ortho
     torch.testing.assert_close(W.detach(), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -64,8 +64,9 @@ def test_plain_momentum_when_not_nesterov():
     before = W.detach().clone()
     W.grad = g2
     opt.step()
-    O = newton_schulz(0.95 * g1 + g2, dtype=torch.float32)
-    torch.testing.assert_close(W.detach() - before, -update_scale((8, 8), "moonlight") * O, rtol=1e-5, atol=1e-5)
+    ortho = newton_schulz(0.95 * g1 + g2, dtype=torch.float32)
+    torch.testing.assert_close(W.detach() - before, -update_scale((8, 8), "moonlight") * ortho,
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_conv_like_parameter_is_viewed_as_matrix():
@@ -73,8 +74,8 @@ def test_conv_like_parameter_is_viewed_as_matrix():
     g = torch.randn(6, 2, 3, 3)
     W.grad = g
     Muon([W], lr=1.0, weight_decay=0.0, ns_dtype="fp32").step()
-    O = newton_schulz(g.reshape(6, 18), dtype=torch.float32).reshape(6, 2, 3, 3)
-    torch.testing.assert_close(W.detach(), -0.2 * math.sqrt(18) * O)
+    ortho = newton_schulz(g.reshape(6, 18), dtype=torch.float32).reshape(6, 2, 3, 3)
+    torch.testing.assert_close(W.detach(), -0.2 * math.sqrt(18) * ortho)
 
 
 def test_vectors_and_scalars_get_normalized_updates():
@@ -141,8 +142,8 @@ def test_root_step_by_hand():
     ROOT([W], lr=1.0, weight_decay=0.0, ns_dtype="fp32").step()
     u = 1.95 * g
     eps = torch.quantile(u.abs(), 0.9) + 1e-9
-    O = newton_schulz(u.clamp(-eps, eps), coefficients=ns_coefficients(12, 20), dtype=torch.float32)
-    torch.testing.assert_close(W.detach(), -0.2 * math.sqrt(20) * O, rtol=1e-5, atol=1e-6)
+    ortho = newton_schulz(u.clamp(-eps, eps), coefficients=ns_coefficients(12, 20), dtype=torch.float32)
+    torch.testing.assert_close(W.detach(), -0.2 * math.sqrt(20) * ortho, rtol=1e-5, atol=1e-6)
 
 
 def test_root_without_fits_warns_once_per_shape_and_uses_muons():

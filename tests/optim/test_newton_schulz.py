@@ -25,13 +25,13 @@ def test_singular_values_in_band(shape, dtype):
     # (slope 3.4445 at 0, so ×3.4445⁵ ≈ 490 at most) cannot lift, which is expected and harmless.
     s = torch.linspace(0.1, 1.0, min(shape))
     G = _with_spectrum(*shape, s)
-    O = newton_schulz(G, dtype=dtype).float()
-    sv = torch.linalg.svdvals(O)
+    ortho = newton_schulz(G, dtype=dtype).float()
+    sv = torch.linalg.svdvals(ortho)
     # 5 quintic steps put the singular values in roughly [0.5, 1.5] (Keller Jordan's Muon docstring).
     assert sv.min() > 0.5 and sv.max() < 1.5
-    # The singular vectors stay G's: O ≈ U f(S) Vᵀ, so Uᵀ O V is nearly diagonal.
+    # The singular vectors stay G's: ortho ≈ U f(S) Vᵀ, so Uᵀ ortho V is nearly diagonal.
     U, _, Vh = torch.linalg.svd(G, full_matrices=False)
-    core = U.mT @ O @ Vh.mT
+    core = U.mT @ ortho @ Vh.mT
     off = core - torch.diag_embed(torch.diagonal(core))
     assert off.abs().max() < 0.05
 
@@ -67,8 +67,8 @@ def test_bf16_matches_fp32_roughly():
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_dtype_is_bf16_only_where_the_device_computes_it_natively(native, monkeypatch):
-    """The default: bf16 iterations where bf16 matmuls are native, fp32 where they would be emulated (~50x slower
-    on an AVX2 CPU). Decided per device type, at each call."""
+    """The default: bf16 iterations where bf16 matmuls are native, fp32 where they would be emulated (~50x
+    slower on an AVX2 CPU). Decided per device type, at each call."""
     asked = []
     monkeypatch.setattr(newton_schulz_module, "auto_dtype_name",
                         lambda device_type: asked.append(device_type) or ("bf16" if native else "fp32"))

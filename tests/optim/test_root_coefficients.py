@@ -93,8 +93,8 @@ def test_root_step_uses_ns_coefficients(monkeypatch):
     assert calls == [(12, 24)]
     u = 1.95 * g
     eps = torch.quantile(u.abs(), 0.9) + 1e-9
-    O = newton_schulz(u.clamp(-eps, eps), coefficients=real(24, 12), dtype=torch.float32)
-    torch.testing.assert_close(W.detach(), -0.2 * math.sqrt(24) * O, rtol=1e-5, atol=1e-6)
+    ortho = newton_schulz(u.clamp(-eps, eps), coefficients=real(24, 12), dtype=torch.float32)
+    torch.testing.assert_close(W.detach(), -0.2 * math.sqrt(24) * ortho, rtol=1e-5, atol=1e-6)
 
 
 def test_fit_missing_false_is_the_official_code_muon_fallback():
@@ -104,7 +104,8 @@ def test_fit_missing_false_is_the_official_code_muon_fallback():
         assert opt._coefficients(torch.Size([32, 16])) == MUON_COEFFICIENTS
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert ROOT([nn.Parameter(torch.zeros(2, 2))])._coefficients(torch.Size([256, 768])) == ns_coefficients(256, 768)
+        assert (ROOT([nn.Parameter(torch.zeros(2, 2))])._coefficients(torch.Size([256, 768]))
+                == ns_coefficients(256, 768))
 
 
 def test_ns_fit_config_chooses_fitted_or_muon_coefficients_for_unlisted_shapes():

@@ -25,7 +25,8 @@ def test_wsd_linear_and_1_sqrt():
     assert lin(80) == pytest.approx(1.0)
     assert lin(90) == pytest.approx(0.5)
     assert lin(100) == pytest.approx(0.0)
-    sq = lr_multiplier("wsd", total_steps=100, warmup_steps=10, min_lr_ratio=0.2, decay_fraction=0.2, decay_shape="1-sqrt")
+    sq = lr_multiplier("wsd", total_steps=100, warmup_steps=10, min_lr_ratio=0.2, decay_fraction=0.2,
+                       decay_shape="1-sqrt")
     assert sq(85) == pytest.approx(1 - 0.8 * math.sqrt(0.25))  # = 0.6
     assert sq(100) == pytest.approx(0.2)
 
@@ -54,7 +55,8 @@ def test_bad_values_name_the_key(kwargs, match):
 def test_build_scheduler_scales_each_group_from_its_own_lr():
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
     opt = torch.optim.SGD([{"params": [a], "lr": 1.0}, {"params": [b], "lr": 0.1}])
-    sched = OptimConfig(schedule="cosine", warmup_steps=4, min_lr_ratio=0.0).build_scheduler(opt, total_steps=20)
+    sched = OptimConfig(schedule="cosine", warmup_steps=4, min_lr_ratio=0.0).build_scheduler(
+        opt, total_steps=20)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.25, 0.025])
     for _ in range(3):
         opt.step()

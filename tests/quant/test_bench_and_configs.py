@@ -11,8 +11,9 @@ from osp.training.callbacks.quant_eval import QuantEval
 
 def test_bench_prints_a_table(capsys):
     bench_main(
-        ["--device", "cpu", "--d-model", "64", "--layers", "1", "--heads", "1", "--vocab", "64", "--seq-len", "16",
-         "--blocks", "2", "--batch-size", "2", "--repeats", "1", "--presets", "w4a4kv4", "w4a16"]
+        ["--device", "cpu", "--d-model", "64", "--layers", "1", "--heads", "1", "--vocab", "64",
+         "--seq-len", "16", "--blocks", "2", "--batch-size", "2", "--repeats", "1", "--presets", "w4a4kv4",
+         "w4a16"]
     )  # fmt: skip
     out = capsys.readouterr().out
     assert "mode" in out and "w4a4kv4" in out and "w4a16" in out and "tokens/s" in out

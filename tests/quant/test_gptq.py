@@ -27,7 +27,10 @@ def test_gptq_beats_rtn_on_the_layer_output(act_order):
     gptq = gptq_quantize(w, x.T @ x / x.shape[0], scale, 4, blocksize=32, act_order=act_order)
     assert gptq.codes.dtype == torch.int8 and gptq.codes.min() >= -8 and gptq.codes.max() <= 7
     assert torch.equal(gptq.scale, scale)
-    err = lambda qw: (x @ (qw.dequantize() - w).T).norm()
+
+    def err(qw):
+        return (x @ (qw.dequantize() - w).T).norm()
+
     assert err(gptq) < 0.85 * err(rtn)
     # lazy block updates are exact: one block over all columns gives the same codes
     whole = gptq_quantize(w, x.T @ x / x.shape[0], scale, 4, blocksize=96, act_order=act_order)

@@ -22,8 +22,8 @@ from osp.quant.hadamard import fwht_torch
 from tests.support.models import make_model
 
 transformers = pytest.importorskip("transformers")
-from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 
 HEAD_DIM = 64
 
@@ -81,18 +81,25 @@ def fake_quantize_hf(hf: LlamaForCausalLM, cfg: QuantConfig) -> list:
                 lin.weight.copy_(w)
             if cfg.a_bits < 16:
                 if name.endswith("o_proj"):
-                    quant = lambda x: Q.fake_quant(x, 4, group_size=HEAD_DIM, zero_inclusive=False)
+                    def quant(x):
+                        return Q.fake_quant(x, 4, group_size=HEAD_DIM, zero_inclusive=False)
                 elif rotate:
-                    quant = lambda x: Q.fake_quant(fwht_torch(x.float()), 4).to(x.dtype)
+                    def quant(x):
+                        return Q.fake_quant(fwht_torch(x.float()), 4).to(x.dtype)
                 else:
-                    quant = lambda x: Q.fake_quant(x, 4)
+                    def quant(x):
+                        return Q.fake_quant(x, 4)
                 handles.append(lin.register_forward_pre_hook(lambda m, args, q=quant: (q(args[0]),)))
             elif rotate:
                 handles.append(
-                    lin.register_forward_pre_hook(lambda m, args: (fwht_torch(args[0].float()).to(args[0].dtype),))
+                    lin.register_forward_pre_hook(
+                        lambda m, args: (fwht_torch(args[0].float()).to(args[0].dtype),)
+                    )
                 )
         if cfg.kv_bits < 16:
-            v_quant = lambda m, args, out: Q.fake_quant(out, 4, group_size=HEAD_DIM, zero_inclusive=False)
+            def v_quant(m, args, out):
+                return Q.fake_quant(out, 4, group_size=HEAD_DIM, zero_inclusive=False)
+
             handles.append(layer.self_attn.v_proj.register_forward_hook(v_quant))
     if cfg.kv_bits < 16:
         hf.set_attn_implementation("osp_w4a4_check")

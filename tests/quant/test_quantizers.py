@@ -123,6 +123,7 @@ def test_integer_gemm_twin_equals_dequantized_matmul(group):
     a, w = torch.randn(9, 128), torch.randn(5, 128)
     codes, s_a, z_a = Q.quant_rows_torch(a, 4, group_size=group, zero_inclusive=group is None)
     qw = Q.quantize_weight(w, 4)
-    out = Q.w4a4_gemm_torch(codes, s_a, z_a, qw.packed(), qw.scale, qw.group_sums(group), group, bias=torch.ones(5))
+    out = Q.w4a4_gemm_torch(codes, s_a, z_a, qw.packed(), qw.scale, qw.group_sums(group), group,
+                            bias=torch.ones(5))
     want = Q.fake_quant(a, 4, group_size=group, zero_inclusive=group is None) @ qw.dequantize().T + 1
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)

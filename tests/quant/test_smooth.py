@@ -128,7 +128,8 @@ def test_smooth_swiglu_trains_identically_and_tracks_the_channel_max(blocks):
     # The buffer is a moving average of each step's per-channel max |silu(gate(x)) * up(x)|.
     layer = smooth.layers[0].mlp
     seen = []
-    hook = layer.down_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0].abs().flatten(0, 1).amax(0)))
+    hook = layer.down_proj.register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].abs().flatten(0, 1).amax(0)))
     before = layer.output_absmax.clone()
     _train_steps(smooth, blocks, 1)
     hook.remove()

@@ -18,8 +18,10 @@ from tests.support.models import make_model
 def _inputs(model: nn.Module, blocks: torch.Tensor) -> dict[str, torch.Tensor]:
     """Every linear's input inside the blocks on one forward pass (independent of the view's own hooks)."""
     seen: dict[str, torch.Tensor] = {}
-    hooks = [module.register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, args[0].detach()))
-             for name, module in model.named_modules() if isinstance(module, nn.Linear) and name.startswith("layers.")]
+    hooks = [module.register_forward_pre_hook(
+                 lambda m, args, name=name: seen.__setitem__(name, args[0].detach()))
+             for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and name.startswith("layers.")]
     with torch.no_grad():
         model(blocks[:, :-1])
     for hook in hooks:
@@ -54,7 +56,8 @@ def test_static_scales_are_the_calibration_absmax_over_the_grid(tiny_model, bloc
         name = "layers.0.self_attn.q_proj"
         inner = wrappers[name].inner
         x = fp_held[name]
-        expected = nn.functional.linear((x / scales[name]).round().clamp(-128, 127) * scales[name], inner.weight)
+        expected = nn.functional.linear((x / scales[name]).round().clamp(-128, 127) * scales[name],
+                                        inner.weight)
         hook = wrappers[name].register_forward_hook(lambda m, a, out: got.__setitem__("q", out.detach()))
         with torch.no_grad():
             model(held[:, :-1])
@@ -83,15 +86,16 @@ def test_one_outlier_channel_breaks_static_scales_but_not_per_token_ones(blocks)
 
 def test_only_restricts_the_view_to_the_named_sites(tiny_model, blocks):
     names = site_names(tiny_model)
-    assert names[:8] == ["layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj", "layers.0.self_attn.v_proj",
-                         "layers.0.self_attn.o_proj", "layers.0.mlp.gate_proj", "layers.0.mlp.up_proj",
-                         "layers.0.mlp.down_proj", "layers.0.kv"]
+    assert names[:8] == ["layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj",
+                         "layers.0.self_attn.v_proj", "layers.0.self_attn.o_proj", "layers.0.mlp.gate_proj",
+                         "layers.0.mlp.up_proj", "layers.0.mlp.down_proj", "layers.0.kv"]
     assert len(names) == 16
     chosen = {"layers.1.mlp.down_proj", "layers.0.kv"}
     with quantized(tiny_model, "w4a4kv4", only=chosen.__contains__) as model:
         wrapped = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
         assert wrapped == ["layers.1.mlp.down_proj"]
-        assert model.layers[0].self_attn.kv_quantizer is not None and model.layers[1].self_attn.kv_quantizer is None
+        assert (model.layers[0].self_attn.kv_quantizer is not None
+                and model.layers[1].self_attn.kv_quantizer is None)
     assert not any(isinstance(m, QuantLinear) for m in tiny_model.modules())
     # Nothing selected: exactly the full-precision model.
     nll_fp = nll_stats(tiny_model, blocks)[0]
@@ -113,8 +117,10 @@ def test_each_site_costs_what_quantizing_its_input_alone_costs(blocks):
     assert result["nll_fp"] == pytest.approx(nll_fp / tokens)
     for name in ("layers.1.mlp.up_proj", "layers.0.self_attn.o_proj"):
         linear = model.get_submodule(name)
-        groups = 64 if name.endswith("o_proj") else None  # o_proj input in groups of head_dim (d 128 / 2 heads)
-        hook = linear.register_forward_pre_hook(lambda m, args: (fake_quant(args[0], 4, False, groups, 1.0, groups is None),))
+        # o_proj input in groups of head_dim (d 128 / 2 heads)
+        groups = 64 if name.endswith("o_proj") else None
+        hook = linear.register_forward_pre_hook(
+            lambda m, args: (fake_quant(args[0], 4, False, groups, 1.0, groups is None),))
         by_hand = nll_stats(model, blocks)[0] / tokens
         hook.remove()
         assert rows[name]["nll"] == pytest.approx(by_hand, rel=1e-6), name
@@ -126,7 +132,8 @@ def test_each_site_costs_what_quantizing_its_input_alone_costs(blocks):
     assert rows[worst]["kurtosis"] == stats[worst]["kurtosis"]
     for row in result["sites"]:
         assert row["share"] == pytest.approx(row["delta_nll"] / math.log(result["ppl_ratio"]))
-    assert [r["delta_nll"] for r in result["sites"]] == sorted((r["delta_nll"] for r in result["sites"]), reverse=True)
+    assert [r["delta_nll"] for r in result["sites"]] == sorted((r["delta_nll"] for r in result["sites"]),
+                                                               reverse=True)
     assert len(result["sites"]) == 16 and len(result["layers"]) == 2 and len(result["kinds"]) == 8
     text = format_attribution(result, top=3)
     assert result["sites"][0]["name"] in text.splitlines()[4] and "ppl x" in text

@@ -5,7 +5,8 @@ huge, NaN, paths that escape, Unicode). Each input must end in exit 0 or in one 
 file of a reference run byte-identical.
 
 The commands run in-process through `osp`'s own entry point (`osp train` up to its checks before Hydra starts:
-those decide whether anything is written). `OSP_GENERATED_EXAMPLES` sets how many inputs each test draws (small in CI; e.g. 2000 on demand:
+those decide whether anything is written). `OSP_GENERATED_EXAMPLES` sets how many inputs each test draws
+(small in CI; e.g. 2000 on demand:
 `OSP_GENERATED_EXAMPLES=2000 pytest tests/reliability/test_generated_inputs.py`).
 """
 
@@ -36,8 +37,8 @@ SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 HOSTILE = ["", " ", "-1", "0", "-0.5", "1e400", "1e-400", "nan", "inf", "-inf", "abc", "1.5", "true", "null",
-           "[]", "[1,2]", "{a: 1}", "..", "../x", "/", "/sys/osp", "/dev/null", "μ€🙂", "x" * 300, "${oc.env:HOME}",
-           "${nope}", "%s", "'", '"', "\\", "a=b", "???", "-m", "99999999999999999999"]
+           "[]", "[1,2]", "{a: 1}", "..", "../x", "/", "/sys/osp", "/dev/null", "μ€🙂", "x" * 300,
+           "${oc.env:HOME}", "${nope}", "%s", "'", '"', "\\", "a=b", "???", "-m", "99999999999999999999"]
 
 
 def value_for(current: object) -> st.SearchStrategy[str]:
@@ -102,7 +103,8 @@ def outcome(run, cwd: Path) -> None:  # noqa: ANN001 - a callable that runs one 
     lines = [line for line in text.splitlines() if line.strip()]
     errors = [line for line in lines if re.match(r"^osp[\w -]*: error: ", line)]
     assert len(errors) == 1, text[-3000:]
-    assert all(line == errors[0] or line.startswith(("usage:", "  ", "warning:")) for line in lines), text[-3000:]
+    assert all(line == errors[0] or line.startswith(("usage:", "  ", "warning:"))
+               for line in lines), text[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +144,8 @@ def drawn_flags(parser: argparse.ArgumentParser) -> st.SearchStrategy[list[str]]
         values = st.sampled_from(list(action.choices)) if action.choices else st.sampled_from(HOSTILE)
         return st.tuples(flag, st.one_of(values, st.sampled_from(HOSTILE))).map(list)
 
-    return st.lists(st.one_of([one(a) for a in flags_of(parser)]), max_size=3).map(lambda parts: sum(parts, []))
+    return st.lists(st.one_of([one(a) for a in flags_of(parser)]), max_size=3).map(
+        lambda parts: sum(parts, []))
 
 
 @SETTINGS

@@ -40,7 +40,8 @@ def test_resume_allow_accepts_the_named_change(corpus, run_copy):
 def test_an_accepted_optimizer_change_takes_effect(corpus, run_copy):
     """torch restores the saved hyperparameters with the optimizer state; the accepted ones must win."""
     proc = osp(*train_args(corpus, run_copy.parent, "resume=auto", "trainer.max_steps=6", "optim.lr=1e-3",
-                           "optim.weight_decay=0.05", "resume_allow=[optim.lr,optim.weight_decay,trainer.max_steps]"))
+                           "optim.weight_decay=0.05",
+                           "resume_allow=[optim.lr,optim.weight_decay,trainer.max_steps]"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     checkpoint = torch.load(run_copy / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 6

@@ -1,6 +1,6 @@
-"""No command writes over a run: a finished run started again, outputs aimed into a run, a resume from an older
-checkpoint, Hydra's own flags, run names that escape runs_root, an export with another run's tokenizer. And the
-remaining one-line faults: each leaves every file of the run as it was."""
+"""No command writes over a run: a finished run started again, outputs aimed into a run, a resume from an
+older checkpoint, Hydra's own flags, run names that escape runs_root, an export with another run's tokenizer.
+And the remaining one-line faults: each leaves every file of the run as it was."""
 
 from __future__ import annotations
 
@@ -37,13 +37,16 @@ def test_resuming_an_older_checkpoint_of_the_run_is_refused_and_branching_works(
     older = run_copy / "checkpoints" / "step0000002.ckpt"
     proc = osp(*train_args(corpus, run_copy.parent, f"resume={older}"))
     line = error_line(proc)
-    assert "is step 2 of this run, which has checkpoints up to step 5" in line and "run_name=<new name>" in line
+    assert ("is step 2 of this run, which has checkpoints up to step 5" in line
+            and "run_name=<new name>" in line)
     assert snapshot(run_copy) == before
     # The branch: a new run that starts from the older checkpoint, beside the untouched original.
-    args = [a for a in train_args(corpus, run_copy.parent, f"resume={older}") if not a.startswith("run_name=")]
+    args = [a for a in train_args(corpus, run_copy.parent, f"resume={older}")
+            if not a.startswith("run_name=")]
     branched = osp(*args, "run_name=branch")
     assert branched.returncode == 0, branched.stderr[-3000:]
-    assert strict_json(run_copy.parent / "branch" / "summary.json")["steps"] == 5 and snapshot(run_copy) == before
+    assert (strict_json(run_copy.parent / "branch" / "summary.json")["steps"] == 5
+            and snapshot(run_copy) == before)
 
 
 @pytest.mark.parametrize("args, words", [
@@ -54,7 +57,8 @@ def test_resuming_an_older_checkpoint_of_the_run_is_refused_and_branching_works(
     (["run_name="], "run_name='' is not a name"),
     ([f"run_name={RUN}/checkpoints"], "lies inside the run"),
 ])
-def test_flags_and_names_that_would_write_outside_the_run_dir_checks_are_refused(corpus, run_copy, args, words):
+def test_flags_and_names_that_would_write_outside_the_run_dir_checks_are_refused(corpus, run_copy, args,
+                                                                                 words):
     before = snapshot(run_copy.parent)
     proc = osp(*train_args(corpus, run_copy.parent), *args)
     assert words in error_line(proc)
@@ -66,7 +70,8 @@ def test_outputs_aimed_into_a_run_are_refused(trained, tmp_path):
     proc = osp("eval", str(trained), "--quant", "w4a4kv4", "--json", str(trained / "summary.json"))
     assert "is inside the run dir" in error_line(proc, "osp eval: error: ")
     proc = osp("report", str(trained), "--out", str(trained / "csv"))
-    assert proc.returncode == 2 and "is (inside) the run dir" in proc.stderr and "Traceback" not in proc.stderr
+    assert (proc.returncode == 2 and "is (inside) the run dir" in proc.stderr
+            and "Traceback" not in proc.stderr)
     (tmp_path / "a-file").write_text("mine")
     proc = osp("report", str(trained), "--out", str(tmp_path / "a-file"))
     assert proc.returncode == 2 and "is a file" in proc.stderr and (tmp_path / "a-file").read_text() == "mine"
@@ -162,7 +167,8 @@ def test_a_cache_or_output_that_is_a_file_is_one_line(tmp_path, trained):
     cache.write_text("not a folder")
     proc = osp("data", "info", OSP_CACHE_DIR=str(cache))
     assert "is a file" in proc.stderr and proc.returncode == 1 and "Traceback" not in proc.stderr
-    proc = osp("data", "prepare", "--source", "files", f"source.paths={trained}/*.nothing", OSP_CACHE_DIR=str(cache))
+    proc = osp("data", "prepare", "--source", "files", f"source.paths={trained}/*.nothing",
+               OSP_CACHE_DIR=str(cache))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0
 
 

@@ -28,8 +28,8 @@ def test_summary_of_a_finished_run_is_strict_json_with_its_status(trained):
 def test_sigint_saves_a_checkpoint_and_resume_auto_finishes(corpus, tmp_path):
     args = ["train", *tiny_overrides(corpus, tmp_path, "trainer.max_steps=6", "trainer.val_check_interval=3",
                                      "run_name=ctrl-c", "~callbacks.export")]
-    stopped = osp(*args, "+callbacks.kill._target_=tests.support.callbacks.SignalAt", "+callbacks.kill.step=3",
-                  "+callbacks.kill.signal_name=SIGINT")
+    stopped = osp(*args, "+callbacks.kill._target_=tests.support.callbacks.SignalAt",
+                  "+callbacks.kill.step=3", "+callbacks.kill.signal_name=SIGINT")
     assert stopped.returncode == 130, stopped.stderr[-3000:]
     assert "Traceback" not in stopped.stderr + stopped.stdout and "KeyboardInterrupt" not in stopped.stderr
     line = stopped.stderr.strip().splitlines()[-1]
@@ -82,8 +82,9 @@ def test_a_killed_ddp_rank_is_one_line_per_process_naming_the_rank_and_the_resum
     error, no ChildFailedError traceback), and the run resumes from its checkpoint."""
     args = tiny_overrides(corpus, tmp_path, "trainer.max_steps=6", "trainer.val_check_interval=6",
                           "callbacks.checkpoint.every_n_train_steps=2", "~callbacks.export",
-                          "+callbacks.kill._target_=tests.support.callbacks.SignalAt", "+callbacks.kill.step=3",
-                          "+callbacks.kill.rank=1", "+callbacks.kill.signal_name=SIGKILL")
+                          "+callbacks.kill._target_=tests.support.callbacks.SignalAt",
+                          "+callbacks.kill.step=3", "+callbacks.kill.rank=1",
+                          "+callbacks.kill.signal_name=SIGKILL")
     env = subprocess_env(NGPU="2", TRAINER="ddp", RUN_NAME="killed",
                          TORCHRUN=f"{sys.executable} -m torch.distributed.run")
     proc = subprocess.run(["bash", str(REPO / "launch" / "torchrun.sh"), *args], cwd=REPO, env=env,

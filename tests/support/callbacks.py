@@ -1,4 +1,5 @@
-"""Test-only callbacks, added to `osp train` runs by Hydra: `+callbacks.<name>._target_=tests.training....`."""
+"""Test-only callbacks, added to `osp train` runs by Hydra:
+`+callbacks.<name>._target_=tests.training....`."""
 
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ from tests.support.training import subprocess_env, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 RUN = "base"
-# The shared run: 5 steps, checkpoints at steps 2 and 4 and last.ckpt at the end (step 5: an interval that does
-# not divide the run), metrics, summary, export.
+# The shared run: 5 steps, checkpoints at steps 2 and 4 and last.ckpt at the end (step 5: an interval that
+# does not divide the run), metrics, summary, export.
 BASE = ["trainer.max_steps=5", "trainer.val_check_interval=2", "callbacks.checkpoint.every_n_train_steps=2"]
 
 

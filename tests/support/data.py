@@ -9,8 +9,10 @@ from typing import Any
 from osp.data import DataConfig, TokenPipeline
 
 
-def data_config(corpus_files: Path, cache: Path, source: dict[str, Any] | None = None, **shared: Any) -> DataConfig:
-    """`source` with a `kind` replaces the files source; without one it changes the files source's settings."""
+def data_config(corpus_files: Path, cache: Path, source: dict[str, Any] | None = None,
+                **shared: Any) -> DataConfig:
+    """`source` with a `kind` replaces the files source; without one it changes the files source's
+    settings."""
     if source is None or "kind" not in source:
         source = {"kind": "files", "paths": str(corpus_files / "*"), "val_fraction": 0.15, **(source or {})}
     node = {"source": source, "vocab_size": 300, "seq_len": 15, "batch_size": 4, "seed": 7, "val_blocks": 8,
@@ -18,14 +20,16 @@ def data_config(corpus_files: Path, cache: Path, source: dict[str, Any] | None =
     return DataConfig.from_dict(node)
 
 
-def make_dm(corpus_files: Path, cache: Path, source: dict[str, Any] | None = None, *, world_size: int | None = None,
-            rank: int | None = None, **shared: Any):  # noqa: ANN201 - a PretrainDataModule (imports Lightning)
+def make_dm(corpus_files: Path, cache: Path, source: dict[str, Any] | None = None, *,
+            world_size: int | None = None, rank: int | None = None,
+            **shared: Any):  # noqa: ANN201 - a PretrainDataModule (imports Lightning)
     from osp.data.datamodule import PretrainDataModule
 
-    return PretrainDataModule(TokenPipeline(data_config(corpus_files, cache, source, **shared)), world_size=world_size,
-                              rank=rank)
+    return PretrainDataModule(TokenPipeline(data_config(corpus_files, cache, source, **shared)),
+                              world_size=world_size, rank=rank)
 
 
 def hub_source(corpus_files: Path, **settings: Any) -> dict[str, Any]:
     """The hub source over the local web.jsonl (datasets' json builder: the streaming code, offline)."""
-    return {"kind": "hub", "name": "json", "data_files": str(corpus_files / "web.jsonl"), "val_docs": 8, **settings}
+    return {"kind": "hub", "name": "json", "data_files": str(corpus_files / "web.jsonl"), "val_docs": 8,
+            **settings}

@@ -13,7 +13,8 @@ TINY_MODEL_DATA = [
 ]
 # ... with quiet, fast run settings: what the training, reliability and GPU tests run.
 TINY = [
-    *TINY_MODEL_DATA, "optim.lr=3e-3", "optim.warmup_steps=3", "trainer.precision=32-true", "trainer.log_every_n_steps=1",
+    *TINY_MODEL_DATA, "optim.lr=3e-3", "optim.warmup_steps=3", "trainer.precision=32-true",
+    "trainer.log_every_n_steps=1",
     "logger.wandb.enabled=false", "callbacks.quant_eval.num_blocks=4", "callbacks.quant_eval.batch_size=2",
     "callbacks.outliers.n_blocks=2", "callbacks.outliers.plots=false", "~callbacks.progress",
     "+trainer.enable_progress_bar=false",

@@ -53,7 +53,8 @@ def test_unknown_key_is_named():
 
 def test_bad_block_value_lists_allowed_values():
     cfg = compose(["model.norm=layernorm"])
-    with pytest.raises(ConfigError, match=r"model.norm='layernorm' is not allowed; choose one of \['rms', 'ss'\]"):
+    with pytest.raises(ConfigError,
+                       match=r"model.norm='layernorm' is not allowed; choose one of \['rms', 'ss'\]"):
         build_model_config(cfg, 512)
 
 
@@ -68,7 +69,8 @@ def test_run_dir_is_derived_from_the_run_name(monkeypatch):
 
 @pytest.mark.parametrize("group", ["recipe", "scale", "model", "optim", "data", "trainer", "logger"])
 def test_every_preset_composes(group):
-    """Every option a CLI or a config group offers composes into a train config (`osp train <group>=<option>`)."""
+    """Every option a CLI or a config group offers composes into a train config
+    (`osp train <group>=<option>`)."""
     options = presets(group)
     assert options
     for option in options:
@@ -96,9 +98,11 @@ def test_a_flat_data_key_names_where_it_moved():
     """`data.paths=...` (the flat form of older osp) fails in one line that names `data.source.paths`."""
     from osp.cli.train import start_checks
 
-    with pytest.raises(SystemExit, match=r"data\.paths.*\(paths is a setting of the files source: data\.source\.paths"):
+    with pytest.raises(SystemExit,
+                       match=r"data\.paths.*\(paths is a setting of the files source: data\.source\.paths"):
         start_checks(["data=files", "data.paths=/x"])
-    with pytest.raises(SystemExit, match=r"text_field is a setting of the files/hub source: data\.source\.text_field"):
+    with pytest.raises(SystemExit,
+                       match=r"text_field is a setting of the files/hub source: data\.source\.text_field"):
         start_checks(["data=hub", "data.text_field=body"])
     with pytest.raises(SystemExit) as other:
         start_checks(["data.nonsense=1"])

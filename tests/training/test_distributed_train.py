@@ -138,4 +138,5 @@ def test_ddp_ranks_stop_together_on_a_nan_only_one_of_them_sees(corpus, tmp_path
                           "~callbacks.outliers", "~callbacks.quant_eval", "~callbacks.export")
     proc = torchrun(args, check=False)
     assert proc.returncode != 0
-    assert proc.stderr.count("osp train: error: non-finite gradient at step 3 (on at least one of 2 ranks)") == 2
+    assert proc.stderr.count(
+        "osp train: error: non-finite gradient at step 3 (on at least one of 2 ranks)") == 2

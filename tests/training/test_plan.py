@@ -46,6 +46,7 @@ def measured_peak(cfg) -> int:
     return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
     [],  # the default tiny model, AdamW
     ["optim=muon", "activation_checkpointing=true"],
@@ -96,6 +97,7 @@ def test_sharding_time_and_budget_arithmetic():
     assert plan.token_budget == 476_837 * tokens
 
 
+@pytest.mark.slow
 def test_adam_1p4b_on_one_gpu_does_not_fit_and_says_so():
     out = subprocess.run([sys.executable, "-m", "osp", "plan", "recipe=adam_1p4b", "--gpus-per-node", "1",
                           "--gpu", "a100-40gb"], capture_output=True, text=True, timeout=300)
@@ -103,6 +105,7 @@ def test_adam_1p4b_on_one_gpu_does_not_fit_and_says_so():
     assert "WARNING: does not fit" in out.stdout and "trainer=fsdp" in out.stdout
 
 
+@pytest.mark.slow
 def test_json_output_and_one_line_errors():
     out = subprocess.run([sys.executable, "-m", "osp", "plan", "--json", "--gpus-per-node", "1"],
                          capture_output=True, text=True, timeout=300)

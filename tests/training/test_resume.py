@@ -121,15 +121,16 @@ def _hub_overrides(root: Path, data_files: str, name: str, *extra: str) -> list[
             "data.pin_memory=false", "data.tokenizer_train_chars=null", f"data.cache_dir={root / 'cache'}",
             "optim=muon", "trainer.max_steps=8", "trainer.val_check_interval=4",
             "callbacks.checkpoint.every_n_train_steps=4", "callbacks.outliers.every_n_steps=4",
-            "callbacks.quant_eval.every_n_steps=4", "~callbacks.export", f"runs_root={root}", f"run_name={name}",
-            *extra]
+            "callbacks.quant_eval.every_n_steps=4", "~callbacks.export", f"runs_root={root}",
+            f"run_name={name}", *extra]
 
 
 def test_a_streamed_run_resumes_at_exactly_the_next_batch(tmp_path, one_thread):
     """data=hub end to end (offline, a local jsonl through the streaming code): a run preempted mid-stream and
     resumed ends bitwise as the uninterrupted one, so the stream continued at exactly the next document."""
     data_files = tmp_path / "web.jsonl"
-    data_files.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in synthetic_documents(150, seed=3)))
+    data_files.write_text("".join(json.dumps({"text": doc}) + "\n"
+                                  for doc in synthetic_documents(150, seed=3)))
     full = train(compose(_hub_overrides(tmp_path, str(data_files), "full")))
     assert full["steps"] == 8
     with pytest.raises(Preempted) as stopped:

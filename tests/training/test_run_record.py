@@ -22,7 +22,8 @@ def test_a_setting_added_later_at_its_default_is_no_difference():
     assert differences(stored, {**stored, "model.ffn_multiple_of": 64}) == []
     assert differences(stored, {**stored, "model.ffn_multiple_of": 128}) == [
         ("model.ffn_multiple_of", "(absent)", 128)]
-    assert differences({**stored, "model.ffn_multiple_of": 64}, stored) == [("model.ffn_multiple_of", 64, "(absent)")]
+    assert differences({**stored, "model.ffn_multiple_of": 64}, stored) == [
+        ("model.ffn_multiple_of", 64, "(absent)")]
 
 
 @pytest.mark.parametrize(("group", "config"), [("model", "ModelConfig"), ("optim", "OptimConfig"),
@@ -52,19 +53,21 @@ def test_the_presets_extend_the_dataclass_and_state_only_what_differs(group, con
 
 
 def test_ns_dtype_auto_is_recorded_as_the_machine_runs_it(monkeypatch):
-    """`optim.ns_dtype=auto` is recorded resolved, like the precision: a Muon checkpoint from before `auto` (its
-    record says bf16) resumes as it is where bf16 is native, and names the change where it is not."""
+    """`optim.ns_dtype=auto` is recorded resolved, like the precision: a Muon checkpoint from before `auto`
+    (its record says bf16) resumes as it is where bf16 is native, and names the change where it is not."""
     import osp.training.run as run
     from osp.conf import compose
     from osp.training.run_record import flatten
 
     old = flatten({"optim": {"name": "muon", "ns_dtype": "bf16"}})
     for native, expected_rows in ((True, []), (False, [("optim.ns_dtype", "bf16", "fp32")])):
-        monkeypatch.setattr(run, "auto_dtype_name", lambda device_type, native=native: "bf16" if native else "fp32")
+        monkeypatch.setattr(run, "auto_dtype_name",
+                            lambda device_type, native=native: "bf16" if native else "fp32")
         cfg = compose(["optim=muon"])
         assert cfg.optim.ns_dtype == "auto"
         run.resolve_for_machine(cfg)
-        assert differences(old, flatten({"optim": {"name": "muon", "ns_dtype": cfg.optim.ns_dtype}})) == expected_rows
+        assert differences(old, flatten({"optim": {"name": "muon", "ns_dtype": cfg.optim.ns_dtype}})
+                           ) == expected_rows
     adamw = compose([])  # AdamW runs have no Newton-Schulz to resolve: the setting stays at its default
     run.resolve_for_machine(adamw)
     assert adamw.optim.ns_dtype == "auto"

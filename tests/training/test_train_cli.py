@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 # The shared tiny model and data, with the default callbacks and a longer run (60 steps, two validations).
 TINY = [
     *TINY_MODEL_DATA, "optim.lr=3e-3", "optim.warmup_steps=5", "trainer.max_steps=60",
-    "trainer.val_check_interval=30", "trainer.precision=32-true", "logger=none", "callbacks.checkpoint.every_n_train_steps=30",
+    "trainer.val_check_interval=30", "trainer.precision=32-true", "logger=none",
+    "callbacks.checkpoint.every_n_train_steps=30",
 ]
 
 
@@ -34,7 +35,8 @@ def trained(tmp_path_factory):
     """One tiny `osp train` run with the default callbacks (metrics, W4A4 eval, export)."""
     tmp_path = tmp_path_factory.mktemp("e2e")
     corpus = write_corpus(tmp_path / "corpus")
-    proc = run_osp(["train", *TINY, f"data.source.paths={corpus}", f"runs_root={tmp_path}/runs", "run_name=e2e"], tmp_path)
+    proc = run_osp(["train", *TINY, f"data.source.paths={corpus}", f"runs_root={tmp_path}/runs",
+                    "run_name=e2e"], tmp_path)
     return tmp_path, tmp_path / "runs" / "e2e", proc
 
 
@@ -89,8 +91,8 @@ def test_config_errors_are_one_clear_line(tmp_path):
 
 
 def test_missing_data_is_a_clear_error(tmp_path):
-    proc = run_osp(["train", *TINY, f"data.source.paths={tmp_path}/nothing/*.txt", f"runs_root={tmp_path}/runs"],
-                   tmp_path, check=False)
+    proc = run_osp(["train", *TINY, f"data.source.paths={tmp_path}/nothing/*.txt",
+                    f"runs_root={tmp_path}/runs"], tmp_path, check=False)
     assert proc.returncode == 1
     assert "osp train: error:" in proc.stderr and "nothing" in proc.stderr
 

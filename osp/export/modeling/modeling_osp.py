@@ -98,8 +98,8 @@ class OspAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.layer_idx = layer_idx
-        self.n_heads, self.n_kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
-                                                        config.head_dim)
+        self.n_heads, self.n_kv_heads, self.head_dim = (config.num_attention_heads,
+                                                        config.num_key_value_heads, config.head_dim)
         self.attn_softmax, self.attn_gate = config.attn_softmax, config.attn_gate
         self.clip_gamma, self.clip_zeta = config.clip_gamma, config.clip_zeta
         d, hd = config.hidden_size, config.head_dim
@@ -134,7 +134,8 @@ class OspAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
     def _clipped(self, q, k, v, mask):
-        """clip((zeta - gamma) softmax(q k^T / sqrt(d)) + gamma, 0, 1) v, in fp32; masked keys get exactly 0."""
+        """clip((zeta - gamma) softmax(q k^T / sqrt(d)) + gamma, 0, 1) v, in fp32; masked keys get exactly
+        0."""
         gamma, zeta = self.clip_gamma, self.clip_zeta
         scores = (q.float() @ k.float().transpose(-1, -2)) * self.head_dim**-0.5
         scores = scores.masked_fill(~mask, float("-inf"))

@@ -64,7 +64,7 @@ def _clipped_tile(q, k, offs_m, offs_n, lse, T, scale, gamma, zeta):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, T, H, HKV, D, scale, gamma, zeta,
+def _fwd_kernel(Q, K, V, O, LSE, T, H, HKV, D, scale, gamma, zeta,  # noqa: E741 - osp.aot names the arguments
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 DOT_FP32: tl.constexpr):
     pid_m = tl.program_id(0)

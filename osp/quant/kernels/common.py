@@ -31,7 +31,8 @@ def rows_launch(m: int, n: int) -> tuple[int, int]:
 
 
 def pick_configs(configs: list[triton.Config]) -> list[triton.Config]:
-    """Autotuning needs a GPU driver: the interpreter gets the first config only (Triton's interpreter cannot benchmark)."""
+    """Autotuning needs a GPU driver: the interpreter gets the first config only (Triton's interpreter cannot
+    benchmark)."""
     return configs[:1] if INTERPRET else configs
 
 

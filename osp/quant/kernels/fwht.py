@@ -23,7 +23,8 @@ def _fwht_kernel(x_ptr, y_ptr, M, stride_x, stride_y, scale, BM: tl.constexpr, N
 
 
 def fwht_triton(x: torch.Tensor) -> torch.Tensor:
-    """Normalized FWHT over the last dim (a power of two), fp32 inside; same result as `hadamard.fwht_torch`."""
+    """Normalized FWHT over the last dim (a power of two), fp32 inside; same result as
+    `hadamard.fwht_torch`."""
     shape = x.shape
     n = shape[-1]
     if n & (n - 1) or n == 0:

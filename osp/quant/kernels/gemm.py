@@ -4,9 +4,10 @@ Hopper has no int4 MMA, so both operands stay two-nibbles-per-byte in memory and
 With the even-k-low / odd-k-high layout the K-sum splits into an even and an odd half, so each tile is two
 int8 dots with no re-interleaving: acc += A_lo W_lo^T + A_hi W_hi^T.
 
-Epilogue (per-row activation scales): out = ((acc - z_a wsum) * s_a) * s_w (+ bias), wsum[n] = sum_k q_w[n, k].
-Activation groups along K (OSP's o_proj, group = head_dim): one K tile per group, accumulated in fp32 as
-sum_g (acc_g - z_a,g wsum_g) * s_a,g, then * s_w. Same float order as `quantizers.w4a4_gemm_torch`.
+Epilogue (per-row activation scales): out = ((acc - z_a wsum) * s_a) * s_w (+ bias),
+wsum[n] = sum_k q_w[n, k]. Activation groups along K (OSP's o_proj, group = head_dim): one K tile per group,
+accumulated in fp32 as sum_g (acc_g - z_a,g wsum_g) * s_a,g, then * s_w. Same float order as
+`quantizers.w4a4_gemm_torch`.
 """
 
 from __future__ import annotations
@@ -123,8 +124,11 @@ def w4a4_gemm_triton(
     a_packed, w_packed = a_packed.contiguous(), w_packed.contiguous()
     bias_arg = bias.contiguous() if bias is not None else s_w
     args = (a_packed, w_packed, s_a, z_a, s_w, wsum, bias_arg, out, m, n, kp)
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BM"]), triton.cdiv(n, meta["BN"]))
+
     if group_size is None:
-        grid = lambda meta: (triton.cdiv(m, meta["BM"]), triton.cdiv(n, meta["BN"]))
         _gemm_rows[grid](
             *args, 1, a_packed.stride(0), w_packed.stride(0), s_a.stride(0), wsum.stride(0), out.stride(0),
             HAS_BIAS=bias is not None, GROUPED=False,
@@ -132,9 +136,8 @@ def w4a4_gemm_triton(
     else:
         if group_size % 2 or (2 * kp) % group_size:
             raise ValueError(f"group_size={group_size} must be even and divide K={2 * kp}")
-        grid = lambda meta: (triton.cdiv(m, meta["BM"]), triton.cdiv(n, meta["BN"]))
         _gemm_groups[grid](
-            *args, 2 * kp // group_size, a_packed.stride(0), w_packed.stride(0), s_a.stride(0), wsum.stride(0),
-            out.stride(0), HAS_BIAS=bias is not None, GROUPED=True, BKP=group_size // 2,
+            *args, 2 * kp // group_size, a_packed.stride(0), w_packed.stride(0), s_a.stride(0),
+            wsum.stride(0), out.stride(0), HAS_BIAS=bias is not None, GROUPED=True, BKP=group_size // 2,
         )  # fmt: skip
     return out.to(out_dtype)

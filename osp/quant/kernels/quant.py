@@ -2,8 +2,8 @@
 
 One program quantizes BM whole rows, so the rotated activation and the per-element scale/zero never leave
 registers (OSP's torch harness materializes both at full size). Numerics are those of
-`osp.quant.quantizers.quant_rows_torch`, operation for operation: fp32 after the load, IEEE division (`div_rn`),
-ties-to-even rounding, the signed code frame, the `pack_int4` nibble layout.
+`osp.quant.quantizers.quant_rows_torch`, operation for operation: fp32 after the load, IEEE division
+(`div_rn`), ties-to-even rounding, the signed code frame, the `pack_int4` nibble layout.
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ class Export(L.Callback):
     failed write (disk, permissions) is reported without failing the finished run.
     """
 
-    def __init__(self, out_dir: str | None = None, dtype: str | None = None, max_shard_size: int | str = "5GB",
-                 force: bool = True) -> None:
+    def __init__(self, out_dir: str | None = None, dtype: str | None = None,
+                 max_shard_size: int | str = "5GB", force: bool = True) -> None:
         self.out_dir = out_dir
         self.dtype = dtype
         self.max_shard_size = max_shard_size

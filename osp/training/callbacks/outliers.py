@@ -29,7 +29,8 @@ FINAL_KEYS = {
     "max_abs": "max_abs_max",
     "max_median": "max_median_mean",
     "channel_kurtosis": "channel_kurtosis_mean",
-    # The linear inputs the 4-bit quantizer sees (linear_inputs=true): the SwiGLU product and the norm outputs.
+    # The linear inputs the 4-bit quantizer sees (linear_inputs=true): the SwiGLU product and the norm
+    # outputs.
     "down_proj_kurtosis": "down_proj_kurtosis_mean",
     "down_proj_max_abs": "down_proj_max_abs_max",
     "down_proj_max_median": "down_proj_max_median_mean",
@@ -202,10 +203,11 @@ class OutlierMonitor(L.Callback):
         return out
 
     def _series(self, name: str, site: str | None = None) -> tuple[list[int], np.ndarray]:
-        """Steps and a (n_layers, n_steps) array of the per-layer metric `name` from the history (of the linear
-        input `site`, e.g. "mlp.down_proj", for the linear_* metrics)."""
+        """Steps and a (n_layers, n_steps) array of the per-layer metric `name` from the history (of the
+        linear input `site`, e.g. "mlp.down_proj", for the linear_* metrics)."""
         pattern = f"{PREFIX}/{name}/block_" if site else f"{PREFIX}/{name}/layer_"
-        keys = sorted(k for k in self.history[-1] if k.startswith(pattern) and (site is None or k.endswith(site)))
+        keys = sorted(k for k in self.history[-1]
+                      if k.startswith(pattern) and (site is None or k.endswith(site)))
         steps = [int(entry["step"]) for entry in self.history]
         values = np.array([[entry.get(key, math.nan) for entry in self.history] for key in keys])
         return steps, values

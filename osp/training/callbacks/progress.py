@@ -57,7 +57,8 @@ class StepProgress(ProgressBar):
     def _postfix(trainer: L.Trainer) -> dict[str, str]:
         metrics = trainer.callback_metrics
         out = {}
-        for key, label, spec in (("train/loss", "loss", ".3f"), ("val/loss", "val", ".3f"), ("tok/s", "tok/s", ",.0f")):
+        for key, label, spec in (("train/loss", "loss", ".3f"), ("val/loss", "val", ".3f"),
+                                 ("tok/s", "tok/s", ",.0f")):
             if key in metrics:
                 value = float(metrics[key])
                 out[label] = format(value, spec) if math.isfinite(value) else str(value)

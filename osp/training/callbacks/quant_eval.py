@@ -52,8 +52,8 @@ class QuantEval(L.Callback):
         for suffix, name in [("w4a4", preset), *((metric_suffix(p), p) for p in extra_presets)]:
             cfg = QuantConfig.from_preset(name)
             if cfg.needs_calibration:
-                raise ConfigError(f"QuantEval: {name!r} needs calibration data (GPTQ weights or static activation "
-                                 "scales); evaluate it offline: osp eval RUN_DIR --quant " + name)
+                raise ConfigError(f"QuantEval: {name!r} needs calibration data (GPTQ weights or static "
+                                  "activation scales); evaluate it offline: osp eval RUN_DIR --quant " + name)
             if suffix in self.presets:
                 raise ConfigError(f"QuantEval: preset {name!r} would log under quant/ppl_{suffix} twice")
             self.presets[suffix] = cfg

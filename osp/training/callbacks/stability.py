@@ -35,9 +35,11 @@ class StabilityGuard(L.Callback):
     def __init__(self, action: str = "stop", spike_factor: float = 3.0, ema: float = 0.98,
                  max_skip_fraction: float = 0.05, min_steps: int = 20) -> None:
         if action not in ("stop", "skip"):
-            raise ConfigError(f"callbacks.stability.action={action!r} is not allowed; choose one of ['stop', 'skip']")
+            raise ConfigError(f"callbacks.stability.action={action!r} is not allowed; "
+                              "choose one of ['stop', 'skip']")
         if not 0.0 <= max_skip_fraction <= 1.0:
-            raise ConfigError(f"callbacks.stability.max_skip_fraction={max_skip_fraction!r} must be in [0, 1]")
+            raise ConfigError(f"callbacks.stability.max_skip_fraction={max_skip_fraction!r} "
+                              "must be in [0, 1]")
         self.action, self.spike_factor, self.ema = action, spike_factor, ema
         # action=skip gives up once more than this fraction of the steps so far were skipped (judged from
         # `min_steps` on, or at once when the skips alone exceed it): a run that skips most steps is broken.
@@ -83,8 +85,8 @@ class StabilityGuard(L.Callback):
         if self.skipped_steps > limit:
             raise NonFiniteLossError(
                 f"{self.skipped_steps} of {done} steps skipped for a non-finite loss or gradient (more than "
-                f"callbacks.stability.max_skip_fraction={self.max_skip_fraction:g}); the run is diverging: lower "
-                "optim.lr or check the data (earlier checkpoints are intact)")
+                f"callbacks.stability.max_skip_fraction={self.max_skip_fraction:g}); the run is diverging: "
+                "lower optim.lr or check the data (earlier checkpoints are intact)")
         rank_zero_warn(f"non-finite {what} at step {step}: skipping this optimizer step")
         for p in pl_module.parameters():
             p.grad = None
