@@ -17,8 +17,6 @@ from omegaconf.errors import OmegaConfBaseException
 from osp.errors import ConfigError, DataError, OutputExistsError, PathNotFoundError, one_line
 from osp.precision import resolve_precision
 
-DEMO_DATA = {"source": {"kind": "demo"}, "seq_len": 256}
-
 
 def find_run_config(model_path: Path) -> Path | None:
     """The .hydra/config.yaml of the run that produced MODEL (a run dir, its checkpoint or its export)."""
@@ -81,7 +79,7 @@ def build_pipeline(model_path: Path, data_config: str | None, tokenizer_dir: Pat
         if tokenizer_dir is None:
             raise DataError(f"{model_path} has no tokenizer and no run config; pass --tokenizer "
                             "or --data-config RUN_DIR/.hydra/config.yaml")
-        data = dict(DEMO_DATA, tokenizer=str(tokenizer_dir))
+        data = {"tokenizer": str(tokenizer_dir)}  # the demo corpus, every other data setting at its default
     if tokenizer is not None:
         data["tokenizer"] = str(tokenizer)
     if seq_len is not None:

@@ -16,10 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; concurrent builders then rely on atomic renames alone
-    fcntl = None  # type: ignore[assignment]
+from filelock import FileLock
 
 
 def cache_root(override: str | os.PathLike[str] | None = None) -> Path:
@@ -48,17 +45,11 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive lock across processes, so that DDP ranks build a cache entry once and the rest reuse it."""
+    """Exclusive lock across processes (filelock: flock on POSIX, released when a holder dies), so that DDP
+    ranks build a cache entry once and the rest reuse it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:
+    with FileLock(path):
         yield
-        return
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def human_bytes(n: float) -> str:

@@ -83,6 +83,8 @@ class RunLock:
     """Exclusive, non-blocking lock on `<run_dir>/.lock`; the holder's pid and host are written into it.
 
     The kernel drops a flock when its process dies (kill -9 included), so a stale lock never blocks a rerun.
+    (Not filelock, which the data cache uses: it truncates the lock file whenever a process tries it, and the
+    refusal names the holder from that file.)
     """
 
     def __init__(self, run_dir: Path) -> None:
