@@ -2,10 +2,14 @@
 
 Part 1 (any device): perplexity of a random-init model in full precision vs. under each preset's fake-quant
 view — view entry (weight quantization incl. the MSE clip sweep) and evaluation timed separately.
-Part 2 (CUDA only): for each GEMM shape, side by side in one run: bf16 torch matmul, the torch fake-quant
+Part 2 (any device): what the down_proj rotation (`+had`) adds at inference, per down_proj layer: its
+input's per-token quantization with and without the Hadamard, against the layer's matmul, on the torch path
+(an FWHT, then the quantizer). This is the cost the outlier-safe FFN remedies avoid
+(docs/outlier_safe_ffn.md).
+Part 3 (CUDA only): for each GEMM shape, side by side in one run: bf16 torch matmul, the torch fake-quant
 linear (torch twin: quantize-dequantize the activation, bf16 matmul with the dequantized weight), the same
 with the Triton quant kernel, and the real W4A4 path (Triton quant+pack kernel, then the int8 two-plane
-GEMM); also the GEMM alone.
+GEMM), with the Hadamard fused into the quant kernel (K a power of two) and without; also the GEMM alone.
 """
 
 from __future__ import annotations
@@ -85,6 +89,35 @@ def bench_eval(args: argparse.Namespace, device: torch.device) -> str:
     return title + "\n" + format_rows([header, *rows])
 
 
+def bench_rotation(args: argparse.Namespace, device: torch.device) -> str:
+    """Per down_proj layer (tokens x FFN width in, d_model out): quantizing its input with and without the
+    online Hadamard, against the layer's own matmul; median times, interleaved repeats."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    ffn = args.ffn_hidden
+    tokens = args.batch_size * args.seq_len
+    x = torch.randn(tokens, ffn, device=device, dtype=torch.bfloat16)
+    w = (torch.randn(args.d_model, ffn, device=device) * 0.02).bfloat16()
+    backend = args.backend or ("triton" if device.type == "cuda" and ops.triton_available() else "torch")
+    cases = {
+        "matmul (the layer)": lambda: x @ w.T,
+        "quantize input": lambda: ops.quant_rows(x, 4, out="fake", backend=backend),
+        "Hadamard + quantize input": lambda: ops.quant_rows(x, 4, hadamard=True, out="fake", backend=backend),
+    }
+    times = {name: [] for name in cases}
+    for _ in range(args.repeats):
+        for name, fn in cases.items():
+            times[name].append(_timed(fn, 1, sync))
+    ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    extra = ms["Hadamard + quantize input"] - ms["quantize input"]
+    rows = [[name, f"{value:.3f}", f"{value / ms['matmul (the layer)']:.2f}"] for name, value in ms.items()]
+    threads = torch.get_num_threads()
+    share = 100 * extra / ms["matmul (the layer)"]
+    title = (f"down_proj input rotation on {device.type} ({backend} path, {threads} thread(s)): "
+             f"{tokens} tokens x {ffn} in -> {args.d_model} out, bf16, median of {args.repeats}\n"
+             f"the Hadamard adds {extra:.3f} ms per layer = {share:.0f}% of the layer's matmul")
+    return title + "\n" + format_rows([["step", "ms", "x matmul"], *rows])
+
+
 def _gemm_cases(m: int, n: int, k: int, dev: torch.device) -> dict[str, Callable[[], torch.Tensor]]:
     """The compared paths for one (M tokens, N out, K in) linear, as zero-argument callables."""
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
@@ -106,12 +139,18 @@ def _gemm_cases(m: int, n: int, k: int, dev: torch.device) -> dict[str, Callable
             codes, s_a, z_a, w_packed, qw.scale, wsum, out_dtype=torch.bfloat16, backend="triton"
         )
 
+    def w4a4_rotated() -> torch.Tensor:  # the Hadamard fused into the quant kernel (a power-of-two K)
+        a, s, z = ops.quant_rows(x, 4, hadamard=True, backend="triton")
+        return ops.w4a4_gemm(a, s, z, w_packed, qw.scale, wsum, out_dtype=torch.bfloat16, backend="triton")
+
+    rotated = {"W4A4 triton (quant+had fused+gemm)": w4a4_rotated} if k & (k - 1) == 0 else {}
     return {
         "bf16 matmul": lambda: x @ w_bf16.T,
         "fake-quant (torch)": fake("torch"),
         "fake-quant (triton quant)": fake("triton"),
         "W4A4 triton (quant+gemm)": w4a4,
         "W4A4 triton gemm only": gemm_only,
+        **rotated,
     }
 
 
@@ -151,15 +190,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--gemm-shapes",
         nargs="+",
-        default=["4096x2048x2048", "4096x5504x2048", "4096x2048x5504", "16384x4096x4096"],
+        default=["4096x2048x2048", "4096x5504x2048", "4096x2048x5504", "4096x2048x8192", "16384x4096x4096"],
         help="MxNxK GEMMs for the CUDA part",
     )
     parser.add_argument("--skip-gemm", action="store_true", help="skip the CUDA GEMM comparison")
+    parser.add_argument("--ffn-hidden", type=int, default=768,
+                        help="down_proj input width of the rotation part (default: the tiny recipe's 768)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(bench_eval(args, device))
+    print()
+    print(bench_rotation(args, device))
     if device.type == "cuda" and not args.skip_gemm and ops.triton_available():
         print()
         print(bench_gemm(args))

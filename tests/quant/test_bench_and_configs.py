@@ -13,10 +13,13 @@ def test_bench_prints_a_table(capsys):
     bench_main(
         ["--device", "cpu", "--d-model", "64", "--layers", "1", "--heads", "1", "--vocab", "64",
          "--seq-len", "16", "--blocks", "2", "--batch-size", "2", "--repeats", "1", "--presets", "w4a4kv4",
-         "w4a16"]
+         "w4a16", "--ffn-hidden", "128"]
     )  # fmt: skip
     out = capsys.readouterr().out
-    assert "mode" in out and "w4a4kv4" in out and "w4a16" in out and "tokens/s" in out
+    assert "view" in out and "w4a4kv4" in out and "w4a16" in out and "tokens/s" in out
+    # The down_proj rotation's cost against the layer's matmul (what the outlier-safe FFN saves at inference).
+    assert "32 tokens x 128 in -> 64 out" in out and "the Hadamard adds" in out
+    assert "Hadamard + quantize input" in out and "matmul (the layer)" in out
 
 
 def test_callback_config_instantiates():
