@@ -1,12 +1,15 @@
 """`osp bench paper-table`: the OSP paper's ablation table (arXiv 2506.19697), re-run at small scale.
 
 Every arm is one of the paper recipes (recipes/adam_1p4b.yaml, muon_only, muon, muon_ssnorm,
-muon_embproj, osp_1p4b) with the model shrunk and the data, token budget and learning rate of the chosen
+muon_embproj, osp_1p4b, and osp's own osp_ffn_tail_1p4b, which the paper does not have) with the model
+shrunk and the data, token budget and learning rate of the chosen
 `--scale` (configs/scale/<name>.yaml, so `osp train recipe=muon scale=cpu-small` re-runs one arm); the
 arms differ only in what the recipe ablates. Each arm is a real `osp train` run (same config composition,
 same callbacks: OutlierMonitor during training, QuantEval at the end), so its run directory works with
 `osp report` and `osp eval`. The table puts our kurtosis (both modes, with the Gaussian floor), max|h|,
-fp and W4A4 perplexities (RTN, and with the down-projection Hadamard) next to the paper's 1.4B/100B numbers.
+fp and W4A4 perplexities (RTN, and with the down-projection Hadamard) next to the paper's 1.4B/100B numbers;
+a second table shows the input of every arm's down-projection (the linear input that carries most of the W4A4
+loss of an outlier-safe model), so that it tells which of OSP's measures shapes it.
 
 The CPU scales use lr 1e-2: at lr 3e-3 a run this short shows no AdamW outliers yet, and (as He et al. 2024
 report for outlier features) a higher learning rate is the knob that makes them appear within minutes.
@@ -52,14 +55,15 @@ class PaperRow:
 
 @dataclass(frozen=True)
 class Arm:
-    """A table row: what the paper calls it, the recipe that defines it, and the paper's numbers."""
+    """A table row: what the paper calls it, the recipe that defines it, and the paper's numbers (None for an
+    arm of osp's own that the paper does not have)."""
 
     label: str
     recipe: str
     optimizer: str
     ssnorm: bool
     embproj: bool
-    paper: PaperRow
+    paper: PaperRow | None
 
 
 # Row order and values of the ablation table in the OSP README (dmis-lab/Outlier-Safe-Pre-Training); the
@@ -77,6 +81,8 @@ ARMS: dict[str, Arm] = {
                         PaperRow(703.23, 12.3, 114.6, 22.3, 40.0, 30.4, 36.2)),
     "osp": Arm("OSP (all)", "osp_1p4b", "Muon", True, True,
                PaperRow(0.04, 11.2, 19.6, 13.5, 41.4, 37.5, 38.9)),
+    # osp's addition (docs/outlier_safe_ffn.md): OSP + the FFN tail loss on the down_proj input.
+    "osp_ffn_tail": Arm("OSP + FFN tail loss", "osp_ffn_tail_1p4b", "Muon", True, True, None),
 }
 PAPER_D_MODEL = 2048  # the paper's width: its kurtosis floor is gaussian_floor(2048) ~ 0.04
 
@@ -180,6 +186,10 @@ def result_row(summary: dict[str, Any]) -> dict[str, Any]:
         "ppl_w4a4_had": summary.get("ppl_w4a4kv4_had"),
         "ppl_w4a16": summary.get("ppl_w4a16"),
         "w4a4_ratio": summary.get("quant_ratio"),
+        "down_proj_max_median": summary.get("down_proj_max_median"),
+        "down_proj_kurtosis": summary.get("down_proj_kurtosis"),
+        "down_proj_channel_share": summary.get("down_proj_channel_share"),
+        "gate_up_alignment": summary.get("gate_up_alignment"),
         "tokens_seen": summary.get("tokens_seen"),
         "wall_seconds": summary.get("wall_seconds"),
         "diverged": summary.get("diverged"),
@@ -191,19 +201,46 @@ HEADER = ["arm", "optimizer", "SSNorm", "EmbProj", "val loss", "kurt ctx", "kurt
           "paper 4-4-4 PPL RTN → Had", "paper 4-4-4 Avg RTN → Had"]
 
 
+def _paper_cells(p: PaperRow | None, paper_floor: float) -> list[str]:
+    if p is None:
+        return ["-"] * 5
+    return [_paper(p.kurtosis, 2), _num(p.kurtosis / paper_floor), _paper(p.ppl_fp),
+            _pair(p.ppl_rtn, p.ppl_had, _paper), _pair(p.avg_rtn, p.avg_had, _paper)]
+
+
 def table_rows(results: dict[str, dict[str, Any]], paper_floor: float) -> list[list[str]]:
     rows = [HEADER]
     for arm, r in results.items():
-        a, p = ARMS[arm], ARMS[arm].paper
+        a = ARMS[arm]
         rows.append([
             a.label, a.optimizer, "✔" if a.ssnorm else "✗", "✔" if a.embproj else "✗",
             "diverged" if r["diverged"] else _num(r["val_loss"]), _num(r["kurtosis"]),
             _num(r["kurtosis_exact"]), _num(r["kurtosis_floor"]), _num(r["kurtosis_exact_x_floor"]),
             _num(r["max_abs"]), _num(r["ppl_fp"]),
             _pair(r["ppl_w4a4"], r["ppl_w4a4_had"]), _num(r["ppl_w4a16"]),
-            _paper(p.kurtosis, 2), _num(p.kurtosis / paper_floor), _paper(p.ppl_fp),
-            _pair(p.ppl_rtn, p.ppl_had, _paper), _pair(p.avg_rtn, p.avg_had, _paper),
+            *_paper_cells(a.paper, paper_floor),
         ])
+    return rows
+
+
+FFN_HEADER = ["arm", "down_proj in max/med", "kurtosis", "top-8 channel share", "gate/up alignment",
+              "W4A4 / fp", "W4A4 Had / fp"]
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def ffn_rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """The down_proj input of every arm (from its summary, osp.training.summary), beside its W4A4 ratios."""
+    rows = [FFN_HEADER]
+    for arm, r in results.items():
+        if r["diverged"]:
+            rows.append([ARMS[arm].label, "diverged", *["-"] * (len(FFN_HEADER) - 2)])
+            continue
+        rows.append([ARMS[arm].label, _num(r["down_proj_max_median"]), _num(r["down_proj_kurtosis"]),
+                     _num(r["down_proj_channel_share"], 2), _num(r["gate_up_alignment"], 2),
+                     _num(_ratio(r["ppl_w4a4"], r["ppl_fp"])), _num(_ratio(r["ppl_w4a4_had"], r["ppl_fp"]))])
     return rows
 
 
@@ -233,17 +270,28 @@ def reading(results: dict[str, dict[str, Any]]) -> list[str]:
         if r["ppl_fp"] and r["ppl_w4a4_had"]:
             parts.append(f"+Had {100 * (r['ppl_w4a4_had'] / r['ppl_fp'] - 1):+.1f}%")
         lines.append(f"- {ARMS[arm].label}: " + ", ".join(parts))
-    measured = [arm for arm, r in results.items() if r["kurtosis_exact"] is not None and not r["diverged"]]
-    tau = kendall_tau([results[a]["kurtosis_exact"] for a in measured],
-                      [ARMS[a].paper.kurtosis for a in measured])
+    paper = {arm: p for arm in results if (p := ARMS[arm].paper) is not None}  # osp's own arms have none
+    measured = [arm for arm, r in results.items()
+                if r["kurtosis_exact"] is not None and not r["diverged"] and arm in paper]
+    tau = kendall_tau([results[a]["kurtosis_exact"] for a in measured], [paper[a].kurtosis for a in measured])
     if tau is not None:
         lines.append(f"- Kurtosis order vs the paper's (Kendall tau over {len(measured)} arms): {tau:+.2f} "
                      "(+1 = same order)")
     ratios = [a for a in measured if results[a]["w4a4_ratio"] is not None]
     tau_q = kendall_tau([results[a]["w4a4_ratio"] for a in ratios],
-                        [ARMS[a].paper.ppl_rtn / ARMS[a].paper.ppl_fp for a in ratios])
+                        [paper[a].ppl_rtn / paper[a].ppl_fp for a in ratios])
     if tau_q is not None:
         lines.append(f"- W4A4/fp ppl order vs the paper's (Kendall tau): {tau_q:+.2f}")
+    shaped = [a for a in measured if results[a]["down_proj_max_median"] is not None]
+    if shaped:
+        lines.append("- down_proj input max/median, the arms in the paper's order: " + ", ".join(
+            f"{ARMS[a].label} {_num(results[a]['down_proj_max_median'])}" for a in shaped))
+    base, tail = results.get("osp"), results.get("osp_ffn_tail")
+    if base and tail and not base["diverged"] and not tail["diverged"]:
+        shape = _pair(base["down_proj_max_median"], tail["down_proj_max_median"])
+        w4a4 = _pair(_ratio(base["ppl_w4a4"], base["ppl_fp"]), _ratio(tail["ppl_w4a4"], tail["ppl_fp"]))
+        lines.append(f"- {ARMS['osp_ffn_tail'].label} against {ARMS['osp'].label}: down_proj input "
+                     f"max/median {shape}, W4A4/fp {w4a4}, fp ppl {_pair(base['ppl_fp'], tail['ppl_fp'])}")
     return lines
 
 
@@ -337,6 +385,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = {arm: result_row(summaries[arm]) for arm in arms}
     paper_floor = gaussian_floor(PAPER_D_MODEL)
     rows = table_rows(results, paper_floor)
+    ffn = ffn_rows(results)
     notes = reading(results)
     tokens = results[arms[0]]["tokens_seen"]
     title = (f"OSP ablation table at scale '{args.scale}': d {scale['d_model']}, {scale['n_layers']} layers, "
@@ -346,13 +395,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "(the paper's mode); floor: Gaussian floor at this width; ×floor = kurt exact / floor; "
               "ppl: perplexity on held-out blocks of the run's data (paper: WikiText-2); W4A4 = w4a4kv4 RTN, "
               "Had = + online Hadamard on the down_proj input.")
-    text = format_rows(rows)
-    print("\n" + title + "\n\n" + text + "\n\n" + legend + "\n\n" + "\n".join(notes))
+    ffn_title = "The down_proj input of every arm (held-out blocks, at the end of training)"
+    ffn_legend = ("max/med: per-token max |x| / median |x|, averaged over layers (4-bit per-token grids lose "
+                  "the small entries when it is large); kurtosis: of the entries; top-8 channel share: how "
+                  "often a token's largest entry falls in the layer's 8 most frequent channels (high: a "
+                  "per-channel scale removes the tail; low: it is spread over tokens); gate/up alignment: "
+                  "mean |cos| of matching gate_proj and up_proj rows (aligned rows make a quadratic tail).")
+    print("\n" + title + "\n\n" + format_rows(rows) + "\n\n" + legend + "\n\n" + ffn_title + "\n\n"
+          + format_rows(ffn) + "\n\n" + ffn_legend + "\n\n" + "\n".join(notes))
     print(f"\nwall time {wall / 60:.1f} min ({len(arms) - len(reused)} arms trained, {len(reused)} reused) "
           f"on {machine(device)}")
 
     out.mkdir(parents=True, exist_ok=True)
-    markdown = "\n\n".join([f"### {title}", format_rows(rows, markdown=True), legend, "\n".join(notes)])
+    markdown = "\n\n".join([f"### {title}", format_rows(rows, markdown=True), legend, f"#### {ffn_title}",
+                             format_rows(ffn, markdown=True), ffn_legend, "\n".join(notes)])
     write_text(out / "paper_table.md", markdown + "\n")
     payload = {
         "scale": {"name": args.scale, "description": scale_description(args.scale), **scale},
@@ -362,7 +418,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "paper_floor": paper_floor,
         "arms": {arm: {"label": ARMS[arm].label, "recipe": ARMS[arm].recipe,
                        "command": "osp train " + " ".join(shlex.quote(o) for o in commands[arm]),
-                       "ours": results[arm], "paper": asdict(ARMS[arm].paper)} for arm in arms},
+                       "ours": results[arm], "paper": None if (p := ARMS[arm].paper) is None else asdict(p)}
+                 for arm in arms},
         "reading": notes,
     }
     write_text(out / "paper_table.json", json.dumps(payload, indent=2) + "\n")  # table order, not sorted

@@ -9,12 +9,15 @@ import pytest
 from osp.bench import paper_table
 from osp.bench.paper_table import (
     ARMS,
+    FFN_HEADER,
     HEADER,
     PAPER_D_MODEL,
     arm_overrides,
     compose,
+    ffn_rows,
     kendall_tau,
     merge_overrides,
+    reading,
     result_row,
     scale_facts,
     table_rows,
@@ -39,7 +42,8 @@ TINY_DATA = ["data=files", "data.vocab_size=384", "data.source.val_fraction=0.1"
 
 
 def test_paper_numbers_are_the_readme_values():
-    assert list(ARMS) == list(SPEC)  # the paper's row order
+    assert [arm for arm in ARMS if ARMS[arm].paper] == list(SPEC)  # the paper's row order
+    assert [arm for arm in ARMS if ARMS[arm].paper is None] == ["osp_ffn_tail"]  # osp's own, last
     for arm, (kurt, ppl_fp, ppl_rtn, ppl_had, avg_rtn, avg_had, avg_fp) in SPEC.items():
         p = ARMS[arm].paper
         assert (p.kurtosis, p.ppl_fp, p.ppl_rtn, p.ppl_had) == (kurt, ppl_fp, ppl_rtn, ppl_had)
@@ -69,6 +73,7 @@ def test_table_prints_the_paper_numbers_as_the_readme():
     for cells in readme:
         assert len(cells) == len(HEADER) and cells[HEADER.index("paper kurt"):] == paper[cells[0]], cells[0]
     assert paper["Adam"][:2] == ["1818.56", "4.4e4"] and paper["OSP (all)"][:2] == ["0.04", "0.966"]
+    assert paper["OSP + FFN tail loss"] == ["-"] * 5  # not in the paper
     assert all(row[HEADER.index("kurt exact")] == "-" for row in rows[1:])
 
 
@@ -106,6 +111,27 @@ def test_one_arm_is_an_osp_train_command(scale, tmp_path):
     by_hand = compose(["recipe=muon", f"scale={scale}", f"runs_root={tmp_path}", "run_name=muon",
                        "name=muon"])
     assert OmegaConf.to_container(arm, resolve=True) == OmegaConf.to_container(by_hand, resolve=True)
+
+
+def test_ffn_table_and_reading_compare_the_down_proj_input():
+    def summary(max_median, ppl_w4a4, kurtosis_exact):
+        return {"down_proj_max_median": max_median, "down_proj_kurtosis": 12.0,
+                "down_proj_channel_share": 0.2, "gate_up_alignment": 0.4, "ppl_fp": 40.0,
+                "ppl_w4a4": ppl_w4a4, "ppl_w4a4kv4_had": 42.0, "kurtosis_exact": kurtosis_exact}
+
+    results = {"adam": result_row(summary(300.0, 50.0, 9.0)), "osp": result_row(summary(114.0, 46.8, 0.1)),
+               "osp_ffn_tail": result_row(summary(28.1, 44.9, 0.2)),
+               "muon_only": result_row({"diverged": "nan"})}
+    rows = ffn_rows(results)
+    assert rows[0] == FFN_HEADER and len({len(r) for r in rows}) == 1
+    assert rows[2] == ["OSP (all)", "114", "12.0", "0.20", "0.40", "1.17", "1.05"]  # 46.8 / 40, 42 / 40
+    assert rows[4][:2] == ["Muon-Only†", "diverged"]
+    notes = "\n".join(reading(results))
+    assert "Kendall tau over 2 arms" in notes  # the tail-loss arm has no paper value to rank against
+    assert "down_proj input max/median, the arms in the paper's order: Adam 300, OSP (all) 114" in notes
+    tail_line = ("OSP + FFN tail loss against OSP (all): down_proj input max/median 114 → 28.1, "
+                 "W4A4/fp 1.17 → 1.12")
+    assert tail_line in notes
 
 
 def test_kendall_tau_compares_orderings():

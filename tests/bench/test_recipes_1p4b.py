@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from osp.conf import RECIPE_DIR, compose
 from osp.export.layout import layout_problems
@@ -18,6 +19,7 @@ OSP_ROUTING = {**ADAMW_ONLY, "matrix": "muon"}
 RECIPES = {
     "adam_1p4b": ("adamw", ADAMW_ONLY, "rms", False, 1e12),
     "osp_1p4b": ("muon", OSP_ROUTING, "ss", True, 1e12),
+    "osp_ffn_tail_1p4b": ("muon", OSP_ROUTING, "ss", True, 1e12),
     "muon": ("muon", OSP_ROUTING, "rms", False, 1e11),
     "muon_only": ("muon", dict.fromkeys(ADAMW_ONLY, "muon"), "rms", False, 1e11),
     "muon_ssnorm": ("muon", OSP_ROUTING, "ss", False, 1e11),
@@ -67,3 +69,11 @@ def test_recipes_share_everything_but_the_ablated_choice():
         assert cfg.optim.lr == base.optim.lr and cfg.optim.schedule == base.optim.schedule
         assert cfg.trainer.max_steps == base.trainer.max_steps
         assert cfg.data == base.data
+
+
+def test_the_ffn_tail_recipe_is_osp_plus_the_tail_loss_only():
+    osp, tail = compose_recipe("osp_1p4b"), compose_recipe("osp_ffn_tail_1p4b")
+    assert (tail.loss.ffn_tail_weight, tail.loss.ffn_tail_scale) == (1.0, "tensor")
+    assert osp.loss.ffn_tail_weight == 0
+    for key in ("model", "optim", "data", "trainer", "callbacks"):  # as written (a resolved ${name} differs)
+        assert OmegaConf.to_container(tail[key]) == OmegaConf.to_container(osp[key]), key

@@ -31,3 +31,17 @@ def test_mitigation_recipe_reaches_the_model(recipe):
     assert Transformer(model_cfg).llama_compatible()[0] == (recipe in ("ssnorm", "embproj"))
     if recipe == "osp_gated":
         assert cfg.optim.name == "muon"
+
+
+def test_the_ffn_tail_recipe_turns_on_the_tail_loss_on_top_of_osp():
+    from osp.training.module import LanguageModelModule
+
+    osp, tail = compose(["recipe=osp"]), compose(["recipe=osp_ffn_tail"])
+    assert tail.name == "osp_ffn_tail" and "recipe" not in tail
+    for key in ("model", "optim", "data", "trainer"):
+        assert tail[key] == osp[key], key  # the tail loss is the only difference
+    module = LanguageModelModule(build_model_config(tail, vocab_size=512), tail.optim, loss=tail.loss)
+    assert module.tail_loss is not None
+    assert (module.tail_loss.cfg.ffn_tail_weight, module.tail_loss.cfg.ffn_tail_scale) == (1.0, "tensor")
+    plain = LanguageModelModule(build_model_config(osp, vocab_size=512), osp.optim, loss=osp.loss)
+    assert plain.tail_loss is None
