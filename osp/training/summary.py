@@ -86,7 +86,8 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(f"tail shape     {tail_shape(s.get('down_proj_channel_share'))}; gate/up alignment "
                      f"{fmt('gate_up_alignment', '.2f')}")
     if "ppl_w4a4" in s:
-        lines.append(f"W4A4 ppl       {fmt('ppl_w4a4', '.2f')}   (fp {fmt('ppl_fp', '.2f')}, "
+        preset = f"preset {s['quant_preset']}; " if s.get("quant_preset") else ""
+        lines.append(f"W4A4 ppl       {fmt('ppl_w4a4', '.2f')}   ({preset}fp {fmt('ppl_fp', '.2f')}, "
                      f"ratio {fmt('quant_ratio', '.3f')})")
     lines += outlier_story(s)
     lines.append(f"checkpoint     {shown(s['checkpoint']) if s['checkpoint'] else 'none'}")

@@ -77,6 +77,7 @@ def test_logs_every_n_steps_and_at_train_end(tmp_path):
     assert final["ppl_fp"] == pytest.approx(perplexity(module.model, blocks), rel=1e-6)
     assert final["ppl_w4a4"] == pytest.approx(perplexity(module.model, blocks, "w4a4kv4"), rel=1e-6)
     assert final["quant_ratio"] == pytest.approx(final["ppl_w4a4"] / final["ppl_fp"])
+    assert final["quant_preset"] == "w4a4kv4"  # what ppl_w4a4 measures, named in the summary
     assert float(rows[-1]["quant/ppl_w4a4"]) == pytest.approx(final["ppl_w4a4"])
 
 

@@ -20,6 +20,11 @@ def test_heavy_outliers_of_the_adamw_demo_point_to_the_osp_arm():
     assert "kurtosis       7.38 = 69.6x the Gaussian floor 0.106 at d=256" in text
 
 
+def test_the_w4a4_line_names_its_preset():
+    s = {**BASE, "ppl_w4a4": 216.18, "ppl_fp": 215.28, "quant_ratio": 1.0042, "quant_preset": "w4a4kv4"}
+    assert "W4A4 ppl       216.18   (preset w4a4kv4; fp 215.28, ratio 1.004)" in format_summary(s)
+
+
 def test_an_outlier_free_osp_run_points_back_to_the_baseline():
     s = {**BASE, "recipe": "osp", "optimizer": "muon", "norm": "ss", "emb_proj": True, "run_dir": "/r/osp-1",
          "kurtosis": 0.09, "kurtosis_floor": 0.106, "kurtosis_floor_ratio": 0.85, "max_abs": 60.0}

@@ -112,11 +112,16 @@ class QuantEval(L.Callback):
                 logger.log_metrics(metrics, step=trainer.global_step)
         return metrics
 
-    def final_metrics(self) -> dict[str, float]:
+    def final_metrics(self) -> dict[str, float | str]:
         """The last evaluation's metrics (empty before the first) for the end-of-run summary:
-        ppl_fp, ppl_w4a4, quant_ratio and ppl_<preset> for each extra preset."""
+        ppl_fp, ppl_w4a4, quant_ratio, ppl_<preset> for each extra preset, and quant_preset (the preset
+        that ppl_w4a4 measures, e.g. w4a4kv4)."""
+        if not self.last:
+            return {}
         renamed = {"quant/ratio": "quant_ratio"}
-        return {renamed.get(k, k.removeprefix("quant/")): v for k, v in self.last.items()}
+        metrics: dict[str, float | str] = {renamed.get(k, k.removeprefix("quant/")): v
+                                           for k, v in self.last.items()}
+        return {**metrics, "quant_preset": self.presets["w4a4"].name}
 
     def state_dict(self) -> dict[str, Any]:
         return {"last": dict(self.last), "last_step": self._last_step}
