@@ -9,10 +9,13 @@ MSE clip sweep) is fixed once from the full weight; 1% damping of mean diag(H); 
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 
 import torch
 from torch import nn
+
+from osp.errors import QuantConfigError
 
 from ..model.eval_context import eval_mode
 from .config import QuantConfig
@@ -20,6 +23,19 @@ from .layers import QuantLinear
 from .quantizers import QuantizedWeight, qrange, quantize_weight, weight_scale
 
 
+def _in_fp32(fn):
+    """Run fn with autocast off: GPTQ's Hessian and error propagation are fp32 math, and under a bf16 autocast
+    (evaluation in a run's own precision) X^T X in bf16 is not even positive semi-definite."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_in_fp32
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -45,8 +61,9 @@ def gptq_quantize(
     try:
         hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     except torch.linalg.LinAlgError as err:
-        raise ValueError(
-            f"GPTQ: the damped Hessian is not positive definite (percdamp={percdamp}); raise gptq_percdamp"
+        raise QuantConfigError(
+            f"GPTQ: the damped Hessian of a layer with {h.shape[0]} inputs is not positive definite at "
+            f"quant.gptq_percdamp={percdamp}; raise it (e.g. quant.gptq_percdamp=0.1)"
         ) from err
     codes = torch.zeros_like(w)
     n_cols = w.shape[1]
@@ -75,6 +92,7 @@ class _Hessian:
         self.sum: torch.Tensor | None = None
         self.rows = 0
 
+    @_in_fp32
     def add(self, x: torch.Tensor) -> None:
         x2 = x.detach().reshape(-1, x.shape[-1]).float()
         xtx = x2.T @ x2

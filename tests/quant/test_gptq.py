@@ -8,7 +8,7 @@ import torch
 from osp.quant import QuantLinear, evaluate_quant, perplexity, quantized
 from osp.quant import quantizers as Q
 from osp.quant.evaluation import eval_config
-from osp.quant.gptq import _first_block_inputs, _sequential_groups, gptq_quantize
+from osp.quant.gptq import _first_block_inputs, _Hessian, _sequential_groups, gptq_quantize
 from tests.support.models import make_model
 
 
@@ -35,6 +35,31 @@ def test_gptq_beats_rtn_on_the_layer_output(act_order):
     # lazy block updates are exact: one block over all columns gives the same codes
     whole = gptq_quantize(w, x.T @ x / x.shape[0], scale, 4, blocksize=96, act_order=act_order)
     assert torch.equal(whole.codes, gptq.codes)
+
+
+def test_gptq_math_stays_fp32_under_a_bf16_autocast():
+    # Evaluation runs in the run's precision (bf16 autocast on a CPU with native bf16); X^T X and the error
+    # propagation must not follow it (a bf16 Hessian is not even positive semi-definite).
+    x = _correlated_inputs(512, 64)
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
+    scale = Q.weight_scale(w, 4)
+    plain = _Hessian()
+    plain.add(x)
+    reference = gptq_quantize(w, plain.matrix(), scale, 4, blocksize=16)
+    autocast = _Hessian()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast.add(x)
+        codes = gptq_quantize(w, autocast.matrix(), scale, 4, blocksize=16).codes
+    assert autocast.matrix().dtype == torch.float32 and torch.equal(autocast.matrix(), x.T @ x / x.shape[0])
+    assert torch.equal(codes, reference.codes)
+
+
+def test_a_hessian_that_is_not_positive_definite_is_a_config_error():
+    from osp.errors import QuantConfigError
+
+    w = torch.randn(4, 8)
+    with pytest.raises(QuantConfigError, match="quant.gptq_percdamp=0.01; raise it"):
+        gptq_quantize(w, -torch.eye(8), Q.weight_scale(w, 4), 4)
 
 
 def test_gptq_dead_inputs_get_zero_weight():
