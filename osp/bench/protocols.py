@@ -1,8 +1,8 @@
 """`osp bench protocols RUN [RUN ...]`: the quantized/full-precision perplexity ratio of trained runs (or of
 their checkpoints) under the quantization protocols deployments use, side by side.
 
-    osp train && osp train recipe=osp                              # the A/B arms
-    osp bench protocols runs/tiny-* runs/osp-*                      # one row per run, one column per preset
+    osp train && osp train recipe=osp_ffn_tail                     # the A/B arms
+    osp bench protocols runs/tiny-* runs/osp_ffn_tail-*             # one row per run, one column per preset
 
 Protocols (presets of `osp.quant.QuantConfig`, any other preset string works too):
 

@@ -4,13 +4,13 @@
     osp bench sweep --jobs 2               # two points at a time, each with half the cores' torch threads
     osp bench sweep --points adam-base osp-base adam-lr3e-2 --dry-run   # the commands only
 
-A point is one arm of the default A/B (adam = AdamW, `recipe=tiny`; osp = `recipe=osp`) with training settings
-changed: learning rate, Adam beta2 and epsilon, weight decay (and on norm gains), warmup, width, depth, token
-budget. Each point is a plain `osp train` run in a subprocess (`<out>/runs/<point>`, log in `<out>/logs/`), so
-`osp report`, `osp eval --attribute` and `osp bench protocols` read it like any run. A point whose run
-finished with the same command is not trained again, and an interrupted one continues from its last
-checkpoint, so a stopped sweep goes on where it stopped; a run trained with other settings is never passed off
-as the point's.
+A point is AdamW (`recipe=tiny`, the default A/B's baseline) or the paper's OSP (`recipe=osp`) with training
+settings changed: learning rate, Adam beta2 and epsilon, weight decay (and on norm gains), warmup, width,
+depth, token budget. Each point is a plain `osp train` run in a subprocess (`<out>/runs/<point>`, log in
+`<out>/logs/`), so `osp report`, `osp eval --attribute` and `osp bench protocols` read it like any run. A
+point whose run finished with the same command is not trained again, and an interrupted one continues from its
+last checkpoint, so a stopped sweep goes on where it stopped; a run trained with other settings is never
+passed off as the point's.
 
 Every trained point of the folder (the asked ones and any trained before) is then evaluated on its own
 held-out blocks (cached in its run dir), and the table goes to `<out>/sweep.md` and `<out>/sweep.json`. Its

@@ -122,6 +122,10 @@ def shown(path: str | Path) -> str:
 # OUTLIER_FREE the activations look Gaussian (OSP's 1.4B model: 1x); beyond HEAVY_OUTLIERS they have the
 # heavy tails that break 4-bit activations (OSP's AdamW 1.4B model: 4.4e4x; the tiny AdamW demo: ~70x).
 OUTLIER_FREE, HEAVY_OUTLIERS = 3.0, 10.0
+# The default A/B's outlier-safe arm: OSP + the FFN tail loss (docs/outlier_safe_ffn.md), which also keeps
+# the down_proj input in check at no cost in quality; `recipe=osp` (the paper's OSP) points back to the
+# baseline too.
+OUTLIER_SAFE_ARM = "osp_ffn_tail"
 
 
 def outlier_story(s: dict[str, Any]) -> list[str]:
@@ -138,9 +142,10 @@ def outlier_story(s: dict[str, Any]) -> list[str]:
                    "(at 1B scale such tails wreck 4-bit activations)")
     lines = [f"verdict        {verdict}"]
     baseline = s.get("optimizer") == "adamw" and s.get("norm") == "rms" and not s.get("emb_proj")
-    other = "osp" if baseline else "tiny"
-    if s.get("recipe") in ("tiny", "osp"):  # the demo A/B: the other arm, same data, budget and lr
-        what = "the outlier-safe arm (Muon + SSNorm + EmbProj)" if baseline else "the AdamW baseline arm"
+    other = OUTLIER_SAFE_ARM if baseline else "tiny"
+    if s.get("recipe") in ("tiny", "osp", OUTLIER_SAFE_ARM):  # the demo A/B: same data, budget and lr
+        what = ("the outlier-safe arm (Muon + SSNorm + EmbProj + FFN tail loss)" if baseline
+                else "the AdamW baseline arm")
         lines.append(f"A/B            {what}: osp train recipe={other}")
         run_dir = Path(shown(s["run_dir"]))
         lines.append(f"               then: osp report {run_dir} {run_dir.parent / other}-*")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from osp.training.summary import HEAVY_OUTLIERS, OUTLIER_FREE, format_summary, outlier_story
 
 BASE = {"run_name": "tiny-1", "run_dir": "/r/tiny-1", "steps": 300, "wall_seconds": 250.0, "tokens_seen": 10,
@@ -14,8 +16,9 @@ def test_heavy_outliers_of_the_adamw_demo_point_to_the_osp_arm():
     s = {**BASE, "kurtosis": 7.38, "kurtosis_floor": 0.106, "kurtosis_floor_ratio": 69.6, "max_abs": 3483.0}
     lines = outlier_story(s)
     assert lines[0].startswith("verdict        heavy outliers: kurtosis 69.6x the floor, max |h| 3483")
-    assert lines[1] == "A/B            the outlier-safe arm (Muon + SSNorm + EmbProj): osp train recipe=osp"
-    assert lines[2].strip() == "then: osp report /r/tiny-1 /r/osp-*"
+    assert lines[1] == ("A/B            the outlier-safe arm (Muon + SSNorm + EmbProj + FFN tail loss): "
+                        "osp train recipe=osp_ffn_tail")
+    assert lines[2].strip() == "then: osp report /r/tiny-1 /r/osp_ffn_tail-*"
     text = format_summary(s)
     assert "kurtosis       7.38 = 69.6x the Gaussian floor 0.106 at d=256" in text
 
@@ -25,8 +28,9 @@ def test_the_w4a4_line_names_its_preset():
     assert "W4A4 ppl       216.18   (preset w4a4kv4; fp 215.28, ratio 1.004)" in format_summary(s)
 
 
-def test_an_outlier_free_osp_run_points_back_to_the_baseline():
-    s = {**BASE, "recipe": "osp", "optimizer": "muon", "norm": "ss", "emb_proj": True, "run_dir": "/r/osp-1",
+@pytest.mark.parametrize("recipe", ["osp", "osp_ffn_tail"])
+def test_an_outlier_free_osp_run_points_back_to_the_baseline(recipe):
+    s = {**BASE, "recipe": recipe, "optimizer": "muon", "norm": "ss", "emb_proj": True, "run_dir": "/r/osp-1",
          "kurtosis": 0.09, "kurtosis_floor": 0.106, "kurtosis_floor_ratio": 0.85, "max_abs": 60.0}
     verdict, ab, then = outlier_story(s)
     assert "outlier-free" in verdict and f"{OUTLIER_FREE:g}x" in verdict
@@ -51,7 +55,7 @@ def test_paths_inside_the_working_directory_print_relative(tmp_path, monkeypatch
     text = format_summary(s)
     assert "checkpoint     runs/tiny-1/checkpoints/last.ckpt" in text
     assert "summary        runs/tiny-1/summary.json" in text
-    assert "then: osp report runs/tiny-1 runs/osp-*" in text
+    assert "then: osp report runs/tiny-1 runs/osp_ffn_tail-*" in text
     assert str(tmp_path.resolve()) not in text
     # outside it they stay absolute (the /r/... paths of BASE)
     assert "logs           /r/tiny-1/csv/metrics.csv" in format_summary(BASE)
