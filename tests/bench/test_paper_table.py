@@ -160,9 +160,14 @@ def test_paper_table_end_to_end_at_test_scale(tmp_path, monkeypatch, capsys):
                    "paper 4-4-4 PPL RTN → Had"):
         assert column in header
     lines = printed.splitlines()
-    rows = {line.split("  ")[0].strip(): line for line in lines if line.startswith(("Adam", "OSP"))}
+    rows: dict[str, str] = {}  # the main table's row of each arm (the down_proj table below repeats the labels)
+    for line in lines:
+        if line.startswith(("Adam", "OSP")):
+            rows.setdefault(line.split("  ")[0].strip(), line)
     assert "1818.56" in rows["Adam"] and "8e4 → 3e4" in rows["Adam"] and "26.8 → 26.9" in rows["Adam"]
     assert " 0.04 " in rows["OSP (all)"] and "19.6 → 13.5" in rows["OSP (all)"]
+    headers = [line for line in lines if line.startswith("arm ")]
+    assert len(headers) == 2 and "down_proj in max/med" in headers[1]  # the down_proj table follows
 
     written = json.loads((out / "paper_table.json").read_text())
     assert written["scale"]["name"] == "test"
