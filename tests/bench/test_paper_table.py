@@ -160,7 +160,7 @@ def test_paper_table_end_to_end_at_test_scale(tmp_path, monkeypatch, capsys):
                    "paper 4-4-4 PPL RTN → Had"):
         assert column in header
     lines = printed.splitlines()
-    rows: dict[str, str] = {}  # the main table's row of each arm (the down_proj table below repeats the labels)
+    rows: dict[str, str] = {}  # each arm's row in the main table (the down_proj table repeats the labels)
     for line in lines:
         if line.startswith(("Adam", "OSP")):
             rows.setdefault(line.split("  ")[0].strip(), line)

@@ -233,7 +233,8 @@ def test_a_minuscule_sweep_trains_resumes_and_reads_the_goal(corpus, tmp_path, m
     assert f"default settings: AdamW {adam:.3f}, OSP {osp:.3f}: {verdict} the goal" in reading
     table = (tmp_path / "sweep.md").read_text()
     assert table.startswith("| point ") and "| adam-broken " in table and "| failed |" in table
-    assert "- adam-broken failed: exit 1: osp train: error: optim.eps=2.0 must be a number in [0.0, 1.0]" in table
+    error = "osp train: error: optim.eps=2.0 must be a number in [0.0, 1.0]"
+    assert f"- adam-broken failed: exit 1: {error}" in table
     assert json.loads((tmp_path / "sweep.json").read_text())["reading"] == payload["reading"]
 
     # Run again: nothing is retrained (the summaries are reused, the evaluations read from their cache).
