@@ -53,13 +53,14 @@ def test_paper_numbers_are_the_readme_values():
 README = REPO / "docs" / "results.md"
 
 
-def readme_table_rows() -> list[list[str]]:
-    """The arm rows of every paper-table table in the README, as cells."""
+def readme_table_rows(header: list[str] = HEADER) -> list[list[str]]:
+    """The arm rows of every results-page table with `header`'s columns (the main table, or with FFN_HEADER
+    the down_proj table), as cells."""
     labels = {arm.label for arm in ARMS.values()}
     rows = []
     for line in README.read_text().splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if cells[0] in labels:
+        cells = [c.strip() for c in line.replace("\\|", "/").strip().strip("|").split("|")]
+        if cells[0] in labels and len(cells) == len(header):
             rows.append(cells)
     return rows
 
@@ -75,6 +76,12 @@ def test_table_prints_the_paper_numbers_as_the_readme():
     assert paper["Adam"][:2] == ["1818.56", "4.4e4"] and paper["OSP (all)"][:2] == ["0.04", "0.966"]
     assert paper["OSP + FFN tail loss"] == ["-"] * 5  # not in the paper
     assert all(row[HEADER.index("kurt exact")] == "-" for row in rows[1:])
+
+
+def test_results_page_has_both_tables_of_every_arm_at_both_scales():
+    for header in (HEADER, FFN_HEADER):
+        labels = [cells[0] for cells in readme_table_rows(header)]
+        assert labels == 2 * [arm.label for arm in ARMS.values()], header[1]
 
 
 # configs/scale/cpu.yaml, written out: d_model, n_layers, n_heads, ffn_hidden, seq_len, batch_size, steps, lr
