@@ -78,18 +78,23 @@ def test_the_training_objective_adds_the_weighted_penalty_and_logs_the_cross_ent
                                                                "ffn_tail_threshold": 1.0,
                                                                "ffn_tail_token_stride": 1})
     logged = {}
-    monkeypatch.setattr(module, "log", lambda key, value, **_: logged.__setitem__(key, float(value)))
+
+    def log(key, value, **_):
+        logged[key] = float(value.detach() if torch.is_tensor(value) else value)
+
+    monkeypatch.setattr(module, "log", log)
     monkeypatch.setattr(LanguageModelModule, "trainer", type("T", (), {"world_size": 1})(), raising=False)
     batch = torch.randint(0, 128, (2, 17))
     objective = module.training_step(batch, 0)
     inputs = []
     hooks = [layer.mlp.down_proj.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
              for layer in module.model.layers]
-    ce = next_token_loss(module.model(batch[:, :-1]), batch[:, 1:])
+    with torch.no_grad():
+        ce = next_token_loss(module.model(batch[:, :-1]), batch[:, 1:])
     for hook in hooks:
         hook.remove()
     penalty = 2.0 * sum(float(tail_penalty(x.detach(), 1.0)) for x in inputs) / len(inputs)
     assert penalty > 0
-    assert float(objective) == pytest.approx(float(ce) + penalty, rel=1e-6)
+    assert float(objective.detach()) == pytest.approx(float(ce) + penalty, rel=1e-6)
     assert logged["train/loss"] == pytest.approx(float(ce), rel=1e-6)
     assert logged["train/ffn_tail"] == pytest.approx(penalty, rel=1e-6)
