@@ -67,8 +67,8 @@ def format_summary(s: dict[str, Any]) -> str:
     lines = [
         f"run            {s['run_name']}  ({s['steps']} steps, {s['wall_seconds']:.0f} s)",
         f"tokens seen    {s['tokens_seen']:,}   ({fmt('tokens_per_s', ',.0f')} tokens/s)",
-        f"train loss     {fmt('train_loss')}",
-        f"val loss       {fmt('val_loss')}   (ln vocab = {s['ln_vocab']:.2f})",
+        f"train loss     {fmt('train_loss', '.3f')}",
+        f"val loss       {fmt('val_loss', '.3f')}   (ln vocab = {s['ln_vocab']:.2f})",
         f"val ppl        {fmt('val_ppl', '.2f')}",
     ]
     if s.get("skipped_steps"):

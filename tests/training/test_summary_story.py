@@ -23,6 +23,11 @@ def test_heavy_outliers_of_the_adamw_demo_point_to_the_osp_arm():
     assert "kurtosis       7.38 = 69.6x the Gaussian floor 0.106 at d=256" in text
 
 
+def test_losses_print_three_decimals_so_the_arms_line_up():
+    text = format_summary({**BASE, "train_loss": 3.8463, "val_loss": 4.40015})
+    assert "train loss     3.846\n" in text and "val loss       4.400   (ln vocab = 8.32)" in text
+
+
 def test_the_w4a4_line_names_its_preset():
     s = {**BASE, "ppl_w4a4": 216.18, "ppl_fp": 215.28, "quant_ratio": 1.0042, "quant_preset": "w4a4kv4"}
     assert "W4A4 ppl       216.18   (preset w4a4kv4; fp 215.28, ratio 1.004)" in format_summary(s)
