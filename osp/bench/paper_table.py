@@ -109,7 +109,7 @@ def scale_description(scale: str) -> str:
 def arm_overrides(arm: str, scale: str, runs_root: Path, seed: int, export: bool) -> list[str]:
     """The `osp train` command line of one arm: its paper recipe at this scale
     (configs/scale/<scale>.yaml)."""
-    overrides = [f"recipe={ARMS[arm].recipe}", f"scale={scale}", f"name={arm}", f"run_name={arm}",
+    overrides = [f"recipe={ARMS[arm].recipe}", f"scale={scale}", f"run_name={arm}",
                  f"runs_root={runs_root}", f"seed={seed}"]
     if not export:
         overrides.append("~callbacks.export")

@@ -111,12 +111,12 @@ def test_arm_is_its_recipe_at_cpu_scale(arm, tmp_path):
 
 @pytest.mark.parametrize("scale", ["test", "cpu-small", "cpu", "gpu"])
 def test_one_arm_is_an_osp_train_command(scale, tmp_path):
-    # `osp train recipe=muon scale=<scale>` is the table's Muon arm, apart from its name and run folder.
+    # `osp train recipe=muon scale=<scale>` is the Muon arm, apart from its run folder; the run records
+    # its recipe's own name (so its summary does not take it for the demo A/B's `osp` or `tiny`).
     from omegaconf import OmegaConf
 
     arm = compose(arm_overrides("muon", scale, tmp_path, seed=1234, export=True))
-    by_hand = compose(["recipe=muon", f"scale={scale}", f"runs_root={tmp_path}", "run_name=muon",
-                       "name=muon"])
+    by_hand = compose(["recipe=muon", f"scale={scale}", f"runs_root={tmp_path}", "run_name=muon"])
     assert OmegaConf.to_container(arm, resolve=True) == OmegaConf.to_container(by_hand, resolve=True)
 
 
@@ -190,7 +190,9 @@ def test_paper_table_end_to_end_at_test_scale(tmp_path, monkeypatch, capsys):
     assert written["arms"]["osp"]["paper"]["kurtosis"] == 0.04
     assert (out / "paper_table.md").read_text().startswith("### OSP ablation table")
     assert (out / "plots" / "kurtosis_mean.png").is_file() and (out / "plots" / "max_abs.png").is_file()
-    assert (out / "runs" / "adam" / "summary.json").is_file()
+    for name in ("adam", "osp"):  # each run records its recipe, so its summary offers no demo A/B command
+        assert json.loads((out / "runs" / name / "summary.json").read_text())["recipe"] == ARMS[name].recipe
+    assert "A/B  " not in printed
     assert not (out / "runs" / "adam" / "checkpoints").exists()
 
     # --reuse rebuilds the table from the run directories without training again.
