@@ -92,9 +92,8 @@ POINTS: list[Point] = [
     Point("adam-width512", "adam", "width",
           ("model.d_model=512", "model.n_heads=8", "model.ffn_hidden=1536")),
     # The longest budget, in both arms: 2000 steps x 4096 tokens = 8.2M tokens (6.7x the A/B), under 60
-    # minutes
-    # per arm on 2 cores; a checkpoint every 500 steps keeps the token-budget curve (`osp bench protocols` on
-    # each checkpoint).
+    # minutes per arm on 2 cores; a checkpoint every 500 steps keeps the token-budget curve (`osp bench
+    # protocols` on each checkpoint).
     *_pair("long", "token budget", *LONG),
     # AdamW at a learning rate it trains well at, for the longest budget: do outliers grow in a well-trained
     # AdamW model too?
@@ -255,10 +254,10 @@ def with_relative_noise(x: torch.Tensor, sigma: float, generator: torch.Generato
 def noise_ratio(model: torch.nn.Module, held: torch.Tensor, batch_size: int,
                 sigma: float = NOISE_SIGMA) -> float:
     """Perplexity on held-out blocks (N, T+1) with `with_relative_noise` on every linear input inside the
-    blocks
-    / without (seeded; q/k/v and gate/up, which read one tensor, get the same noisy copy as they would get the
-    same quantized one): how much the model depends on small activation errors, whatever its outliers. A model
-    that loses little here loses little to 4-bit activations unless outliers widen the grid."""
+    blocks / without (seeded; q/k/v and gate/up, which read one tensor, get the same noisy copy as they would
+    get the same quantized one): how much the model depends on small activation errors, whatever its
+    outliers. A model that loses little here loses little to 4-bit activations unless outliers widen the
+    grid."""
     from osp.quant import perplexity
 
     generator = torch.Generator().manual_seed(0)

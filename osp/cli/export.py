@@ -82,8 +82,7 @@ def calibrated_smoothing(args: argparse.Namespace, model: Any) -> list | None:
 def check_outside_runs(out: Path) -> None:
     """`osp export` never writes into a run dir (its export/ belongs to the run's training, its tokenizer/
     and checkpoints to the run): refuse a target that is one or lies in one."""
-    target = out.resolve()
-    run = run_of(target if target.is_dir() else target.parent)
+    run = run_of(out.resolve())  # run_of looks at the target's folders upwards
     if run is not None:
         raise OutputExistsError(f"{out} is in the run dir {run}, whose files belong to its run; "
                                 "export beside the run (osp export RUN_DIR ../my-export)")

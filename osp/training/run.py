@@ -133,15 +133,19 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback],
     )
 
 
+def unreadable_checkpoint(path: str | Path, err: Exception) -> ConfigError:
+    """The one line for a checkpoint to resume from that cannot be read (damaged, cut short, not one)."""
+    return ConfigError(f"resume={path}: the checkpoint cannot be read ({type(err).__name__}: "
+                       f"{str(err).splitlines()[0] if str(err) else 'truncated or not a checkpoint'}); "
+                       "resume from another checkpoint of the run (resume=PATH) or start a new run")
+
+
 def read_resume_checkpoint(ckpt_path: str) -> dict[str, Any]:
     """The metadata of the checkpoint to resume from, or one line saying why it cannot be used."""
     try:
         return checkpoint_metadata(Path(ckpt_path))
     except Exception as err:  # noqa: BLE001 - torch raises many kinds for a damaged file
-        raise ConfigError(f"resume={ckpt_path}: the checkpoint cannot be read ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0] if str(err) else 'truncated or not a checkpoint'}); "
-                          "resume from another checkpoint of the run (resume=PATH) or start a new run"
-                          ) from None
+        raise unreadable_checkpoint(ckpt_path, err) from None
 
 
 def resolve_for_machine(cfg: DictConfig) -> None:
@@ -237,10 +241,7 @@ def checkpoint_step_or_fail(path: Path) -> int:
     try:
         return checkpoint_step(path)
     except Exception as err:  # noqa: BLE001 - torch raises many kinds for a damaged file
-        raise ConfigError(f"resume={path}: the checkpoint cannot be read ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0] if str(err) else 'truncated or not a checkpoint'}); "
-                          "resume from another checkpoint of the run (resume=PATH) or start a new run"
-                          ) from None
+        raise unreadable_checkpoint(path, err) from None
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:
